@@ -1,0 +1,56 @@
+"""`optimer-merge` command line: one subcommand per job; each parses, loads its config and calls."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+from typing import Sequence
+
+from optimer_merge import __version__
+
+# name -> module with `add_arguments(parser)`, `run(args) -> int` and a one-line docstring.
+# Modules are imported lazily so `--help` stays fast.
+COMMANDS = {
+    "merge": "optimer_merge.commands.merge",
+    "demo": "optimer_merge.commands.demo",
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="optimer-merge",
+        description=(
+            "OptiMer: train one continual-pre-training model per dataset, then search the "
+            "weights of their merge instead of the data-mixture ratio."
+        ),
+    )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for name, module_name in COMMANDS.items():
+        module = importlib.import_module(module_name)
+        summary = (module.__doc__ or "").strip().splitlines()[0]
+        command = sub.add_parser(name, help=summary, description=summary)
+        module.add_arguments(command)
+        command.set_defaults(_run=module.run)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args._run(args) or 0)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    except UserError as error:
+        print(f"optimer-merge {args.command}: error: {error}", file=sys.stderr)
+        return 2
+
+
+class UserError(Exception):
+    """A problem with the user's input, reported as one line without a traceback."""
+
+
+if __name__ == "__main__":
+    sys.exit(main())

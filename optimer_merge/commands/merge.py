@@ -1,0 +1,47 @@
+"""Merge models with a mergekit YAML recipe (same result as `mergekit-yaml RECIPE OUT`)."""
+
+from __future__ import annotations
+
+import argparse
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("recipe", help="mergekit YAML recipe (any method, including `optimer`)")
+    parser.add_argument("out", help="output model directory")
+    parser.add_argument("--device", default="cpu", help="device for the merge math (default: cpu)")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads for the merge")
+    parser.add_argument("--no-copy-tokenizer", action="store_true", help="do not copy the base tokenizer")
+    parser.add_argument("--no-model-card", action="store_true", help="do not write README.md")
+    parser.add_argument("--out-shard-size", default="5B", help="max shard size, e.g. 2B or 500M")
+    parser.add_argument("--quiet", action="store_true", help="no progress output")
+
+
+def run(args: argparse.Namespace) -> int:
+    from mergekit.common import parse_kmb
+    from pydantic import ValidationError
+
+    from optimer_merge.cli import UserError
+    from optimer_merge.recipes import load_recipe, run_recipe
+
+    try:
+        config, _ = load_recipe(args.recipe)
+    except FileNotFoundError as error:
+        raise UserError(f"recipe not found: {error.filename}") from None
+    except ValidationError as error:
+        raise UserError(f"{args.recipe} is not a valid mergekit recipe:\n{error}") from None
+    if not args.quiet:
+        names = ", ".join(str(m.model.path) for m in config.referenced_models())
+        print(f"merging [{config.merge_method}] {names} -> {args.out}", flush=True)
+    summary = run_recipe(
+        args.recipe,
+        args.out,
+        device=args.device,
+        threads=args.threads,
+        copy_tokenizer=not args.no_copy_tokenizer,
+        write_model_card=not args.no_model_card,
+        out_shard_size=parse_kmb(args.out_shard_size),
+        quiet=args.quiet,
+    )
+    if not args.quiet:
+        print(f"done in {summary['seconds']:.1f}s: {args.out}", flush=True)
+    return 0

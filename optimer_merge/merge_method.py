@@ -1,0 +1,57 @@
+"""The `optimer` merge method for mergekit: task arithmetic against the base, fp32 accumulation.
+
+Recipe parameters: per model `weight` (required, any sign); global `scale` (default 1.0) and
+`normalize` (default false: true divides by the sum of weights). The result is returned in float32
+(float64 for float64 inputs) and mergekit casts it to the recipe's `out_dtype` when one is set.
+"""
+
+from __future__ import annotations
+
+import torch
+from mergekit.merge_methods import (
+    BasePolicy,
+    BatchParameter,
+    InputContract,
+    MergeMethod,
+    ParameterScope,
+    TensorBatch,
+    merge_method,
+)
+from typing_extensions import Annotated
+
+from optimer_merge.merge_rule import merge_tensor
+
+METHOD_NAME = "optimer"
+
+
+@merge_method(
+    name=METHOD_NAME,
+    pretty_name="OptiMer (task arithmetic over distribution vectors)",
+    reference_url="https://arxiv.org/abs/2603.28858",
+    contract=InputContract(base=BasePolicy.REQUIRED, min_non_base=1),
+)
+def optimer_merge(
+    batch: TensorBatch,
+    weight: Annotated[torch.Tensor, BatchParameter(float, ParameterScope.NON_BASE)],
+    scale: float = 1.0,
+    normalize: bool = False,
+) -> torch.Tensor:
+    if batch.base_index is None:
+        raise ValueError("optimer needs a base model: set `base_model:` in the recipe")
+    base = batch.tensors[batch.base_index]
+    if not base.is_floating_point():
+        raise TypeError("optimer merges floating-point tensors only")
+    models = [t for i, t in enumerate(batch.tensors) if i != batch.base_index]
+    return merge_tensor(base, models, weight, scale=scale, normalize=normalize)
+
+
+def register() -> MergeMethod:
+    """Register `optimer` in mergekit's method registry (idempotent); return the method."""
+    from mergekit import merge_methods
+
+    if METHOD_NAME not in {m.spec.name for m in merge_methods.registered_methods()}:
+        merge_methods.register(optimer_merge)
+    return merge_methods.get(METHOD_NAME)
+
+
+register()

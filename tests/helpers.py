@@ -1,0 +1,38 @@
+"""Small helpers shared by tests: reading checkpoints and the float64 reference merge."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+import yaml
+from safetensors.torch import load_file
+
+
+def load_weights(model_dir: str | Path) -> dict[str, torch.Tensor]:
+    out: dict[str, torch.Tensor] = {}
+    for path in sorted(Path(model_dir).glob("*.safetensors")):
+        out.update(load_file(str(path)))
+    return out
+
+
+def reference_merge(recipe: str | Path, root: Path) -> dict[str, torch.Tensor]:
+    """The OptiMer formula in float64, straight from a recipe's numbers."""
+    config = yaml.safe_load(Path(recipe).read_text())
+    params = config.get("parameters", {})
+    scale, normalize = params.get("scale", 1.0), params.get("normalize", False)
+    base = load_weights(root / config["base_model"])
+    models = [
+        (load_weights(root / m["model"]), m["parameters"]["weight"]) for m in config["models"]
+    ]
+    total = sum(w for _, w in models) if normalize else 1.0
+    return {
+        key: tensor.double()
+        + scale * sum((w / total) * (m[key].double() - tensor.double()) for m, w in models)
+        for key, tensor in base.items()
+    }
+
+
+def max_abs_diff(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
+    assert set(a) == set(b), set(a) ^ set(b)
+    return max((a[k].double() - b[k].double()).abs().max().item() for k in a)

@@ -1,0 +1,127 @@
+"""The `optimer` method under the stock `mergekit-yaml` and mergekit's own runner."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from helpers import load_weights, max_abs_diff, reference_merge
+from conftest import REPO
+
+MERGEKIT_YAML = str(Path(sys.executable).parent / "mergekit-yaml")
+
+
+def stock_merge(recipe: Path, root: Path, out: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [MERGEKIT_YAML, str(recipe), out, "--no-copy-tokenizer"],
+        cwd=root, capture_output=True, text=True, timeout=300,
+    )
+
+
+@pytest.mark.parametrize("kind", ["text", "multimodal"])
+def test_stock_mergekit_yaml_runs_optimer_and_matches_formula(tiny_zoo, kind):
+    recipe = REPO / "recipes" / "tiny" / f"optimer-{kind}.yml"
+    result = stock_merge(recipe, tiny_zoo, f"out-stock-{kind}")
+    assert result.returncode == 0, result.stderr[-3000:]
+    merged = load_weights(tiny_zoo / f"out-stock-{kind}")
+    reference = reference_merge(recipe, tiny_zoo)
+    assert max_abs_diff(merged, reference) < 1e-6
+    # the merge really moved the weights (a no-op merge would also be "close" to the base)
+    base = load_weights(tiny_zoo / f"tiny-{kind}" / "base")
+    assert max_abs_diff(merged, base) > 1e-3
+    if kind == "multimodal":
+        assert any(k.startswith("vision_tower.vision_model.") for k in merged)
+
+
+def run_in_process(config: dict, root: Path, out: str, monkeypatch) -> dict:
+    from optimer_merge.recipes import run_recipe
+
+    monkeypatch.chdir(root)
+    path = root / f"{out}.yml"
+    path.write_text(yaml.safe_dump(config))
+    run_recipe(path, out, copy_tokenizer=False, write_model_card=False, quiet=True)
+    return load_weights(root / out)
+
+
+def text_recipe(**changes) -> dict:
+    config = yaml.safe_load((REPO / "recipes" / "tiny" / "optimer-text.yml").read_text())
+    config.update(changes)
+    return config
+
+
+def test_equal_weights_match_mergekit_task_arithmetic(tiny_zoo, monkeypatch):
+    config = text_recipe(parameters={})
+    for model in config["models"]:
+        model["parameters"] = {"weight": 0.25}
+    ours = run_in_process(config, tiny_zoo, "out-eq-optimer", monkeypatch)
+    config["merge_method"] = "task_arithmetic"
+    theirs = run_in_process(config, tiny_zoo, "out-eq-ta", monkeypatch)
+    assert max_abs_diff(ours, theirs) < 1e-6
+    assert max_abs_diff(ours, load_weights(tiny_zoo / "tiny-text" / "base")) > 1e-4
+
+
+def test_bf16_inputs_accumulate_in_fp32(tiny_zoo, monkeypatch):
+    recipe = REPO / "recipes" / "tiny" / "optimer-bf16-to-fp32.yml"
+    config = yaml.safe_load(recipe.read_text())
+    merged = run_in_process(config, tiny_zoo, "out-bf16", monkeypatch)
+    reference = reference_merge(recipe, tiny_zoo)
+    assert all(t.dtype == torch.float32 for t in merged.values())
+    # fp32 precision: a few ulps of each tensor's magnitude, far below bf16's 2^-8 spacing
+    for key, ref in reference.items():
+        tolerance = 4 * torch.finfo(torch.float32).eps * ref.abs().max().item() + 1e-12
+        assert (merged[key].double() - ref).abs().max().item() <= tolerance, key
+    # the same merge accumulated in bf16 (mergekit's task_arithmetic) is measurably worse
+    config["merge_method"] = "task_arithmetic"
+    bf16_acc = run_in_process(config, tiny_zoo, "out-bf16-ta", monkeypatch)
+    assert max_abs_diff(bf16_acc, reference) > 100 * max_abs_diff(merged, reference)
+
+
+def test_normalize_reads_weights_as_ratios(tiny_zoo, monkeypatch):
+    config = text_recipe(parameters={"normalize": True, "scale": 1.0})
+    for model, weight in zip(config["models"], (2.0, 2.0, 2.0, 2.0)):
+        model["parameters"] = {"weight": weight}
+    merged = run_in_process(config, tiny_zoo, "out-norm", monkeypatch)
+    # ratios 1/4 each with scale 1 is plain model averaging
+    models = [load_weights(tiny_zoo / "tiny-text" / d) for d in ("ja", "zh", "math", "code")]
+    average = {k: sum(m[k].double() for m in models) / 4 for k in models[0]}
+    assert max_abs_diff(merged, average) < 1e-6
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        ("missing_weight", "Missing required parameter weight"),
+        ("missing_base", "requires a base"),
+        ("zero_sum", "sum is not 0"),
+    ],
+)
+def test_clear_errors(tiny_zoo, monkeypatch, change, message):
+    config = text_recipe()
+    if change == "missing_weight":
+        del config["models"][1]["parameters"]["weight"]
+    elif change == "missing_base":
+        del config["base_model"]
+    else:
+        config["parameters"] = {"normalize": True}
+        for model, weight in zip(config["models"], (0.5, -0.5, 0.25, -0.25)):
+            model["parameters"] = {"weight": weight}
+    with pytest.raises(Exception, match=message):
+        run_in_process(config, tiny_zoo, f"out-err-{change}", monkeypatch)
+
+
+def test_stock_mergekit_yaml_reports_zero_sum(tiny_zoo):
+    config = text_recipe(parameters={"normalize": True})
+    for model, weight in zip(config["models"], (1.0, -1.0, 0.0, 0.0)):
+        model["parameters"] = {"weight": weight}
+    recipe = tiny_zoo / "zero-sum.yml"
+    recipe.write_text(yaml.safe_dump(config))
+    result = stock_merge(recipe, tiny_zoo, "out-zero-sum")
+    assert result.returncode != 0
+    assert "normalize=true needs weights whose sum is not 0" in result.stderr
+    shutil.rmtree(tiny_zoo / "out-zero-sum", ignore_errors=True)

@@ -1,0 +1,41 @@
+"""The merge rule itself, on plain tensors."""
+
+import pytest
+import torch
+
+from optimer_merge.merge_rule import coefficients, merge_tensor
+
+
+def test_formula_in_float64():
+    gen = torch.Generator().manual_seed(0)
+    base = torch.randn(5, 7, generator=gen)
+    models = [base + 0.01 * torch.randn(5, 7, generator=gen) for _ in range(3)]
+    weights = torch.tensor([0.5, -0.3, 1.2])
+    out = merge_tensor(base, models, weights, scale=0.7)
+    expected = base.double() + 0.7 * sum(
+        w * (m.double() - base.double()) for w, m in zip(weights.double(), models)
+    )
+    assert out.dtype == torch.float32
+    assert (out.double() - expected).abs().max() < 1e-6
+
+
+def test_inputs_are_not_modified():
+    base = torch.ones(4)
+    model = torch.full((4,), 2.0)
+    merge_tensor(base, [model], torch.tensor([0.5]))
+    assert torch.equal(base, torch.ones(4)) and torch.equal(model, torch.full((4,), 2.0))
+
+
+def test_bf16_inputs_give_fp32_and_float64_gives_float64():
+    base = torch.randn(8, dtype=torch.bfloat16)
+    assert merge_tensor(base, [base], torch.tensor([1.0])).dtype == torch.float32
+    base64 = torch.randn(8, dtype=torch.float64)
+    assert merge_tensor(base64, [base64], torch.tensor([1.0])).dtype == torch.float64
+
+
+def test_batched_coefficients_and_normalize():
+    weights = torch.tensor([[1.0, 3.0], [2.0, 2.0]])
+    c = coefficients(weights, scale=2.0, normalize=True)
+    assert torch.allclose(c, torch.tensor([[0.5, 1.5], [1.0, 1.0]]))
+    with pytest.raises(ValueError, match="sum is not 0"):
+        coefficients(torch.tensor([1.0, -1.0]), normalize=True)
