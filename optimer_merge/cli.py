@@ -13,6 +13,7 @@ from optimer_merge import __version__
 # Modules are imported lazily so `--help` stays fast.
 COMMANDS = {
     "merge": "optimer_merge.commands.merge",
+    "data": "optimer_merge.commands.data",
     "demo": "optimer_merge.commands.demo",
 }
 

@@ -15,14 +15,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    import inspect
-    import json as json_module
-    import textwrap
+    import itertools
 
     import torch
     import yaml
 
-    from optimer_merge import tiny
+    from optimer_merge import data, tiny
     from optimer_merge.merge_rule import merge_tensor
     from optimer_merge.recipes import run_recipe
 
@@ -32,8 +30,9 @@ def run(args: argparse.Namespace) -> int:
 
     base = models / "base"
     if not (base / "model.safetensors").exists():
-        print("[1/3] training a byte-level BPE tokenizer and building a tiny Gemma 3 base", flush=True)
-        tokenizer = tiny.train_tokenizer([inspect.getsource(json_module), inspect.getsource(textwrap)])
+        print("[1/3] training a byte-level BPE tokenizer on the corpora and building a tiny Gemma 3 base", flush=True)
+        sample = [t for d in data.ALL_DOMAINS for t in itertools.islice(data.texts(d, "train"), 200)]
+        tokenizer = tiny.train_tokenizer(sample, vocab_size=2048)
         tiny.build_model(base, tokenizer, seed=args.seed)
     else:
         print("[1/3] tiny base exists, reused", flush=True)

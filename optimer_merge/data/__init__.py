@@ -1,0 +1,65 @@
+"""The project's offline corpora: list domains, open splits, measure sizes.
+
+Five corpora ship gzipped with the package (see corpora/README.md for sources and licenses):
+``ja``, ``zh``, ``math``, ``code`` (the four CPT domains) and ``en`` (general text for the base),
+each with disjoint ``train``, ``dev`` and ``test`` splits.
+"""
+
+from __future__ import annotations
+
+import gzip
+import json
+import re
+from pathlib import Path
+from typing import Iterator
+
+CORPORA_DIR = Path(__file__).with_name("corpora")
+DOMAINS = ("ja", "zh", "math", "code")
+ALL_DOMAINS = DOMAINS + ("en",)
+SPLITS = ("train", "dev", "test")
+
+
+def normalise_line(line: str) -> str:
+    """Collapse runs of whitespace and strip: the key for cross-split deduplication."""
+    return re.sub(r"\s+", " ", line).strip()
+
+
+def domains() -> tuple[str, ...]:
+    """All corpus domains: the four CPT domains and the general English corpus."""
+    return ALL_DOMAINS
+
+
+def split_path(domain: str, split: str, root: Path = CORPORA_DIR) -> Path:
+    if domain not in ALL_DOMAINS:
+        raise ValueError(f"unknown domain {domain!r}; choose from {', '.join(ALL_DOMAINS)}")
+    if split not in SPLITS:
+        raise ValueError(f"unknown split {split!r}; choose from {', '.join(SPLITS)}")
+    path = root / domain / f"{split}.jsonl.gz"
+    if not path.exists():
+        raise FileNotFoundError(f"{path} is missing; rebuild with `python -m optimer_merge.data.build`")
+    return path
+
+
+def open_split(domain: str, split: str, root: Path = CORPORA_DIR) -> Iterator[dict]:
+    """Documents of one split as dicts with ``id``, ``source`` and ``text``, in a fixed order."""
+    with gzip.open(split_path(domain, split, root), "rt", encoding="utf-8") as handle:
+        for line in handle:
+            yield json.loads(line)
+
+
+def texts(domain: str, split: str, root: Path = CORPORA_DIR) -> Iterator[str]:
+    """Just the document texts of one split."""
+    return (doc["text"] for doc in open_split(domain, split, root))
+
+
+def sizes(tokenizer=None, root: Path = CORPORA_DIR) -> dict[str, dict[str, dict[str, int]]]:
+    """{domain: {split: {"docs", "chars"[, "tokens"]}}}; tokens counted with ``tokenizer`` if given."""
+    out: dict = {}
+    for domain in ALL_DOMAINS:
+        for split in SPLITS:
+            docs = list(texts(domain, split, root))
+            entry = {"docs": len(docs), "chars": sum(map(len, docs))}
+            if tokenizer is not None:
+                entry["tokens"] = sum(len(ids) for ids in tokenizer(docs, add_special_tokens=False)["input_ids"])
+            out.setdefault(domain, {})[split] = entry
+    return out

