@@ -29,7 +29,7 @@ def _money(cents: int) -> str:
 
 
 def _p_buy_and_change(r: random.Random) -> tuple[str, str, int]:
-    name, (one, many) = r.choice(NAMES), r.choice(ITEMS)
+    name, (_, many) = r.choice(NAMES), r.choice(ITEMS)
     n, price = r.randint(2, 12), r.randint(1, 9) * r.choice([25, 50, 100])
     cost = n * price
     paid = ((cost // 1000) + 1) * 1000 + r.choice([0, 1000, 2000])
@@ -41,7 +41,7 @@ def _p_buy_and_change(r: random.Random) -> tuple[str, str, int]:
 
 
 def _p_containers(r: random.Random) -> tuple[str, str, int]:
-    name, (one, many), box = r.choice(NAMES), r.choice(ITEMS), r.choice(CONTAINERS)
+    name, (_, many), box = r.choice(NAMES), r.choice(ITEMS), r.choice(CONTAINERS)
     boxes, per, extra, gave = r.randint(3, 15), r.randint(4, 24), r.randint(0, 30), r.randint(1, 20)
     total = boxes * per + extra
     gave = min(gave, total)
