@@ -9,8 +9,7 @@ import re
 import pytest
 
 from optimer_merge import data
-
-MIN_LINE = 8
+from optimer_merge.data.build import MIN_DEDUP_CHARS as MIN_LINE
 
 
 @pytest.fixture(scope="module")

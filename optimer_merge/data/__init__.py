@@ -36,7 +36,7 @@ def split_path(domain: str, split: str, root: Path = CORPORA_DIR) -> Path:
         raise ValueError(f"unknown split {split!r}; choose from {', '.join(SPLITS)}")
     path = root / domain / f"{split}.jsonl.gz"
     if not path.exists():
-        raise FileNotFoundError(f"{path} is missing; rebuild with `python -m optimer_merge.data.build`")
+        raise FileNotFoundError(f"{path} is missing; rebuild with `optimer-merge data build`")
     return path
 
 

@@ -2,8 +2,8 @@
 
 Sources come from package registries only (Debian, npm, PyPI) and are cached under
 ``--sources``; the output is gzipped jsonl written byte-for-byte reproducibly, with a manifest of
-sources, licenses, transformations and hashes. ``--check`` rebuilds into a temporary folder and
-compares hashes with the committed files.
+sources, licenses, transformations and hashes. ``optimer-merge data check`` rebuilds into a temporary
+folder and compares hashes with the committed files.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator
 
-from optimer_merge.data import CORPORA_DIR, DOMAINS, SPLITS, normalise_line
+from optimer_merge.data import DOMAINS, SPLITS, normalise_line
 from optimer_merge.data.mathgen import problems
 
 # Pinned sources: (kind, name, version).
@@ -74,7 +74,8 @@ def fetch(name: str, cache: Path) -> Path:
             [sys.executable, "-m", "pip", "download", "--no-deps", *flags, "-d", str(download), f"{package}=={version}"],
             check=True, capture_output=True,
         )
-        archive = next(p for p in download.iterdir() if p.name.lower().startswith(package.replace("-", "_")) or p.name.startswith(package))
+        wanted = package.replace("-", "_").lower()
+        archive = next(p for p in download.iterdir() if re.split(r"-\d", p.name)[0].replace("-", "_").lower() == wanted)
         if archive.suffix == ".whl":
             zipfile.ZipFile(archive).extractall(target)
         else:
@@ -318,18 +319,6 @@ def build(out_dir: Path, cache: Path, domains: tuple[str, ...] = DOMAINS + ("en"
     return result
 
 
-def main(argv: list[str] | None = None) -> int:
-    import argparse
-
-    parser = argparse.ArgumentParser(prog="python -m optimer_merge.data.build", description=__doc__.splitlines()[0])
-    parser.add_argument("--out", type=Path, default=CORPORA_DIR)
-    parser.add_argument("--sources", type=Path, default=Path(".cache/corpus-sources"))
-    parser.add_argument("--check", action="store_true", help="rebuild to a temp dir and compare with --out")
-    parser.add_argument("--domains", nargs="*", default=list(DOMAINS) + ["en"])
-    args = parser.parse_args(argv)
-    return run(args.out, args.sources, tuple(args.domains), check=args.check)
-
-
 def run(out: Path, sources: Path, domains: tuple[str, ...], check: bool = False) -> int:
     """Build into ``out``, or with ``check`` compare a fresh build against ``out``; 0 when all match."""
     if not check:
@@ -352,7 +341,3 @@ def run(out: Path, sources: Path, domains: tuple[str, ...], check: bool = False)
     for domain, why in result["missing"].items():
         print(f"missing  {domain}: optional source not available here ({why})")
     return status
-
-
-if __name__ == "__main__":
-    sys.exit(main())
