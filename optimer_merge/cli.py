@@ -14,6 +14,7 @@ from optimer_merge import __version__
 COMMANDS = {
     "merge": "optimer_merge.commands.merge",
     "data": "optimer_merge.commands.data",
+    "train": "optimer_merge.commands.train",
     "demo": "optimer_merge.commands.demo",
 }
 

@@ -128,7 +128,10 @@ def build_model(
 
 def save_model(model, tokenizer, out_dir: str | Path) -> Path:
     """save_pretrained, then rewrite the multimodal vision tower to the hub's key layout."""
+    from transformers.utils import logging as hf_logging
+
     out_dir = Path(out_dir)
+    hf_logging.disable_progress_bar()
     model.save_pretrained(out_dir)
     if tokenizer is not None:
         tokenizer.save_pretrained(out_dir)

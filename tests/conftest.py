@@ -50,3 +50,35 @@ def tiny_zoo(tmp_path_factory, tiny_tokenizer) -> Path:
         for seed, domain in enumerate(DOMAINS, start=1):
             tiny.perturbed_copy(base, root / folder / domain, relative_scale=0.02, seed=seed)
     return root
+
+
+# A scaled-down demo base (same recipe as `optimer_merge.cpt.demo_base`, smaller model and budget).
+SMALL_BASE = dict(tokens=60_000, vocab_size=1024, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=2)
+CPT_SETTINGS = dict(seq_len=128, micro_batch_size=8, max_steps=40, lr=3e-3, eval_every=20, eval_blocks=8, progress=False)
+
+
+@pytest.fixture(scope="session")
+def small_base(tmp_path_factory) -> Path:
+    from optimer_merge.cpt.demo_base import demo_base
+
+    return demo_base(tmp_path_factory.mktemp("cache"), progress=False, log=lambda _m: None, **SMALL_BASE)
+
+
+@pytest.fixture(scope="session")
+def cpt_runs(tmp_path_factory, small_base) -> dict[str, Path]:
+    """One short CPT run per domain from the small base; each logs held-out loss on all four domains."""
+    from optimer_merge.cpt import TrainConfig, train
+
+    root = tmp_path_factory.mktemp("cpt")
+    runs = {}
+    for domain in DOMAINS:
+        config = TrainConfig(
+            base=str(small_base),
+            output=str(root / domain),
+            datasets=[{"name": domain, "source": domain}],
+            eval_datasets=[{"name": d, "source": d} for d in DOMAINS if d != domain],
+            **CPT_SETTINGS,
+        )
+        train(config, log=lambda _m: None)
+        runs[domain] = root / domain
+    return runs

@@ -1,0 +1,158 @@
+"""Typed configuration of a CPT run, loaded from YAML; command-line flags override fields."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+
+class _Frozen(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class DatasetSpec(_Frozen):
+    """One training dataset: a corpus domain (``ja``, ``zh``, ``math``, ``code``, ``en``) or files.
+
+    ``source`` is a corpus domain name or a path to a ``.jsonl``/``.jsonl.gz``/``.json``,
+    ``.txt`` or ``.parquet`` file, or a folder of such files. Held-out loss is measured on
+    ``eval_source`` (default: the corpus domain's dev split; none for files unless given).
+    """
+
+    name: str
+    source: str
+    ratio: float = 1.0
+    text_field: str = "text"
+    eval_source: str | None = None
+
+    @field_validator("ratio")
+    @classmethod
+    def _ratio_non_negative(cls, value: float) -> float:
+        if not value >= 0:
+            raise ValueError(f"ratio must be >= 0, got {value}")
+        return value
+
+
+class VelocituneConfig(_Frozen):
+    """Velocitune (Luo et al., ACL 2025): reweight domains by learning velocity every ``update_every`` steps.
+
+    Target losses come from ``targets`` (per dataset name) or, for the datasets without one, from
+    a scaling-law fit L(D) = E + B / D^beta on a short proxy run of ``proxy_fraction`` of the budget.
+    """
+
+    update_every: int = Field(20, ge=1)
+    targets: dict[str, float] = {}
+    proxy_fraction: float = Field(0.2, gt=0, le=1)
+    proxy_evals: int = Field(8, ge=4)
+
+
+class TrainConfig(_Frozen):
+    """Everything one CPT run needs; the defaults suit the tiny CPU models."""
+
+    base: str
+    output: str
+    datasets: list[DatasetSpec]
+    eval_datasets: list[DatasetSpec] = []
+    mixture: Literal["static", "velocitune"] = "static"
+    velocitune: VelocituneConfig = VelocituneConfig()
+
+    seq_len: int = Field(256, ge=2)
+    micro_batch_size: int = Field(8, ge=1)
+    grad_accum: int = Field(1, ge=1)
+    max_tokens: int | None = Field(None, ge=1)
+    max_steps: int | None = Field(None, ge=1)
+
+    lr: float = Field(1e-3, gt=0)
+    min_lr_ratio: float = Field(0.1, ge=0, le=1)
+    schedule: Literal["cosine", "constant", "wsd"] = "cosine"
+    warmup_steps: int = Field(0, ge=0)
+    warmup_fraction: float = Field(0.05, ge=0, le=1)
+    decay_fraction: float = Field(0.2, ge=0, le=1)
+    weight_decay: float = Field(0.1, ge=0)
+    betas: tuple[float, float] = (0.9, 0.95)
+    grad_clip: float | None = Field(1.0, gt=0)
+
+    accelerator: str = "auto"
+    strategy: str = "auto"
+    devices: int | str = 1
+    num_nodes: int = Field(1, ge=1)
+    precision: str = "32-true"
+    threads: int | Literal["auto"] | None = "auto"
+    save_dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+
+    seed: int = 0
+    eval_every: int = Field(50, ge=1)
+    eval_blocks: int = Field(16, ge=1)
+    checkpoint_every: int = Field(100, ge=1)
+    keep_checkpoints: int = Field(2, ge=1)
+    progress: bool = True
+
+    @model_validator(mode="after")
+    def _check(self) -> "TrainConfig":
+        if not self.datasets:
+            raise ValueError("datasets is empty: name at least one dataset to train on")
+        if (self.max_tokens is None) == (self.max_steps is None):
+            raise ValueError("set exactly one of max_tokens and max_steps")
+        names = [d.name for d in self.datasets + self.eval_datasets]
+        duplicates = sorted({n for n in names if names.count(n) > 1})
+        if duplicates:
+            raise ValueError(f"dataset names must be unique; repeated: {', '.join(duplicates)}")
+        if sum(d.ratio for d in self.datasets) <= 0:
+            raise ValueError("dataset ratios are all zero: give at least one a positive ratio")
+        unknown = set(self.velocitune.targets) - {d.name for d in self.datasets}
+        if unknown:
+            raise ValueError(f"velocitune.targets names unknown datasets: {', '.join(sorted(unknown))}")
+        return self
+
+    def ratios(self) -> dict[str, float]:
+        """Dataset ratios normalised to sum to 1."""
+        total = sum(d.ratio for d in self.datasets)
+        return {d.name: d.ratio / total for d in self.datasets}
+
+
+def dataset_from_spec(spec: str) -> dict[str, Any]:
+    """Parse a command-line dataset ``SOURCE[:RATIO]`` (``ja``, ``ja:0.25``, ``data/x.jsonl:2``)."""
+    source, _, ratio = spec.rpartition(":") if _looks_like_ratio(spec) else (spec, "", "")
+    name = Path(source).name.split(".")[0] or source
+    entry: dict[str, Any] = {"name": name, "source": source}
+    if ratio:
+        entry["ratio"] = float(ratio)
+    return entry
+
+
+def _looks_like_ratio(spec: str) -> bool:
+    _, sep, tail = spec.rpartition(":")
+    try:
+        float(tail)
+    except ValueError:
+        return False
+    return bool(sep)
+
+
+def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None = None) -> TrainConfig:
+    """Read a YAML config (optional), apply ``overrides`` (dotted keys allowed) and validate.
+
+    Raises ValueError with every problem listed, one per line, naming the offending field.
+    """
+    raw: dict[str, Any] = {}
+    if path is not None:
+        loaded = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
+        if not isinstance(loaded, dict):
+            raise ValueError(f"{path}: expected a mapping of settings at the top level")
+        raw = loaded
+    for key, value in (overrides or {}).items():
+        target = raw
+        *parents, leaf = key.split(".")
+        for parent in parents:
+            target = target.setdefault(parent, {})
+        target[leaf] = value
+    try:
+        return TrainConfig.model_validate(raw)
+    except ValidationError as error:
+        problems = []
+        for item in error.errors():
+            where = ".".join(str(p) for p in item["loc"]) or "config"
+            problems.append(f"{where}: {item['msg']}")
+        raise ValueError("invalid training config:\n  " + "\n  ".join(problems)) from None

@@ -1,0 +1,247 @@
+"""Training data: read documents, tokenize once into a cached token file, pack blocks, mix datasets.
+
+Documents are tokenized in file order into one stream, ``<bos> doc <eos>`` each, and cut into
+blocks of ``seq_len`` tokens. Each epoch visits the blocks in a permutation drawn from
+(seed, dataset, epoch), so the order is deterministic and a resumed run needs only the cursors.
+Token files live in the run folder and are memory-mapped, so datasets larger than RAM work.
+"""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Iterable, Iterator
+
+import numpy as np
+
+from optimer_merge import data as corpora
+from optimer_merge.cpt.config import DatasetSpec
+
+FILE_SUFFIXES = (".jsonl", ".jsonl.gz", ".json", ".txt", ".parquet")
+
+
+def tokenizer_fingerprint(tokenizer) -> str:
+    """A short hash of the tokenizer's vocabulary and rules: equal hashes tokenize identically."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    text = backend.to_str() if backend is not None else json.dumps(sorted(tokenizer.get_vocab().items()))
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def _is_corpus(source: str) -> bool:
+    return source in corpora.ALL_DOMAINS and not Path(source).exists()
+
+
+def check_source(source: str) -> None:
+    """Raise ValueError unless ``source`` is a corpus domain or readable files."""
+    if not _is_corpus(source):
+        source_files(source)
+
+
+def source_files(source: str) -> list[Path]:
+    """The files behind a path source (a file, or the supported files in a folder, sorted)."""
+    path = Path(source).expanduser()
+    if path.is_dir():
+        files = sorted(p for p in path.rglob("*") if p.is_file() and p.name.endswith(FILE_SUFFIXES))
+        if not files:
+            raise ValueError(f"{path}: folder holds no {', '.join(FILE_SUFFIXES)} files")
+        return files
+    if path.is_file():
+        if not path.name.endswith(FILE_SUFFIXES):
+            raise ValueError(f"{path}: unsupported file type; use one of {', '.join(FILE_SUFFIXES)}")
+        return [path]
+    raise ValueError(
+        f"unknown dataset source {source!r}: not a corpus domain "
+        f"({', '.join(corpora.ALL_DOMAINS)}) and no such file or folder"
+    )
+
+
+def describe_source(source: str, split: str) -> str:
+    """A fingerprint of a source's content (corpus checksum, or file paths, sizes and mtimes)."""
+    if _is_corpus(source):
+        manifest = json.loads((corpora.CORPORA_DIR / "MANIFEST.json").read_text())
+        key = f"{source}/{split}.jsonl.gz"
+        return f"corpus:{key}:{manifest.get('files', {}).get(key, '')}"
+    parts = [f"{p.resolve()}:{p.stat().st_size}:{p.stat().st_mtime_ns}" for p in source_files(source)]
+    return "files:" + "|".join(parts)
+
+
+def documents(source: str, split: str = "train", text_field: str = "text") -> Iterator[str]:
+    """Texts of a source: a corpus domain's ``split``, or every document in the given files."""
+    if _is_corpus(source):
+        yield from corpora.texts(source, split)
+        return
+    for path in source_files(source):
+        yield from _file_documents(path, text_field)
+
+
+def _file_documents(path: Path, text_field: str) -> Iterator[str]:
+    name = path.name
+    if name.endswith(".txt"):
+        yield path.read_text(encoding="utf-8")
+    elif name.endswith(".parquet"):
+        import pyarrow.parquet as pq
+
+        parquet = pq.ParquetFile(path)
+        if text_field not in parquet.schema_arrow.names:
+            raise ValueError(f"{path}: no column {text_field!r} (columns: {', '.join(parquet.schema_arrow.names)})")
+        for batch in parquet.iter_batches(columns=[text_field], batch_size=1024):
+            yield from (t for t in batch.column(0).to_pylist() if t)
+    else:
+        opener = gzip.open if name.endswith(".gz") else open
+        with opener(path, "rt", encoding="utf-8") as handle:
+            for number, line in enumerate(handle, start=1):
+                if not line.strip():
+                    continue
+                try:
+                    record = json.loads(line)
+                    text = record[text_field]
+                except (json.JSONDecodeError, KeyError, TypeError):
+                    raise ValueError(f"{path}:{number}: expected a JSON object with a {text_field!r} field") from None
+                if text:
+                    yield text
+
+
+def tokenize_to_file(texts: Iterable[str], tokenizer, path: Path, batch_docs: int = 256) -> int:
+    """Write ``<bos> doc <eos>`` token ids of all texts to ``path`` (uint32); returns the token count.
+
+    Writes to a temporary name and renames, so an interrupted run never leaves a truncated cache.
+    """
+    bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
+    eos = tokenizer.eos_token_id
+    if eos is None:
+        raise ValueError("the tokenizer has no EOS token; packing needs one between documents")
+    partial = path.with_name(path.name + f".{os.getpid()}.partial")
+    count = 0
+    with open(partial, "wb") as out:
+        batch: list[str] = []
+
+        def flush() -> int:
+            written = 0
+            backend = getattr(tokenizer, "backend_tokenizer", None)
+            if backend is not None:  # fast path, and no max-length warnings for long documents
+                encoded = [e.ids for e in backend.encode_batch(batch, add_special_tokens=False)]
+            else:
+                encoded = tokenizer(batch, add_special_tokens=False)["input_ids"]
+            for ids in encoded:
+                array = np.asarray(bos + ids + [eos], dtype=np.uint32)
+                out.write(array.tobytes())
+                written += len(array)
+            batch.clear()
+            return written
+
+        for text in texts:
+            batch.append(text)
+            if len(batch) >= batch_docs:
+                count += flush()
+        count += flush()
+    os.replace(partial, path)
+    return count
+
+
+class TokenBlocks:
+    """Fixed-length blocks over a memory-mapped token file."""
+
+    def __init__(self, path: Path, seq_len: int, name: str):
+        self.path, self.seq_len, self.name = path, seq_len, name
+        tokens = np.memmap(path, dtype=np.uint32, mode="r") if path.stat().st_size else np.zeros(0, np.uint32)
+        self.num_tokens = len(tokens)
+        self.num_blocks = self.num_tokens // seq_len
+        self._tokens = tokens
+
+    def block(self, index: int) -> np.ndarray:
+        start = index * self.seq_len
+        return np.asarray(self._tokens[start : start + self.seq_len], dtype=np.int64)
+
+
+def load_blocks(spec: DatasetSpec, split: str, tokenizer, seq_len: int, cache_dir: Path, source: str | None = None) -> TokenBlocks:
+    """Tokenize a dataset (cached by content and tokenizer) and return its blocks.
+
+    Raises ValueError naming the dataset if it is missing or too small for one block.
+    """
+    source = source or spec.source
+    key = hashlib.sha256(
+        f"{describe_source(source, split)}|{spec.text_field}|{tokenizer_fingerprint(tokenizer)}".encode()
+    ).hexdigest()[:16]
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    path = cache_dir / f"{spec.name}-{split}-{key}.u32"
+    if not path.exists():
+        tokenize_to_file(documents(source, split, spec.text_field), tokenizer, path)
+    blocks = TokenBlocks(path, seq_len, spec.name)
+    if blocks.num_blocks == 0:
+        raise ValueError(
+            f"dataset {spec.name!r} ({source}, {split}) has {blocks.num_tokens} tokens, "
+            f"fewer than seq_len={seq_len}: it is empty or too small to train on"
+        )
+    return blocks
+
+
+def eval_source(spec: DatasetSpec) -> str | None:
+    """Where a dataset's held-out loss comes from: ``eval_source``, else a corpus domain's dev split."""
+    if spec.eval_source:
+        return spec.eval_source
+    return spec.source if _is_corpus(spec.source) else None
+
+
+class MixtureSampler:
+    """Chooses which dataset each sequence comes from, keeping token shares close to the weights.
+
+    Smooth weighted round robin: every slot adds each dataset's weight to its credit and takes the
+    dataset with the most credit, which then pays 1. Over n slots each dataset's count stays within
+    one block of weight * n, also when the weights change during training (Velocitune).
+    """
+
+    def __init__(self, sizes: list[int], weights: list[float], seed: int):
+        self.sizes, self.seed = sizes, seed
+        self.credits = [0.0] * len(sizes)
+        self.epochs = [0] * len(sizes)
+        self.positions = [0] * len(sizes)
+        self.counts = [0] * len(sizes)
+        self._orders: dict[tuple[int, int], np.ndarray] = {}
+        self.set_weights(weights)
+
+    def set_weights(self, weights: list[float]) -> None:
+        total = float(sum(weights))
+        if len(weights) != len(self.sizes) or total <= 0 or min(weights) < 0:
+            raise ValueError(f"mixture weights must be {len(self.sizes)} non-negative numbers with a positive sum")
+        self.weights = [w / total for w in weights]
+
+    def _order(self, dataset: int, epoch: int) -> np.ndarray:
+        key = (dataset, epoch)
+        if key not in self._orders:
+            self._orders = {k: v for k, v in self._orders.items() if k[0] != dataset}
+            rng = np.random.default_rng([self.seed, dataset, epoch])
+            self._orders[key] = rng.permutation(self.sizes[dataset])
+        return self._orders[key]
+
+    def take(self, n: int) -> list[tuple[int, int]]:
+        """The next ``n`` (dataset index, block index) pairs."""
+        out = []
+        for _ in range(n):
+            for i, w in enumerate(self.weights):
+                self.credits[i] += w
+            d = max(range(len(self.credits)), key=lambda i: (self.credits[i], -i))
+            self.credits[d] -= 1.0
+            out.append((d, int(self._order(d, self.epochs[d])[self.positions[d]])))
+            self.positions[d] += 1
+            self.counts[d] += 1
+            if self.positions[d] == self.sizes[d]:
+                self.epochs[d] += 1
+                self.positions[d] = 0
+        return out
+
+    def state_dict(self) -> dict:
+        return {
+            "weights": list(self.weights),
+            "credits": list(self.credits),
+            "epochs": list(self.epochs),
+            "positions": list(self.positions),
+            "counts": list(self.counts),
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        self.set_weights(state["weights"])
+        for name in ("credits", "epochs", "positions", "counts"):
+            setattr(self, name, list(state[name]))

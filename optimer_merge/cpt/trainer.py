@@ -1,0 +1,512 @@
+"""The CPT loop, written directly on Lightning Fabric: one code path from a 2-core CPU to multi-node FSDP.
+
+Run folder layout (``config.output``)::
+
+    run_config.json      the resolved config; a rerun with a different one is refused
+    tokens/              tokenized datasets (memory-mapped, reused on resume)
+    checkpoints/         step-XXXXXXXX.ckpt (model, optimizer, data cursors, Velocitune state)
+    metrics.csv          step, tokens, lr, train loss, held-out loss per dataset, mixture weights
+    velocitune.json      targets and weight trajectory (Velocitune runs)
+    model/               the final Hugging Face model (written to model.partial/, then renamed)
+    train_meta.json      tokens per dataset, steps, wall/CPU seconds, FLOPs estimate, versions
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+import shutil
+import time
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+
+from optimer_merge.cpt import datasets as ds
+from optimer_merge.cpt import velocitune as vt
+from optimer_merge.cpt.config import TrainConfig
+
+# Fields that may change between a run and its resumption without changing the result.
+RESUMABLE_FIELDS = {"progress", "threads", "checkpoint_every", "keep_checkpoints"}
+TOKENS_DIR, CHECKPOINTS_DIR, MODEL_DIR = "tokens", "checkpoints", "model"
+
+
+class RunFolderConflict(ValueError):
+    """The output folder holds a different run."""
+
+
+def lr_at(step: int, total_steps: int, config: TrainConfig) -> float:
+    """Learning rate of optimizer step ``step`` (0-based): linear warmup, then the chosen schedule."""
+    warmup = config.warmup_steps or round(config.warmup_fraction * total_steps)
+    floor = config.lr * config.min_lr_ratio
+    if step < warmup:
+        return config.lr * (step + 1) / warmup
+    if config.schedule == "constant":
+        return config.lr
+    if config.schedule == "cosine":
+        progress = (step - warmup) / max(1, total_steps - warmup)
+        return floor + (config.lr - floor) * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
+    decay_start = total_steps - round(config.decay_fraction * total_steps)  # warmup-stable-decay
+    if step < decay_start:
+        return config.lr
+    progress = (step - decay_start + 1) / max(1, total_steps - decay_start)
+    return config.lr + (floor - config.lr) * min(progress, 1.0)
+
+
+def load_base(base: str | Path):
+    """Load a base HF model for training in fp32: Gemma3ForCausalLM-like, or an image-text model.
+
+    For image-text models (a ``vision_config`` in config.json) only the language model trains;
+    the vision tower and projector are frozen. Returns (model, tokenizer, text_config).
+    """
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForImageTextToText, AutoTokenizer
+    from transformers.utils import logging as hf_logging
+
+    base = Path(base)
+    if not (base / "config.json").exists():
+        raise ValueError(f"base model {base} not found: expected a Hugging Face model folder with config.json")
+    hf_logging.disable_progress_bar()
+    config = AutoConfig.from_pretrained(base)
+    tokenizer = AutoTokenizer.from_pretrained(base)
+    if getattr(config, "vision_config", None) is not None:
+        model = AutoModelForImageTextToText.from_pretrained(base, dtype=torch.float32)
+        for name, param in model.named_parameters():
+            param.requires_grad_(".language_model." in f".{name}" or name.startswith("lm_head"))
+        text_config = config.text_config
+    else:
+        model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
+        text_config = config
+    return model, tokenizer, text_config
+
+
+def _saved_dtype(base: Path) -> torch.dtype:
+    config = json.loads((base / "config.json").read_text())
+    name = config.get("dtype") or config.get("torch_dtype") or config.get("text_config", {}).get("dtype") or "float32"
+    return getattr(torch, str(name).replace("torch.", ""))
+
+
+def _flops_per_token(model, text_config, seq_len: int) -> float:
+    """Training FLOPs per token: 6 N (trainable, non-embedding) + 12 L s d_attn (PaLM's estimate)."""
+    n = sum(p.numel() for name, p in model.named_parameters() if p.requires_grad and "embed_tokens" not in name)
+    attn = 12 * text_config.num_hidden_layers * seq_len * text_config.num_attention_heads * text_config.head_dim
+    return 6.0 * n + attn
+
+
+class MetricsLog:
+    """metrics.csv (append-only, truncated to the resumed step on resume) plus TensorBoard if installed."""
+
+    def __init__(self, path: Path, columns: list[str], resume_step: int | None, enabled: bool):
+        self.path, self.columns, self.enabled = path, columns, enabled
+        self.tb = None
+        if not enabled:
+            return
+        rows = []
+        if resume_step is not None and path.exists():
+            with open(path, newline="") as handle:
+                rows = [r for r in csv.DictReader(handle) if int(r["step"]) <= resume_step]
+        with open(path, "w", newline="") as handle:
+            writer = csv.DictWriter(handle, fieldnames=columns, extrasaction="ignore")
+            writer.writeheader()
+            writer.writerows(rows)
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.tb = SummaryWriter(str(path.parent / "tensorboard"))
+        except ImportError:
+            pass
+
+    def write(self, row: dict) -> None:
+        if not self.enabled:
+            return
+        with open(self.path, "a", newline="") as handle:
+            csv.DictWriter(handle, fieldnames=self.columns, extrasaction="ignore").writerow(
+                {k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in row.items()}
+            )
+        if self.tb is not None:
+            for key, value in row.items():
+                if key != "step" and isinstance(value, (int, float)) and value == value:
+                    self.tb.add_scalar(key, value, row["step"])
+            self.tb.flush()
+
+
+def _checkpoints(folder: Path) -> list[Path]:
+    return sorted(folder.glob("step-*.ckpt"))
+
+
+def _check_run_folder(config: TrainConfig, out: Path) -> None:
+    record = out / "run_config.json"
+    mine = {k: v for k, v in config.model_dump(mode="json").items() if k not in RESUMABLE_FIELDS}
+    if record.exists():
+        theirs = {k: v for k, v in json.loads(record.read_text()).items() if k not in RESUMABLE_FIELDS}
+        if theirs != mine:
+            changed = sorted(k for k in set(mine) | set(theirs) if mine.get(k) != theirs.get(k))
+            raise RunFolderConflict(
+                f"{out} holds a different run (settings differ: {', '.join(changed)}); "
+                "choose another output folder or pass --overwrite"
+            )
+
+
+def _evaluate(fabric, model, sets: dict[str, ds.TokenBlocks], blocks: int, batch: int) -> dict[str, float]:
+    """Mean held-out loss per dataset over its first ``blocks`` blocks, sharded over ranks."""
+    model.eval()
+    losses = {}
+    with torch.no_grad():
+        for name, data in sets.items():
+            indices = list(range(min(blocks, data.num_blocks)))[fabric.global_rank :: fabric.world_size]
+            total = torch.zeros(2, dtype=torch.float64, device=fabric.device)
+            for start in range(0, len(indices), batch):
+                chunk = indices[start : start + batch]
+                x = torch.from_numpy(np.stack([data.block(i) for i in chunk])).to(fabric.device)
+                loss = model(input_ids=x, labels=x).loss
+                total += torch.tensor([loss.item() * len(chunk), len(chunk)], dtype=torch.float64, device=fabric.device)
+            total = fabric.all_reduce(total, reduce_op="sum")
+            losses[name] = float(total[0] / total[1])
+    model.train()
+    return losses
+
+
+def _full_state_dict(fabric, model) -> dict:
+    """The whole model's state dict on CPU (gathered from shards under FSDP)."""
+    from lightning.fabric.strategies import FSDPStrategy
+
+    if isinstance(fabric.strategy, FSDPStrategy):
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        return get_model_state_dict(model._forward_module, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    return {k: v.detach().cpu() for k, v in model.module.state_dict().items()}
+
+
+def _versions() -> dict:
+    import lightning
+    import transformers
+
+    from optimer_merge import __version__
+
+    return {"optimer_merge": __version__, "torch": torch.__version__, "transformers": transformers.__version__, "lightning": lightning.__version__}
+
+
+def velocitune_targets(config: TrainConfig, log: Callable[[str], None] = print) -> dict:
+    """Target loss per dataset: user-given, else fitted on a short proxy run (cached in the run folder)."""
+    out = Path(config.output)
+    path = out / "velocitune_targets.json"
+    if path.exists():
+        return json.loads(path.read_text())
+    names = [d.name for d in config.datasets]
+    missing = [n for n in names if n not in config.velocitune.targets]
+    result = {"targets": dict(config.velocitune.targets), "fits": {}, "proxy": None}
+    if missing:
+        proxy_steps = max(config.velocitune.proxy_evals, math.ceil(config.velocitune.proxy_fraction * _total_steps(config)))
+        proxy = config.model_copy(
+            update={
+                "output": str(out / "velocitune-proxy"),
+                "mixture": "static",
+                "schedule": "constant",  # the loss-vs-data curve without the decay's late drop
+                "max_tokens": None,
+                "max_steps": proxy_steps,
+                "eval_datasets": [],
+                "eval_every": max(1, proxy_steps // config.velocitune.proxy_evals),
+                "checkpoint_every": proxy_steps,
+            }
+        )
+        log(f"velocitune: proxy run of {proxy_steps} steps to fit per-dataset scaling laws")
+        meta = train(proxy, log=log, export=False)
+        with open(Path(proxy.output) / "metrics.csv", newline="") as handle:
+            warmup = proxy.warmup_steps or round(proxy.warmup_fraction * proxy_steps)
+            rows = [r for r in csv.DictReader(handle) if int(r["step"]) > warmup]
+        full_tokens = _total_steps(config) * _tokens_per_step(config, meta["world_size"])
+        for spec in config.datasets:
+            if spec.name not in missing:
+                continue
+            law = vt.fit_scaling_law(
+                [float(r[f"tokens/{spec.name}"]) for r in rows], [float(r[f"eval_loss/{spec.name}"]) for r in rows]
+            )
+            planned = config.ratios()[spec.name] * full_tokens
+            result["targets"][spec.name] = law(planned)
+            result["fits"][spec.name] = {"E": law.E, "B": law.B, "beta": law.beta, "tokens": planned}
+        result["proxy"] = {k: meta[k] for k in ("steps", "tokens", "wall_seconds", "cpu_seconds", "flops_estimate")}
+    out.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(result, indent=2))
+    return result
+
+
+def _tokens_per_step(config: TrainConfig, world_size: int) -> int:
+    return config.seq_len * config.micro_batch_size * config.grad_accum * world_size
+
+
+def _total_steps(config: TrainConfig, world_size: int = 1) -> int:
+    if config.max_steps is not None:
+        return config.max_steps
+    return max(1, math.ceil(config.max_tokens / _tokens_per_step(config, world_size)))
+
+
+def train(
+    config: TrainConfig,
+    *,
+    overwrite: bool = False,
+    export: bool = True,
+    log: Callable[[str], None] = print,
+) -> dict:
+    """Train (or resume, or skip if finished) the run described by ``config``; returns train_meta.
+
+    Every input is checked before training starts; the final model appears at ``output/model``
+    only once it is completely written.
+    """
+    from lightning.fabric import Fabric
+
+    out = Path(config.output)
+    meta_path = out / "train_meta.json"
+    if overwrite and out.exists():
+        shutil.rmtree(out)
+    _check_run_folder(config, out)
+    if meta_path.exists() and (not export or (out / MODEL_DIR).exists()):
+        log(f"{out}: already trained, reused (pass --overwrite to retrain)")
+        return json.loads(meta_path.read_text())
+
+    # Everything that can be wrong with the inputs is checked here, before any file is written.
+    base = Path(config.base)
+    model, tokenizer, text_config = load_base(base)
+    max_len = getattr(text_config, "max_position_embeddings", None)
+    if max_len is not None and config.seq_len > max_len:
+        raise ValueError(f"seq_len={config.seq_len} is above the model's maximum of {max_len} positions")
+    token_fp = ds.tokenizer_fingerprint(tokenizer)
+    for spec in config.datasets + config.eval_datasets:
+        ds.check_source(spec.source)
+    if config.mixture == "velocitune":
+        lacking = [d.name for d in config.datasets if ds.eval_source(d) is None]
+        if lacking:
+            raise ValueError(f"velocitune needs held-out data for every dataset; set eval_source for: {', '.join(lacking)}")
+
+    fabric = Fabric(
+        accelerator=config.accelerator,
+        strategy=config.strategy,
+        devices=config.devices,
+        num_nodes=config.num_nodes,
+        precision=config.precision,
+    )
+    fabric.launch()
+    say = log if fabric.is_global_zero else (lambda _msg: None)
+    n_params = sum(p.numel() for p in model.parameters())
+    if config.threads == "auto":
+        if fabric.device.type == "cpu":
+            torch.set_num_threads(max(1, min(os.cpu_count() or 1, n_params // 25_000_000)))
+    elif config.threads is not None:
+        torch.set_num_threads(config.threads)
+
+    token_dir = out / TOKENS_DIR
+    with fabric.rank_zero_first(local=False):
+        train_sets = [ds.load_blocks(s, "train", tokenizer, config.seq_len, token_dir) for s in config.datasets]
+        eval_sets = {}
+        for spec in config.datasets + config.eval_datasets:
+            source = ds.eval_source(spec) if spec in config.datasets else (spec.eval_source or spec.source)
+            if source is not None:
+                eval_sets[spec.name] = ds.load_blocks(spec, "dev", tokenizer, config.seq_len, token_dir, source)
+
+    targets_info = velocitune_targets(config, log=say) if config.mixture == "velocitune" else None
+
+    ckpt_dir = out / CHECKPOINTS_DIR
+    existing = _checkpoints(ckpt_dir)
+    if fabric.is_global_zero:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "run_config.json").write_text(json.dumps(config.model_dump(mode="json"), indent=2))
+        ckpt_dir.mkdir(exist_ok=True)
+    fabric.seed_everything(config.seed, verbose=False)
+
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    decay = [p for p in trainable if p.ndim >= 2]
+    no_decay = [p for p in trainable if p.ndim < 2]
+    optimizer = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": config.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=config.lr,
+        betas=config.betas,
+    )
+    model, optimizer = fabric.setup(model, optimizer)
+    model.train()
+
+    names = [d.name for d in config.datasets]
+    weights = config.ratios()
+    sampler = ds.MixtureSampler([d.num_blocks for d in train_sets], [weights[n] for n in names], config.seed)
+    world = fabric.world_size
+    total_steps = _total_steps(config, world)
+    tokens_per_step = _tokens_per_step(config, world)
+    state = {
+        "model": model,
+        "optimizer": optimizer,
+        "step": 0,
+        "sampler": sampler.state_dict(),
+        "tokenizer": token_fp,
+        "elapsed": {"wall": 0.0, "cpu": 0.0},
+        "initial_eval": None,
+        "trajectory": [],
+        "window": {"loss": 0.0, "steps": 0},  # train loss since the last metrics row
+    }
+    resume_step = None
+    if existing:
+        remainder = fabric.load(existing[-1], state)
+        state.update(remainder or {})
+        if state["tokenizer"] != token_fp:
+            raise ValueError(
+                f"tokenizer mismatch: checkpoint {existing[-1]} was trained with a different tokenizer "
+                f"than the base {base}; use the same base or a new output folder"
+            )
+        sampler.load_state_dict(state["sampler"])
+        resume_step = state["step"]
+        say(f"resuming {out} from step {resume_step} of {total_steps}")
+
+    columns = (
+        ["step", "tokens", "lr", "train_loss", "tokens_per_s"]
+        + [f"tokens/{n}" for n in names]
+        + [f"weight/{n}" for n in names]
+        + [f"eval_loss/{n}" for n in eval_sets]
+    )
+    metrics = MetricsLog(out / "metrics.csv", columns, resume_step, fabric.is_global_zero)
+
+    def row(step: int, lr: float, train_loss: float, tps: float, losses: dict[str, float]) -> dict:
+        r = {"step": step, "tokens": step * tokens_per_step, "lr": lr, "train_loss": train_loss, "tokens_per_s": tps}
+        r.update({f"tokens/{n}": c * config.seq_len for n, c in zip(names, sampler.counts)})
+        r.update({f"weight/{n}": w for n, w in zip(names, sampler.weights)})
+        r.update({f"eval_loss/{n}": v for n, v in losses.items()})
+        return r
+
+    if config.mixture == "velocitune" and not state["trajectory"]:
+        state["trajectory"].append({"step": 0, "weights": dict(weights)})
+    if state["initial_eval"] is None:
+        state["initial_eval"] = _evaluate(fabric, model, eval_sets, config.eval_blocks, config.micro_batch_size)
+        metrics.write(row(0, 0.0, float("nan"), 0.0, state["initial_eval"]))
+
+    def save_checkpoint(step: int) -> None:
+        state["step"], state["sampler"] = step, sampler.state_dict()
+        final = ckpt_dir / f"step-{step:08d}.ckpt"
+        partial = ckpt_dir / f"step-{step:08d}.partial"
+        fabric.save(partial, state)
+        fabric.barrier()
+        if fabric.is_global_zero:
+            os.replace(partial, final)
+            for old in _checkpoints(ckpt_dir)[: -config.keep_checkpoints]:
+                shutil.rmtree(old) if old.is_dir() else old.unlink()
+        fabric.barrier()
+
+    from tqdm.auto import tqdm
+
+    start = state["step"]
+    bar = tqdm(
+        total=total_steps,
+        initial=start,
+        unit="step",
+        disable=not (config.progress and fabric.is_global_zero),
+        dynamic_ncols=True,
+        mininterval=2.0,
+    )
+    slots = config.micro_batch_size * world
+    wall0, cpu0 = time.perf_counter(), time.process_time()
+    window_loss, window_steps, window_t = state["window"]["loss"], state["window"]["steps"], time.perf_counter()
+    lr = lr_at(start, total_steps, config)
+    for step in range(start, total_steps):
+        lr = lr_at(step, total_steps, config)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        step_loss = 0.0
+        for micro in range(config.grad_accum):
+            picks = sampler.take(slots)[fabric.global_rank * config.micro_batch_size : (fabric.global_rank + 1) * config.micro_batch_size]
+            x = torch.from_numpy(np.stack([train_sets[d].block(b) for d, b in picks])).to(fabric.device)
+            with fabric.no_backward_sync(model, enabled=micro < config.grad_accum - 1):
+                loss = model(input_ids=x, labels=x).loss
+                fabric.backward(loss / config.grad_accum)
+            step_loss += loss.item() / config.grad_accum
+        if config.grad_clip is not None:
+            fabric.clip_gradients(model, optimizer, max_norm=config.grad_clip)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        done = step + 1
+        window_loss, window_steps = window_loss + step_loss, window_steps + 1
+        bar.update(1)
+
+        update_due = config.mixture == "velocitune" and done % config.velocitune.update_every == 0
+        if done % config.eval_every == 0 or done == total_steps or update_due:
+            elapsed = time.perf_counter() - window_t
+            tps = window_steps * tokens_per_step / max(elapsed, 1e-9)
+            losses = _evaluate(fabric, model, eval_sets, config.eval_blocks, config.micro_batch_size)
+            if update_due and done < total_steps:
+                current = {n: losses[n] for n in names}
+                velocity = vt.velocities(current, state["initial_eval"], targets_info["targets"])
+                new = vt.update_weights(dict(zip(names, sampler.weights)), velocity)
+                sampler.set_weights([new[n] for n in names])
+                state["trajectory"].append({"step": done, "losses": current, "velocity": velocity, "weights": new})
+            metrics.write(row(done, lr, window_loss / window_steps, tps, losses))
+            bar.set_postfix(loss=f"{window_loss / window_steps:.3f}", tok_s=f"{tps:,.0f}", refresh=False)
+            window_loss, window_steps, window_t = state["window"]["loss"], state["window"]["steps"], time.perf_counter()
+        if done % config.checkpoint_every == 0 or done == total_steps:
+            state["elapsed"] = {
+                "wall": state["elapsed"]["wall"] + time.perf_counter() - wall0,
+                "cpu": state["elapsed"]["cpu"] + time.process_time() - cpu0,
+            }
+            wall0, cpu0 = time.perf_counter(), time.process_time()
+            state["window"] = {"loss": window_loss, "steps": window_steps}
+            save_checkpoint(done)
+    bar.close()
+
+    cpu_total = fabric.all_reduce(torch.tensor(state["elapsed"]["cpu"], dtype=torch.float64), reduce_op="sum")
+    tokens_per_dataset = {n: c * config.seq_len for n, c in zip(names, sampler.counts)}
+    final_eval = _evaluate(fabric, model, eval_sets, config.eval_blocks, config.micro_batch_size)
+    eval_tokens = config.eval_blocks * config.seq_len * len(eval_sets) * (len(state["trajectory"]) + total_steps // config.eval_every + 2)
+    meta = {
+        "base": str(base),
+        "model": str(out / MODEL_DIR) if export else None,
+        "datasets": {d.name: d.source for d in config.datasets},
+        "mixture": config.mixture,
+        "ratios": weights,
+        "steps": total_steps,
+        "tokens": total_steps * tokens_per_step,
+        "tokens_per_dataset": tokens_per_dataset,
+        "wall_seconds": state["elapsed"]["wall"],
+        "cpu_seconds": float(cpu_total),
+        "flops_estimate": _flops_per_token(model, text_config, config.seq_len) * total_steps * tokens_per_step
+        + 2.0 * n_params * eval_tokens,
+        "parameters": n_params,
+        "trainable_parameters": sum(p.numel() for p in trainable),
+        "world_size": world,
+        "accelerator": fabric.device.type,
+        "strategy": config.strategy,
+        "precision": config.precision,
+        "initial_eval_loss": state["initial_eval"],
+        "final_eval_loss": final_eval,
+        "versions": _versions(),
+    }
+    if targets_info is not None:
+        meta["velocitune"] = {**targets_info, "trajectory": state["trajectory"]}
+    if export:
+        weights_sd = _full_state_dict(fabric, model)
+    if fabric.is_global_zero:
+        if targets_info is not None:
+            (out / "velocitune.json").write_text(json.dumps(meta["velocitune"], indent=2))
+        if export:
+            _export(model.module, tokenizer, weights_sd, out / MODEL_DIR, config.save_dtype, base, meta)
+        meta_path.write_text(json.dumps(meta, indent=2))
+    fabric.barrier()
+    say(
+        f"trained {meta['tokens']:,} tokens in {total_steps} steps "
+        f"({meta['wall_seconds']:.1f}s); held-out loss "
+        + ", ".join(f"{n} {state['initial_eval'][n]:.3f}->{v:.3f}" for n, v in final_eval.items())
+    )
+    return meta
+
+
+def _export(hf_model, tokenizer, state_dict: dict, target: Path, save_dtype: str, base: Path, meta: dict) -> None:
+    """Write the final HF model to ``target.partial`` and rename it into place when complete."""
+    from optimer_merge.tiny import to_hub_layout
+
+    dtype = _saved_dtype(base) if save_dtype == "auto" else getattr(torch, save_dtype)
+    partial = target.with_name(target.name + ".partial")
+    if partial.exists():
+        shutil.rmtree(partial)
+    state_dict = {k: (v.to(dtype) if v.is_floating_point() else v) for k, v in state_dict.items()}
+    hf_model.config.dtype = dtype
+    hf_model.save_pretrained(partial, state_dict=state_dict)
+    tokenizer.save_pretrained(partial)
+    to_hub_layout(partial)
+    (partial / "train_meta.json").write_text(json.dumps(meta, indent=2))
+    if target.exists():
+        shutil.rmtree(target)
+    os.replace(partial, target)

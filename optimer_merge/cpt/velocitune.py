@@ -1,0 +1,65 @@
+"""Velocitune's rule (Luo et al., ACL 2025): domains that are far from their target loss get more data.
+
+Learning velocity V_i = clip((l_i - t_i) / (l_init_i - t_i), 0, 1), with l_i the current held-out
+loss, l_init_i the loss before training and t_i the target; then w_i <- w_i exp(V_i) / sum_j w_j exp(V_j).
+Targets come from a scaling-law fit L(D) = E + B / D^beta to a short proxy run, evaluated at the
+tokens each domain will see in the full run.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+from scipy.optimize import nnls
+
+
+def velocities(losses: dict[str, float], initial: dict[str, float], targets: dict[str, float]) -> dict[str, float]:
+    """V_i for every domain; 0 where the initial loss is already at or below the target."""
+    out = {}
+    for name, loss in losses.items():
+        span = initial[name] - targets[name]
+        out[name] = 0.0 if span <= 0 else min(max((loss - targets[name]) / span, 0.0), 1.0)
+    return out
+
+
+def update_weights(weights: dict[str, float], velocity: dict[str, float]) -> dict[str, float]:
+    """w_i exp(V_i), renormalised to sum to 1."""
+    raised = {name: w * math.exp(velocity.get(name, 0.0)) for name, w in weights.items()}
+    total = sum(raised.values())
+    return {name: v / total for name, v in raised.items()}
+
+
+@dataclass(frozen=True)
+class ScalingLaw:
+    """L(D) = E + B / D^beta, fitted on (tokens seen, held-out loss) points."""
+
+    E: float
+    B: float
+    beta: float
+
+    def __call__(self, tokens: float) -> float:
+        return self.E + self.B / max(tokens, 1.0) ** self.beta
+
+
+def fit_scaling_law(tokens: list[float], losses: list[float]) -> ScalingLaw:
+    """Least squares over a grid of beta, with E >= 0 and B >= 0 solved exactly for each beta.
+
+    Deterministic and robust on a handful of noisy points, unlike a free three-parameter fit.
+    """
+    d = np.asarray(tokens, dtype=np.float64)
+    y = np.asarray(losses, dtype=np.float64)
+    keep = d > 0
+    d, y = d[keep], y[keep]
+    if len(d) < 3:
+        raise ValueError(f"a scaling-law fit needs at least 3 points with tokens > 0, got {len(d)}")
+    best: tuple[float, ScalingLaw] | None = None
+    for beta in np.logspace(-2, 0.5, 120):
+        x = d ** -beta
+        (e, b), residual = nnls(np.stack([np.ones_like(x), x], axis=1), y)
+        sse = float(residual**2)
+        if best is None or sse < best[0] - 1e-12:
+            best = (sse, ScalingLaw(float(e), float(b), float(beta)))
+    assert best is not None
+    return best[1]

@@ -1,0 +1,295 @@
+"""CPT on Lightning Fabric: real training runs on tiny models, resume after a real kill, Velocitune, errors."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from conftest import CPT_SETTINGS, DOMAINS, REPO
+
+from optimer_merge import cli
+from optimer_merge.cpt import TrainConfig, load_config, train
+from optimer_merge.cpt import datasets as ds
+from optimer_merge.cpt import velocitune as vt
+from optimer_merge.cpt.trainer import lr_at
+
+QUIET = lambda _m: None  # noqa: E731
+
+
+def meta(run: Path) -> dict:
+    return json.loads((run / "train_meta.json").read_text())
+
+
+@pytest.mark.parametrize("domain", DOMAINS)
+def test_cpt_lowers_its_own_domain_loss_most(cpt_runs, domain):
+    m = meta(cpt_runs[domain])
+    drops = {d: m["initial_eval_loss"][d] - m["final_eval_loss"][d] for d in DOMAINS}
+    others = {d: v for d, v in drops.items() if d != domain}
+    assert drops[domain] > 0.05, drops
+    assert drops[domain] > max(others.values()), drops
+    assert m["tokens_per_dataset"] == {domain: CPT_SETTINGS["max_steps"] * 8 * 128}
+    assert m["steps"] == 40 and m["wall_seconds"] > 0 and m["cpu_seconds"] > 0 and m["flops_estimate"] > 0
+    model = cpt_runs[domain] / "model"
+    assert (model / "model.safetensors").exists() and (model / "tokenizer.json").exists()
+    rows = (cpt_runs[domain] / "metrics.csv").read_text().splitlines()
+    assert rows[0].startswith("step,tokens,lr,train_loss") and len(rows) == 1 + 3  # steps 0, 20, 40
+
+
+def test_cpt_models_merge_with_stock_mergekit(cpt_runs, small_base, tmp_path):
+    import yaml
+    from helpers import load_weights, max_abs_diff, reference_merge
+
+    recipe = {
+        "merge_method": "optimer",
+        "base_model": str(small_base),
+        "models": [{"model": str(cpt_runs[d] / "model"), "parameters": {"weight": 0.25}} for d in DOMAINS],
+        "dtype": "float32",
+    }
+    path = tmp_path / "recipe.yml"
+    path.write_text(yaml.safe_dump(recipe))
+    mergekit_yaml = Path(sys.executable).with_name("mergekit-yaml")
+    subprocess.run([str(mergekit_yaml), str(path), str(tmp_path / "out")], check=True, capture_output=True)
+    assert max_abs_diff(load_weights(tmp_path / "out"), reference_merge(path, tmp_path)) < 1e-6
+
+
+def test_static_mixture_consumes_tokens_at_its_ratios(small_base, tmp_path):
+    config = TrainConfig(
+        base=str(small_base),
+        output=str(tmp_path / "mix"),
+        datasets=[{"name": "ja", "source": "ja", "ratio": 1}, {"name": "code", "source": "code", "ratio": 3}],
+        **{**CPT_SETTINGS, "max_steps": 25},
+    )
+    m = train(config, log=QUIET)
+    tokens = m["tokens_per_dataset"]
+    share = tokens["ja"] / (tokens["ja"] + tokens["code"])
+    assert abs(share - 0.25) < 0.02 * 0.25, tokens
+    assert tokens["ja"] + tokens["code"] == m["tokens"] == 25 * 8 * 128
+
+
+def _train_cmd(base: Path, out: Path) -> list[str]:
+    return [
+        sys.executable, "-m", "optimer_merge.cli", "train", "--base", str(base), "--output", str(out),
+        "--dataset", "ja:1", "--dataset", "math:1", "--max-steps", "30", "--seq-len", "64",
+        "--micro-batch-size", "4", "--set", "checkpoint_every=5", "--set", "eval_every=10", "--no-progress",
+    ]  # fmt: skip
+
+
+def test_resume_after_kill_matches_uninterrupted_run(small_base, tmp_path):
+    from helpers import load_weights, max_abs_diff
+
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    subprocess.run(_train_cmd(small_base, tmp_path / "full"), check=True, env=env, capture_output=True)
+    part = tmp_path / "part"
+    proc = subprocess.Popen(_train_cmd(small_base, part), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while not (part / "checkpoints" / "step-00000015.ckpt").exists():
+        assert proc.poll() is None and time.time() < deadline, "training ended before it could be killed"
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (part / "model").exists()
+    done = subprocess.run(_train_cmd(small_base, part), check=True, env=env, capture_output=True, text=True)
+    assert "resuming" in done.stdout
+    assert max_abs_diff(load_weights(tmp_path / "full" / "model"), load_weights(part / "model")) <= 1e-6
+    assert meta(part)["tokens_per_dataset"] == meta(tmp_path / "full")["tokens_per_dataset"]
+    full_rows = (tmp_path / "full" / "metrics.csv").read_text().splitlines()
+    part_rows = (part / "metrics.csv").read_text().splitlines()
+    strip = lambda rows: [r.split(",")[:4] + r.split(",")[5:] for r in rows]  # noqa: E731  (drop tokens/s)
+    assert strip(full_rows) == strip(part_rows)
+    again = subprocess.run(_train_cmd(small_base, part), check=True, env=env, capture_output=True, text=True)
+    assert "already trained" in again.stdout
+
+
+def test_velocitune_rule_and_scaling_law():
+    v = vt.velocities({"a": 3.0, "b": 2.0}, initial={"a": 4.0, "b": 4.0}, targets={"a": 2.0, "b": 2.5})
+    assert v == {"a": 0.5, "b": 0.0}
+    w = vt.update_weights({"a": 0.5, "b": 0.5}, v)
+    assert w["a"] == pytest.approx(math.exp(0.5) / (math.exp(0.5) + 1))
+    law = vt.ScalingLaw(E=1.5, B=40.0, beta=0.3)
+    tokens = [1e3, 2e3, 5e3, 1e4, 2e4, 5e4]
+    fit = vt.fit_scaling_law(tokens, [law(t) for t in tokens])
+    assert fit(1e6) == pytest.approx(law(1e6), rel=0.02)
+
+
+def test_velocitune_raises_weight_of_domain_furthest_from_target(small_base, tmp_path):
+    config = TrainConfig(
+        base=str(small_base),
+        output=str(tmp_path / "vt"),
+        datasets=[{"name": "ja", "source": "ja"}, {"name": "math", "source": "math"}],
+        mixture="velocitune",
+        # ja's target is far below anything this run reaches; math's is almost its starting loss.
+        velocitune={"update_every": 5, "targets": {"ja": 0.5, "math": 3.0}},
+        **{**CPT_SETTINGS, "max_steps": 20, "eval_every": 10},
+    )
+    m = train(config, log=QUIET)
+    trajectory = json.loads((tmp_path / "vt" / "velocitune.json").read_text())["trajectory"]
+    assert trajectory[0]["weights"] == {"ja": 0.5, "math": 0.5}
+    assert [t["step"] for t in trajectory] == [0, 5, 10, 15]
+    assert trajectory[-1]["velocity"]["ja"] > trajectory[-1]["velocity"]["math"]
+    assert trajectory[-1]["weights"]["ja"] > 0.6
+    assert m["tokens_per_dataset"]["ja"] > m["tokens_per_dataset"]["math"]
+
+
+def test_velocitune_fits_targets_on_a_proxy_run(small_base, tmp_path):
+    config = TrainConfig(
+        base=str(small_base),
+        output=str(tmp_path / "vt"),
+        datasets=[{"name": "zh", "source": "zh"}, {"name": "code", "source": "code"}],
+        mixture="velocitune",
+        velocitune={"update_every": 5, "proxy_fraction": 0.5, "proxy_evals": 5},
+        **{**CPT_SETTINGS, "max_steps": 20, "eval_every": 10},
+    )
+    m = train(config, log=QUIET)
+    info = m["velocitune"]
+    assert set(info["fits"]) == {"zh", "code"} and info["proxy"]["steps"] == 10
+    for name, target in info["targets"].items():
+        assert 0 < target < m["initial_eval_loss"][name]
+
+
+def test_multimodal_trains_text_only_and_merges_with_stock_mergekit(tiny_zoo, tmp_path):
+    import yaml
+    from helpers import load_weights
+
+    base = tiny_zoo / "tiny-multimodal" / "base"
+    config = TrainConfig(base=str(base), output=str(tmp_path / "mm"), datasets=[{"name": "zh", "source": "zh"}], **{**CPT_SETTINGS, "max_steps": 5, "seq_len": 64})
+    m = train(config, log=QUIET)
+    before, after = load_weights(base), load_weights(tmp_path / "mm" / "model")
+    assert sorted(before) == sorted(after)
+    frozen = [k for k in before if not k.startswith("language_model.")]  # checkpoint (hub) key layout
+    assert any(k.startswith("vision_tower.vision_model.") for k in frozen)
+    assert all((before[k] == after[k]).all() for k in frozen)
+    assert all(not (before[k] == after[k]).all() for k in before if k.startswith("language_model.model.layers.0."))
+    assert m["trainable_parameters"] < m["parameters"]
+    recipe = {
+        "merge_method": "optimer",
+        "base_model": str(base),
+        "models": [{"model": str(tmp_path / "mm" / "model"), "parameters": {"weight": 0.5}}],
+        "dtype": "float32",
+    }
+    (tmp_path / "r.yml").write_text(yaml.safe_dump(recipe))
+    mergekit_yaml = Path(sys.executable).with_name("mergekit-yaml")
+    subprocess.run([str(mergekit_yaml), str(tmp_path / "r.yml"), str(tmp_path / "merged")], check=True, capture_output=True)
+    merged = load_weights(tmp_path / "merged")
+    key = "language_model.model.layers.0.mlp.up_proj.weight"
+    assert ((merged[key] - (before[key] + 0.5 * (after[key] - before[key]))).abs().max()) < 1e-6
+
+
+def test_lr_schedules():
+    cfg = lambda **kw: TrainConfig(base="b", output="o", datasets=[{"name": "ja", "source": "ja"}], max_steps=100, lr=1.0, min_lr_ratio=0.1, warmup_steps=10, **kw)  # noqa: E731
+    cosine = cfg(schedule="cosine")
+    assert lr_at(0, 100, cosine) == pytest.approx(0.1) and lr_at(9, 100, cosine) == pytest.approx(1.0)
+    assert lr_at(10, 100, cosine) == pytest.approx(1.0) and lr_at(100, 100, cosine) == pytest.approx(0.1)
+    assert lr_at(55, 100, cosine) == pytest.approx(0.55)
+    wsd = cfg(schedule="wsd", decay_fraction=0.2)
+    assert lr_at(79, 100, wsd) == 1.0 and lr_at(99, 100, wsd) == pytest.approx(0.1)
+    assert lr_at(50, 100, cfg(schedule="constant")) == 1.0
+
+
+def test_user_files_jsonl_txt_parquet(tmp_path, small_base):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    folder = tmp_path / "data"
+    folder.mkdir()
+    docs = [f"document {i}: " + "the quick brown fox jumps over the lazy dog. " * 20 for i in range(30)]
+    (folder / "a.jsonl").write_text("\n".join(json.dumps({"content": d}) for d in docs[:10]))
+    (folder / "b.txt").write_text(docs[10])
+    pq.write_table(pa.table({"content": docs[11:]}), folder / "c.parquet")
+    assert list(ds.documents(str(folder), text_field="content")) == docs
+    config = TrainConfig(
+        base=str(small_base), output=str(tmp_path / "run"),
+        datasets=[{"name": "mine", "source": str(folder), "text_field": "content", "eval_source": str(folder / "b.txt")}],
+        **{**CPT_SETTINGS, "max_steps": 3, "seq_len": 64},
+    )  # fmt: skip
+    m = train(config, log=QUIET)
+    assert m["tokens_per_dataset"] == {"mine": 3 * 8 * 64}
+    assert m["final_eval_loss"]["mine"] < m["initial_eval_loss"]["mine"]
+
+
+def test_yaml_config_and_flag_overrides(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("base: b\noutput: o\ndatasets: [{name: ja, source: ja}]\nmax_steps: 10\nlr: 0.1\n")
+    args = cli.build_parser().parse_args(
+        ["train", "--config", str(path), "--max-tokens", "5000", "--dataset", "zh:0.3", "--dataset", "x/y.jsonl:2",
+         "--set", "velocitune.update_every=7", "--devices", "2"]
+    )  # fmt: skip
+    from optimer_merge.commands.train import overrides_from_args
+
+    config = load_config(path, overrides_from_args(args))
+    assert config.max_tokens == 5000 and config.max_steps is None and config.lr == 0.1 and config.devices == 2
+    assert [(d.name, d.source, d.ratio) for d in config.datasets] == [("zh", "zh", 0.3), ("y", "x/y.jsonl", 2.0)]
+    assert config.velocitune.update_every == 7
+
+
+def _bad_run(tmp_path, small_base, *extra: str):
+    out = tmp_path / "bad"
+    code = cli.main(["train", "--base", str(small_base), "--output", str(out), "--max-steps", "2", "--seq-len", "64", "--no-progress", *extra])
+    return code, out
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--dataset", "/nonexistent/file.jsonl"], "no such file"),
+        (["--dataset", "klingon"], "unknown dataset source 'klingon'"),
+        (["--dataset", "EMPTY"], "fewer than seq_len"),
+        (["--dataset", "ja:-1"], "ratio must be >= 0"),
+        (["--dataset", "ja:0", "--dataset", "zh:0"], "ratios are all zero"),
+        (["--dataset", "ja", "--seq-len", "4096"], "above the model's maximum of 1024"),
+    ],
+)
+def test_bad_input_is_a_clear_error_and_leaves_no_model(tmp_path, small_base, capsys, extra, message):
+    if "EMPTY" in extra:
+        empty = tmp_path / "empty.jsonl"
+        empty.write_text("")
+        extra = [str(empty) if e == "EMPTY" else e for e in extra]
+    code, out = _bad_run(tmp_path, small_base, *extra)
+    err = capsys.readouterr().err
+    assert code == 2 and message in err, err
+    assert "Traceback" not in err and not (out / "model").exists()
+
+
+def test_tokenizer_mismatch_on_resume_is_refused(tmp_path, small_base, tiny_tokenizer, capsys):
+    base = tmp_path / "base"
+    shutil.copytree(small_base, base)
+    code, out = _bad_run(tmp_path, base, "--dataset", "ja", "--set", "checkpoint_every=1")
+    assert code == 0
+    shutil.rmtree(out / "model")
+    (out / "train_meta.json").unlink()  # as if killed after its last checkpoint
+    tiny_tokenizer.save_pretrained(base)
+    code, out = _bad_run(tmp_path, base, "--dataset", "ja", "--set", "checkpoint_every=1")
+    err = capsys.readouterr().err
+    assert code == 2 and "tokenizer mismatch" in err and not (out / "model").exists()
+
+
+def test_rerun_with_different_settings_is_refused(tmp_path, small_base, capsys):
+    assert _bad_run(tmp_path, small_base, "--dataset", "ja")[0] == 0
+    code, _ = _bad_run(tmp_path, small_base, "--dataset", "zh")
+    assert code == 2 and "holds a different run (settings differ: datasets)" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_ddp_two_cpu_processes(small_base, tmp_path):
+    out = tmp_path / "ddp"
+    cmd = [
+        sys.executable, "-m", "optimer_merge.cli", "train", "--base", str(small_base), "--output", str(out),
+        "--dataset", "ja", "--max-steps", "4", "--seq-len", "64", "--micro-batch-size", "4",
+        "--accelerator", "cpu", "--strategy", "ddp", "--devices", "2", "--no-progress",
+    ]  # fmt: skip
+    subprocess.run(cmd, check=True, capture_output=True, env={**os.environ, "PYTHONPATH": str(REPO)})
+    m = meta(out)
+    assert m["world_size"] == 2 and m["tokens"] == 4 * 4 * 64 * 2
+
+
+@pytest.mark.parametrize("path", sorted((REPO / "recipes" / "train").glob("*.yaml")), ids=lambda p: p.name)
+def test_shipped_train_configs_are_valid(path):
+    config = load_config(path)
+    assert config.datasets and (config.max_tokens or config.max_steps)
