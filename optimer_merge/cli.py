@@ -15,6 +15,7 @@ COMMANDS = {
     "merge": "optimer_merge.commands.merge",
     "data": "optimer_merge.commands.data",
     "train": "optimer_merge.commands.train",
+    "eval": "optimer_merge.commands.eval",
     "demo": "optimer_merge.commands.demo",
 }
 

