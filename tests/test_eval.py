@@ -193,3 +193,10 @@ def test_vllm_and_server_match_hf_and_vllm_updates_live(hf_results, small_base, 
         assert_close(metrics(server.evaluate(LL_TASKS, LIMIT)), metrics(hf_results["base"]), 1e-4)
         process = server._server
     assert process.poll() is not None  # the server was shut down
+
+
+@pytest.mark.parametrize("path", sorted((REPO / "recipes" / "objectives").glob("*.yaml")), ids=lambda p: p.name)
+def test_shipped_objectives_name_known_tasks(path):
+    from optimer_merge.evaluation.tasks import resolve
+
+    resolve(Objective.load(path).task_names())
