@@ -20,6 +20,7 @@ import shutil
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.request
 from pathlib import Path
@@ -76,6 +77,7 @@ class Evaluator:
         if self.device == "cpu":
             torch.set_num_threads(self.threads)
         self._server: subprocess.Popen | None = None
+        self._server_log = None
         if backend == "hf":
             self.lm = self._load_hf(max_length)
         elif backend == "vllm":
@@ -132,10 +134,12 @@ class Evaluator:
             _vllm_environment(self.threads)
             env.update({k: os.environ[k] for k in ("VLLM_CPU_KVCACHE_SPACE", "VLLM_CPU_OMP_THREADS_BIND")})
             self.log(f"starting vllm serve on 127.0.0.1:{port}")
-            self._server = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+            # The server's log goes to a file: an unread pipe fills up and blocks the server.
+            self._server_log = tempfile.NamedTemporaryFile("w+", prefix="vllm-serve-", suffix=".log", delete=False)
+            self._server = subprocess.Popen(cmd, env=env, stdout=self._server_log, stderr=subprocess.STDOUT, start_new_session=True)
             url = f"http://127.0.0.1:{port}"
             try:
-                _wait_ready(url, key, self._server, timeout)
+                _wait_ready(url, key, self._server, timeout, Path(self._server_log.name))
             except BaseException:
                 self.close()
                 raise
@@ -209,9 +213,14 @@ class Evaluator:
             raise ValueError("the server backend serves a fixed model; restart it or use hf/vllm for live updates")
 
     def close(self) -> None:
-        """Stop a server this evaluator started (SIGTERM, then SIGKILL after 20 s)."""
+        """Stop a server this evaluator started (SIGTERM, then SIGKILL after 20 s).
+
+        Its log is deleted, unless the server had already died (then the log tells why)."""
         server, self._server = self._server, None
-        if server is None or server.poll() is not None:
+        if server is None:
+            return
+        self._server_log.close()
+        if server.poll() is not None:
             return
         import signal
 
@@ -221,6 +230,7 @@ class Evaluator:
         except subprocess.TimeoutExpired:
             os.killpg(server.pid, signal.SIGKILL)
             server.wait()
+        Path(self._server_log.name).unlink(missing_ok=True)
 
     def __enter__(self) -> "Evaluator":
         return self
@@ -286,12 +296,12 @@ def _served_name(url: str, key: str) -> str:
         return json.load(response)["data"][0]["id"]
 
 
-def _wait_ready(url: str, key: str, server: subprocess.Popen, timeout: float) -> None:
+def _wait_ready(url: str, key: str, server: subprocess.Popen, timeout: float, log: Path) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if server.poll() is not None:
-            output = server.stdout.read() if server.stdout else ""
-            raise RuntimeError(f"vllm serve exited with code {server.returncode}:\n{output[-3000:]}")
+            output = log.read_text(errors="replace")[-3000:]
+            raise RuntimeError(f"vllm serve exited with code {server.returncode} (log: {log}):\n{output}")
         try:
             _served_name(url, key)
             return
