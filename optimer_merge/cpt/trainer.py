@@ -28,6 +28,7 @@ import torch
 from optimer_merge.cpt import datasets as ds
 from optimer_merge.cpt import velocitune as vt
 from optimer_merge.cpt.config import TrainConfig
+from optimer_merge.threads import default_threads
 
 # Fields that may change between a run and its resumption without changing the result.
 RESUMABLE_FIELDS = {"progress", "threads", "checkpoint_every", "keep_checkpoints"}
@@ -291,7 +292,7 @@ def train(
     n_params = sum(p.numel() for p in model.parameters())
     if config.threads == "auto":
         if fabric.device.type == "cpu":
-            torch.set_num_threads(max(1, min(os.cpu_count() or 1, n_params // 25_000_000)))
+            torch.set_num_threads(default_threads(n_params))
     elif config.threads is not None:
         torch.set_num_threads(config.threads)
 

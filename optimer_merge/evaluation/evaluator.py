@@ -28,15 +28,10 @@ from typing import Callable, Literal, Mapping
 
 import torch
 
+from optimer_merge.threads import default_threads
+
 Backend = Literal["hf", "vllm", "server"]
 BACKENDS = ("hf", "vllm", "server")
-
-
-def default_threads(n_params: int | None = None) -> int:
-    """CPU threads for tiny models: 1 (several threads are 10-20x slower on small CPUs); more for big ones."""
-    if n_params is None:
-        return 1
-    return max(1, min(os.cpu_count() or 1, n_params // 25_000_000))
 
 
 def _vllm_environment(threads: int) -> None:
@@ -73,7 +68,10 @@ class Evaluator:
             raise ValueError(f"model {model} not found: expected a Hugging Face model folder with config.json")
         self.batch_size, self.dtype = batch_size, dtype
         self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-        self.threads = default_threads() if threads == "auto" else int(threads)
+        if threads == "auto":  # parameter count estimated from the checkpoint's size (2-4 bytes each)
+            size = sum(f.stat().st_size for f in self.model_path.glob("*.safetensors")) if url is None else 0
+            threads = default_threads(size // 3)
+        self.threads = int(threads)
         if self.device == "cpu":
             torch.set_num_threads(self.threads)
         self._server: subprocess.Popen | None = None
