@@ -128,9 +128,10 @@ class Evaluator:
             ]  # fmt: skip
             if self.device == "cpu":
                 cmd.append("--enforce-eager")
-            env = dict(os.environ)
+            before = dict(os.environ)
             _vllm_environment(self.threads)
-            env.update({k: os.environ[k] for k in ("VLLM_CPU_KVCACHE_SPACE", "VLLM_CPU_OMP_THREADS_BIND")})
+            # the server gets the CPU cache and thread settings, not the in-process engine ones
+            env = {**before, **{k: os.environ[k] for k in ("VLLM_CPU_KVCACHE_SPACE", "VLLM_CPU_OMP_THREADS_BIND")}}
             self.log(f"starting vllm serve on 127.0.0.1:{port}")
             # The server's log goes to a file: an unread pipe fills up and blocks the server.
             self._server_log = tempfile.NamedTemporaryFile("w+", prefix="vllm-serve-", suffix=".log", delete=False)
