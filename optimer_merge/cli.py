@@ -16,6 +16,8 @@ COMMANDS = {
     "data": "optimer_merge.commands.data",
     "train": "optimer_merge.commands.train",
     "eval": "optimer_merge.commands.eval",
+    "vectors": "optimer_merge.commands.vectors",
+    "search": "optimer_merge.commands.search",
     "demo": "optimer_merge.commands.demo",
 }
 

@@ -132,9 +132,15 @@ def _looks_like_ratio(spec: str) -> bool:
 
 
 def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None = None) -> TrainConfig:
-    """Read a YAML config (optional), apply ``overrides`` (dotted keys allowed) and validate.
+    """Read a training config YAML (optional), apply ``overrides`` (dotted keys) and validate."""
+    return load_yaml_config(TrainConfig, path, overrides, "training config")
 
-    Raises ValueError with every problem listed, one per line, naming the offending field.
+
+def load_yaml_config(cls, path: str | Path | None, overrides: dict[str, Any] | None, what: str):
+    """Read a YAML config (optional), apply ``overrides`` (dotted keys allowed), validate as ``cls``.
+
+    Paths inside stay relative to the working directory, as in mergekit recipes. Raises
+    ValueError with every problem listed, one per line, naming the offending field.
     """
     raw: dict[str, Any] = {}
     if path is not None:
@@ -149,10 +155,10 @@ def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None
             target = target.setdefault(parent, {})
         target[leaf] = value
     try:
-        return TrainConfig.model_validate(raw)
+        return cls.model_validate(raw)
     except ValidationError as error:
         problems = []
         for item in error.errors():
             where = ".".join(str(p) for p in item["loc"]) or "config"
             problems.append(f"{where}: {item['msg']}")
-        raise ValueError("invalid training config:\n  " + "\n  ".join(problems)) from None
+        raise ValueError(f"invalid {what}:\n  " + "\n  ".join(problems)) from None

@@ -29,6 +29,7 @@ from optimer_merge.cpt import datasets as ds
 from optimer_merge.cpt import velocitune as vt
 from optimer_merge.cpt.config import TrainConfig
 from optimer_merge.threads import default_threads
+from optimer_merge.vectors import fingerprint
 
 # Fields that may change between a run and its resumption without changing the result.
 RESUMABLE_FIELDS = {"progress", "threads", "checkpoint_every", "keep_checkpoints"}
@@ -454,6 +455,7 @@ def train(
     eval_tokens = config.eval_blocks * config.seq_len * len(eval_sets) * (len(state["trajectory"]) + total_steps // config.eval_every + 2)
     meta = {
         "base": str(base),
+        "base_fingerprint": fingerprint(base),
         "model": str(out / MODEL_DIR) if export else None,
         "datasets": {d.name: d.source for d in config.datasets},
         "mixture": config.mixture,

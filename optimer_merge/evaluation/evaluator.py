@@ -165,8 +165,11 @@ class Evaluator:
     def evaluate(self, tasks: list[str], limit: int | None = None, *, confirm_run_unsafe_code: bool = False, log_samples: bool = False) -> dict:
         """lm-eval ``simple_evaluate`` on the loaded model: the results dict lm-eval itself writes."""
         import lm_eval
+        import lm_eval.evaluator
 
         from optimer_merge.evaluation.tasks import resolve
+
+        lm_eval.evaluator.get_git_commit_hash = _git_commit_hash
 
         manager = resolve(list(tasks))
         return lm_eval.simple_evaluate(
@@ -242,6 +245,15 @@ class Evaluator:
             self.close()
         except Exception:
             pass
+
+
+def _git_commit_hash() -> str | None:
+    """lm-eval's own lookup, without git's "not a git repository" on stderr at every evaluation."""
+    try:
+        out = subprocess.run(["git", "describe", "--always"], capture_output=True, text=True, check=True)
+        return out.stdout.strip() or None
+    except (OSError, subprocess.CalledProcessError):
+        return None
 
 
 def _repack_cpu_gemms(worker) -> int:

@@ -1,0 +1,233 @@
+"""Search benchmarks, each a ratio measured in one run on the same inputs.
+
+1. merge: an in-memory trial merge (resident vectors written into the live model) against
+   `mergekit-yaml` to disk plus reloading the model (goal: >= 5x faster), on a ~50 M-parameter
+   Gemma 3 with four vectors.
+2. kernel: the merge kernel's time against a plain tensor copy of the same bytes (goal: within 2x).
+3. optimizer: seconds per trial spent in ask + tell, for smac, tpe and random.
+4. efficiency: on the demo pool (the demo base and four per-domain CPT runs, real data, the dev
+   objective), trials each optimizer needs to close 99 % of the gap from uniform averaging to the
+   best score any run found; median over seeds. Also scores uniform averaging and each
+   single-domain model, which the best merge should beat.
+
+    python benchmarks/search.py [--parts merge,kernel,optimizer,efficiency] [--seeds 3] [--trials 25]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+os.environ.setdefault("TQDM_DISABLE", "1")
+DOMAINS = ("ja", "zh", "math", "code")
+REPO = Path(__file__).resolve().parents[1]
+
+
+def best_of(fn, repeats: int = 3) -> float:
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return min(times)
+
+
+def merge_pool(root: Path):
+    """A ~50 M-parameter Gemma 3 base and four perturbed copies (stand-ins of CPT models)."""
+    from optimer_merge import tiny
+
+    base = root / "base"
+    if not (base / "config.json").exists():
+        tokenizer = tiny.train_tokenizer(["a b c d e f g h"] * 50, vocab_size=300)
+        tiny.build_model(base, tokenizer, hidden_size=768, intermediate_size=3072, num_hidden_layers=6, num_attention_heads=12, head_dim=64)
+        for i, d in enumerate(DOMAINS, start=1):
+            tiny.perturbed_copy(base, root / d, relative_scale=0.02, seed=i)
+    return base, {d: str(root / d) for d in DOMAINS}
+
+
+def bench_merge(root: Path, threads: int) -> dict:
+    import torch
+    import yaml
+    from transformers import AutoModelForCausalLM
+
+    from optimer_merge.vectors import load_pool
+
+    torch.set_num_threads(threads)
+    base, models = merge_pool(root)
+    pool = load_pool(base, {d: {"model": p} for d, p in models.items()}, log=lambda _m: None)
+    params = sum(t.numel() for t in pool.base.values())
+    weights = {"ja": 0.4, "zh": 0.3, "math": 0.2, "code": 0.5}
+    model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
+    in_memory = best_of(lambda: pool.write_into(model, weights))
+
+    recipe = root / "recipe.yaml"
+    recipe.write_text(yaml.safe_dump({
+        "merge_method": "optimer", "base_model": str(base), "dtype": "float32",
+        "models": [{"model": models[d], "parameters": {"weight": w}} for d, w in weights.items()],
+    }))  # fmt: skip
+    mergekit_yaml = str(Path(sys.executable).with_name("mergekit-yaml"))
+
+    def disk_round_trip():
+        subprocess.run([mergekit_yaml, str(recipe), str(root / "merged"), "--lazy-unpickle"], check=True, capture_output=True)
+        AutoModelForCausalLM.from_pretrained(root / "merged", dtype=torch.float32)
+
+    on_disk = best_of(disk_round_trip, repeats=2)
+    merged = dict(pool.merged(weights))
+    live = model.state_dict()
+    error = max((live[k] - merged[k]).abs().max().item() for k in merged)
+
+    # kernel vs a plain copy of the same bytes: the kernel reads base + K vectors, writes one tensor
+    outs = {k: torch.empty_like(t) for k, t in pool.base.items()}
+    w = pool._weights(weights)
+    kernel = best_of(lambda: [pool.merge_one(k, w, out=outs[k]) for k in pool.deltas], repeats=5)
+    n_bytes = sum((1 + len(DOMAINS)) * t.numel() * 4 for t in pool.base.values())
+    src, dst = torch.empty(n_bytes // 4), torch.empty(n_bytes // 4)
+    src.uniform_()
+    copy = best_of(lambda: dst.copy_(src), repeats=5)
+    return {
+        "parameters": params,
+        "in_memory_merge_s": in_memory,
+        "mergekit_to_disk_and_reload_s": on_disk,
+        "speedup": on_disk / in_memory,
+        "max_abs_diff_in_memory_vs_rule": error,
+        "kernel_s": kernel,
+        "plain_copy_same_bytes_s": copy,
+        "kernel_over_copy": kernel / copy,
+        "kernel_GBps": n_bytes / kernel / 1e9,
+    }
+
+
+def bench_optimizer(root: Path, trials: int = 60) -> dict:
+    from optimer_merge.search.optimizers import make_optimizer
+
+    out = {}
+    for kind in ("smac", "tpe", "random"):
+        optimizer = make_optimizer(kind, {d: (0.0, 1.0) for d in DOMAINS}, 0, root / f"opt-{kind}")
+        start = time.perf_counter()
+        for _ in range(trials):
+            w = optimizer.ask()
+            optimizer.tell(w, -sum((v - 0.4) ** 2 for v in w.values()))
+        out[kind] = (time.perf_counter() - start) / trials
+    return {"seconds_per_trial": out, "trials": trials}
+
+
+def demo_pool(root: Path, tokens: int) -> tuple[Path, dict[str, str]]:
+    from optimer_merge.cpt import TrainConfig, train
+    from optimer_merge.cpt.demo_base import demo_base
+
+    base = demo_base(progress=False)
+    models = {}
+    for d in DOMAINS:
+        config = TrainConfig(
+            base=str(base), output=str(root / f"cpt-{d}"), datasets=[{"name": d, "source": d}],
+            max_tokens=tokens, seq_len=256, micro_batch_size=8, lr=3e-3, eval_every=50, progress=False,
+        )  # fmt: skip
+        train(config, log=lambda _m: None)
+        models[d] = str(root / f"cpt-{d}" / "model")
+    return base, models
+
+
+def bench_efficiency(root: Path, seeds: int, trials: int, limit: int, tokens: int, objective: str) -> dict:
+    from optimer_merge.evaluation.evaluator import Evaluator
+    from optimer_merge.evaluation.objective import Objective
+    from optimer_merge.search import SearchConfig, search
+
+    base, models = demo_pool(root, tokens)
+    runs = {}
+    for kind in ("smac", "tpe", "random"):
+        for seed in range(seeds):
+            config = SearchConfig(
+                base=str(base), vectors=[{"name": d, "model": m} for d, m in models.items()], objective=objective,
+                limit=limit, trials=trials, finalists=0, seed=seed, optimizer=kind, threads=1,
+                output=str(root / f"search-{kind}-{seed}"),
+            )  # fmt: skip
+            search(config, log=lambda _m: None)
+            records = [json.loads(line) for line in (Path(config.output) / "trials.jsonl").read_text().splitlines()]
+            runs[(kind, seed)] = records
+            print(f"  {kind} seed {seed}: best {max(r['score'] for r in records if r['status'] == 'ok'):.5f}", flush=True)
+
+    # single-domain models (w = one-hot) and the base, scored the same way
+    spec = Objective.load(objective)
+    from optimer_merge.vectors import load_pool
+
+    pool = load_pool(base, {d: {"model": m} for d, m in models.items()}, log=lambda _m: None)
+    singles = {}
+    with Evaluator(base, "hf", threads=1) as ev:
+        singles["base"] = spec.score(ev.evaluate(spec.task_names(), limit))[0]
+        for d in DOMAINS:
+            ev.update_weights(lambda model, d=d: pool.write_into(model, {n: float(n == d) for n in DOMAINS}))
+            singles[d] = spec.score(ev.evaluate(spec.task_names(), limit))[0]
+
+    uniform = next(r["score"] for r in runs[("smac", 0)] if all(abs(v - 0.25) < 1e-12 for v in r["weights"].values()))
+    best = max(r["score"] for records in runs.values() for r in records if r["status"] == "ok")
+    target = uniform + 0.99 * (best - uniform)
+    result = {"uniform_average": uniform, "best_found": best, "target": target, "single_models": singles, "optimizers": {}}
+    for kind in ("smac", "tpe", "random"):
+        reached, bests = [], []
+        for seed in range(seeds):
+            records = [r for r in runs[(kind, seed)] if r["status"] == "ok"]
+            hit = next((r["trial"] for r in records if r["score"] >= target), None)
+            reached.append(hit if hit is not None else trials + 1)  # not reached within the budget
+            bests.append(max(r["score"] for r in records))
+        result["optimizers"][kind] = {
+            "trials_to_99pct": reached,
+            "median_trials_to_99pct": statistics.median(reached),
+            "best_scores": bests,
+            "median_best": statistics.median(bests),
+        }
+    best_run = max(runs.items(), key=lambda kv: max(r["score"] for r in kv[1] if r["status"] == "ok"))
+    top = max((r for r in best_run[1] if r["status"] == "ok"), key=lambda r: r["score"])
+    result["best_weights"] = top["weights"]
+    result["best_beats_uniform"] = best > uniform
+    result["best_beats_every_single_model"] = all(best > singles[d] for d in DOMAINS)
+    return result
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--parts", default="merge,kernel,optimizer,efficiency")
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--seeds", type=int, default=3)
+    parser.add_argument("--trials", type=int, default=25)
+    parser.add_argument("--limit", type=int, default=20, help="items per dev task in the efficiency study")
+    parser.add_argument("--cpt-tokens", type=int, default=150_000, help="tokens of each per-domain CPT run")
+    parser.add_argument("--objective", default=str(REPO / "recipes/objectives/dev-bpb.yaml"))
+    parser.add_argument("--workdir", default=None, help="keep models and runs here (default: a temp folder)")
+    args = parser.parse_args()
+    parts = set(args.parts.split(","))
+    root = Path(args.workdir) if args.workdir else Path(tempfile.mkdtemp(prefix="optimer-bench-"))
+    root.mkdir(parents=True, exist_ok=True)
+    report = {}
+    if parts & {"merge", "kernel"}:
+        report["merge"] = m = bench_merge(root / "merge", args.threads)
+        print(f"merge ({m['parameters'] / 1e6:.1f} M params, 4 vectors): in memory {m['in_memory_merge_s']:.3f}s, "
+              f"mergekit-yaml to disk + reload {m['mergekit_to_disk_and_reload_s']:.2f}s -> {m['speedup']:.1f}x (goal >= 5x); "
+              f"max |diff| {m['max_abs_diff_in_memory_vs_rule']:.1e}")  # fmt: skip
+        print(f"kernel: {m['kernel_s']:.3f}s vs plain copy of the same bytes {m['plain_copy_same_bytes_s']:.3f}s "
+              f"-> {m['kernel_over_copy']:.2f}x (goal <= 2x), {m['kernel_GBps']:.1f} GB/s")  # fmt: skip
+    if "optimizer" in parts:
+        report["optimizer"] = o = bench_optimizer(root)
+        print("optimizer overhead per trial (ask + tell, 4 weights, 60 trials): "
+              + ", ".join(f"{k} {v * 1000:.1f} ms" for k, v in o["seconds_per_trial"].items()))  # fmt: skip
+    if "efficiency" in parts:
+        report["efficiency"] = e = bench_efficiency(root, args.seeds, args.trials, args.limit, args.cpt_tokens, args.objective)
+        print(f"efficiency on the demo pool ({args.trials} trials, limit {args.limit}, {args.seeds} seeds): "
+              f"uniform {e['uniform_average']:.5f}, best {e['best_found']:.5f}")  # fmt: skip
+        print("  single-domain models: " + ", ".join(f"{k} {v:.5f}" for k, v in e["single_models"].items()))
+        for kind, r in e["optimizers"].items():
+            print(f"  {kind}: median trials to 99% of the gap {r['median_trials_to_99pct']} {r['trials_to_99pct']}, median best {r['median_best']:.5f}")
+        print(f"  best weights {e['best_weights']}; beats uniform: {e['best_beats_uniform']}, beats every single model: {e['best_beats_every_single_model']}")
+    (root / "search-benchmark.json").write_text(json.dumps(report, indent=2))
+    print(f"results: {root / 'search-benchmark.json'}")
+
+
+if __name__ == "__main__":
+    main()

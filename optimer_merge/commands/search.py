@@ -1,0 +1,77 @@
+"""Search merge weights with Bayesian optimisation (SMAC3; or TPE, random) over distribution vectors.
+
+Settings come from --config FILE.yaml (see recipes/search/); flags override it and `--set
+key=value` reaches any field. Each trial merges in memory into the loaded model and is scored on the
+objective; trials.jsonl records every one. Rerun the same command to resume after an interruption,
+or with a larger --trials to extend a finished search.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+FLAG_FIELDS = ("base", "objective", "trials", "limit", "finalists", "finalist_limit", "seed", "optimizer", "backend", "output", "threads")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.description = __doc__
+    parser.formatter_class = argparse.RawDescriptionHelpFormatter
+    parser.add_argument("--config", help="YAML search config")
+    parser.add_argument("--base", help="base model folder")
+    parser.add_argument("--vector", action="append", metavar="NAME=PATH", help="pool entry: a CPT model folder or a vector .safetensors (replaces the config's)")
+    parser.add_argument("--objective", help="objective spec YAML (recipes/objectives/)")
+    parser.add_argument("--trials", type=int, help="number of trials (default 100)")
+    parser.add_argument("--limit", type=int, help="items per task in each trial (default 100)")
+    parser.add_argument("--finalists", type=int, help="top trials re-scored at --finalist-limit (default 3)")
+    parser.add_argument("--finalist-limit", type=int, help="items per task for finalists (default 300)")
+    parser.add_argument("--seed", type=int)
+    parser.add_argument("--optimizer", choices=["smac", "tpe", "random"])
+    parser.add_argument("--backend", choices=["hf", "vllm"])
+    parser.add_argument("--output", help="run folder")
+    parser.add_argument("--threads", help="CPU threads: a number or 'auto'")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override any config field")
+    parser.add_argument("--export", action="store_true", help="also merge the best weights to OUTPUT/best-model with mergekit")
+
+
+def run(args: argparse.Namespace) -> int:
+    import os
+    from pathlib import Path
+
+    # One line per trial is the progress report; lm-eval's per-request bars would bury it.
+    os.environ.setdefault("TQDM_DISABLE", "1")
+
+    import yaml
+
+    from optimer_merge.cli import UserError
+    from optimer_merge.search import SearchError, load_search_config, search
+    from optimer_merge.vectors import VectorError
+
+    overrides = {f: getattr(args, f) for f in FLAG_FIELDS if getattr(args, f) is not None}
+    if str(overrides.get("threads", "")).isdigit():
+        overrides["threads"] = int(overrides["threads"])
+    if args.vector:
+        overrides["vectors"] = []
+        for item in args.vector:
+            name, sep, path = item.partition("=")
+            if not sep:
+                raise UserError(f"--vector expects NAME=PATH, got {item!r}")
+            kind = "vector" if Path(path).suffix == ".safetensors" else "model"
+            overrides["vectors"].append({"name": name, kind: path})
+    for item in args.set:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise UserError(f"--set expects KEY=VALUE, got {item!r}")
+        overrides[key] = yaml.safe_load(value)
+    try:
+        config = load_search_config(args.config, overrides)
+        summary = search(config, export=args.export)
+    except (ValueError, FileNotFoundError, SearchError, VectorError) as error:
+        raise UserError(str(error)) from None
+    best = summary["best"]
+    print("best weights: " + " ".join(f"{n}={w:.4f}" for n, w in best["weights"].items()))
+    if best["mixture_ratios"]:
+        print("as mixture ratios: " + " ".join(f"{n}={r:.3f}" for n, r in best["mixture_ratios"].items()))
+    final = f", {best['final_score']:.5f} at limit {config.finalist_limit}" if best["final_score"] is not None else ""
+    print(f"score {best['score']:.5f} at limit {config.limit}{final} (trial {best['trial']})")
+    print(f"recipe: {Path(config.output) / 'best.yaml'}  summary: {Path(config.output) / 'summary.json'}")
+    return 0

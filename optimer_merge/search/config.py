@@ -1,0 +1,106 @@
+"""The search config: which vectors, bounds, objective, budget, optimizer and backend."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import ClassVar, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from optimer_merge.evaluation.objective import Objective
+
+
+class VectorSource(BaseModel):
+    """One vector of the pool: a CPT model folder (v = model - base) or an extracted vector file."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$")
+    model: str | None = None
+    vector: str | None = None
+    bounds: tuple[float, float] | None = None  # overrides the search's default bounds
+
+    @model_validator(mode="after")
+    def _one_source(self) -> "VectorSource":
+        if (self.model is None) == (self.vector is None):
+            raise ValueError(f"vector {self.name}: give exactly one of `model` (a CPT model folder) or `vector` (an extracted .safetensors)")
+        if self.bounds is not None and self.bounds[0] > self.bounds[1]:
+            raise ValueError(f"vector {self.name}: bounds {list(self.bounds)} have min > max")
+        return self
+
+
+class SearchConfig(BaseModel):
+    """`optimer-merge search --config FILE.yaml`; every field can also be set with --set key=value."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    base: str
+    vectors: list[VectorSource]
+    bounds: tuple[float, float] = (0.0, 1.0)
+    objective: str | Objective  # a spec file (recipes/objectives/*.yaml) or the spec inline
+    limit: int | None = Field(100, gt=0)  # items per task for each trial (the paper: first 100)
+    trials: int = Field(100, gt=0)  # can be raised on a later run to extend a finished search
+    finalists: int = Field(3, ge=0)  # top trials re-scored at finalist_limit
+    finalist_limit: int | None = Field(300, gt=0)
+    seed: int = 0
+    optimizer: Literal["smac", "random", "tpe"] = "smac"
+    initial_points: int | None = Field(None, ge=0)  # smac: Sobol points before the model (default 2K)
+    backend: Literal["hf", "vllm"] = "hf"
+    batch_size: int = 16
+    dtype: str = "float32"
+    threads: int | Literal["auto"] = "auto"
+    tensor_parallel_size: int = 1
+    max_length: int | None = None
+    confirm_run_unsafe_code: bool = False
+    max_consecutive_failures: int = Field(5, gt=0)
+    out_dtype: str | None = None  # dtype of exported merges (default: the base's)
+    output: str = "runs/search"
+
+    @model_validator(mode="after")
+    def _check(self) -> "SearchConfig":
+        if not self.vectors:
+            raise ValueError("the vector pool is empty: list at least one entry under `vectors`")
+        names = [v.name for v in self.vectors]
+        duplicates = sorted({n for n in names if names.count(n) > 1})
+        if duplicates:
+            raise ValueError(f"vector names must be unique (repeated: {', '.join(duplicates)})")
+        if self.bounds[0] > self.bounds[1]:
+            raise ValueError(f"bounds {list(self.bounds)} have min > max")
+        return self
+
+    @property
+    def names(self) -> list[str]:
+        return [v.name for v in self.vectors]
+
+    def bounds_of(self, source: VectorSource) -> tuple[float, float]:
+        return source.bounds or self.bounds
+
+    def load_objective(self) -> Objective:
+        return self.objective if isinstance(self.objective, Objective) else Objective.load(self.objective)
+
+    # Fields that do not change which trials run or how they score; they may differ on resume.
+    OPERATIONAL: ClassVar[tuple[str, ...]] = ("output", "threads", "trials", "finalists", "finalist_limit", "max_consecutive_failures", "out_dtype", "confirm_run_unsafe_code")
+
+    def identity(self) -> dict:
+        """What must match for a run folder to be resumed: every result-changing field, with the
+        objective spec resolved to its content."""
+        data = self.model_dump(mode="json", exclude=set(self.OPERATIONAL))
+        data["objective"] = self.load_objective().model_dump(mode="json")
+        data["base"] = str(Path(self.base).resolve())
+        data["vectors"] = [
+            {**v, **{k: str(Path(v[k]).resolve()) for k in ("model", "vector") if v.get(k)}} for v in data["vectors"]
+        ]
+        return data
+
+
+def identity_hash(identity: dict) -> str:
+    return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def load_search_config(path: str | Path | None, overrides: dict | None = None) -> SearchConfig:
+    """Read a search config YAML, apply dotted ``overrides`` and validate (one line per problem)."""
+    from optimer_merge.cpt.config import load_yaml_config
+
+    return load_yaml_config(SearchConfig, path, overrides, "search config")

@@ -1,0 +1,135 @@
+"""Ask/tell optimizers over box-bounded merge weights: SMAC3 (default), Optuna's TPE, random.
+
+All three maximise a score, start with uniform averaging (w_i = 1/K, clipped into the bounds) among
+their first points, and are deterministic for a seed: asked again after the same tells, they
+propose the same weights. The search relies on that to resume by replaying its trial log.
+
+Why SMAC's BlackBoxFacade: the space is a handful of continuous weights and every evaluation is
+expensive, which is the case it is built for (a Gaussian process with a Matérn kernel and expected
+improvement, a Sobol initial design). The HPO facade's random forest suits many, often
+categorical, hyperparameters and cheap, noisy evaluations; here it models a smooth low-dimensional
+response worse for the same number of trials.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Protocol
+
+import numpy as np
+
+
+class Optimizer(Protocol):
+    def ask(self) -> dict[str, float]: ...
+
+    def tell(self, weights: dict[str, float], score: float) -> None: ...
+
+
+def uniform_point(bounds: dict[str, tuple[float, float]]) -> dict[str, float]:
+    k = len(bounds)
+    return {n: float(min(max(1.0 / k, lo), hi)) for n, (lo, hi) in bounds.items()}
+
+
+class RandomSearch:
+    """Uniform sampling in the box (after the uniform-averaging point)."""
+
+    def __init__(self, bounds: dict[str, tuple[float, float]], seed: int):
+        self.bounds, self.rng, self.asked = bounds, np.random.default_rng(seed), 0
+
+    def ask(self) -> dict[str, float]:
+        self.asked += 1
+        if self.asked == 1:
+            return uniform_point(self.bounds)
+        return {n: float(self.rng.uniform(lo, hi)) if hi > lo else lo for n, (lo, hi) in self.bounds.items()}
+
+    def tell(self, weights: dict[str, float], score: float) -> None:
+        pass
+
+
+class TPESearch:
+    """Optuna's TPE sampler (the paper's), uniform averaging enqueued as the first trial."""
+
+    def __init__(self, bounds: dict[str, tuple[float, float]], seed: int):
+        try:
+            import optuna
+        except ImportError:
+            raise ValueError("optimizer `tpe` needs Optuna: pip install 'optimer-merge[tpe]'") from None
+        optuna.logging.set_verbosity(optuna.logging.WARNING)
+        self.bounds = bounds
+        self.study = optuna.create_study(direction="maximize", sampler=optuna.samplers.TPESampler(seed=seed))
+        self.study.enqueue_trial(uniform_point(bounds))
+        self.pending = []
+
+    def ask(self) -> dict[str, float]:
+        trial = self.study.ask()
+        self.pending.append(trial)
+        return {n: float(trial.suggest_float(n, lo, hi)) for n, (lo, hi) in self.bounds.items()}
+
+    def tell(self, weights: dict[str, float], score: float) -> None:
+        trial = self.pending.pop(0)
+        self.study.tell(trial, score)
+
+
+class SMACSearch:
+    """SMAC3's BlackBoxFacade (GP + EI); Sobol initial design plus uniform averaging."""
+
+    def __init__(self, bounds: dict[str, tuple[float, float]], seed: int, workdir, initial_points: int | None = None):
+        from ConfigSpace import Configuration, ConfigurationSpace, Constant, Float
+        from smac import BlackBoxFacade, Scenario
+
+        space = ConfigurationSpace(seed=seed)
+        space.add([Float(n, (lo, hi)) if hi > lo else Constant(n, lo) for n, (lo, hi) in bounds.items()])
+        # n_trials is a budget SMAC itself never enforces in ask/tell use; it is kept fixed so that
+        # raising `trials` later continues the very same sequence of proposals.
+        scenario = Scenario(space, deterministic=True, n_trials=100_000, seed=seed, output_directory=workdir, name="smac")
+        n_initial = 2 * len(bounds) if initial_points is None else initial_points
+        design = BlackBoxFacade.get_initial_design(
+            scenario,
+            n_configs=n_initial,
+            additional_configs=[Configuration(space, values=uniform_point(bounds))],
+        )
+        logging.getLogger("smac").setLevel(logging.ERROR)
+        maximizer = BlackBoxFacade.get_acquisition_maximizer(scenario)
+        _make_local_search_deterministic(maximizer._local_search)
+        self.smac = BlackBoxFacade(
+            scenario, _never_called, initial_design=design, acquisition_maximizer=maximizer, overwrite=True, logging_level=40
+        )
+        self.pending, self.names = [], list(bounds)
+
+    def ask(self) -> dict[str, float]:
+        info = self.smac.ask()
+        self.pending.append(info)
+        values = dict(info.config)
+        return {n: float(values[n]) for n in self.names}
+
+    def tell(self, weights: dict[str, float], score: float) -> None:
+        from smac.runhistory.dataclasses import TrialValue
+
+        self.smac.tell(self.pending.pop(0), TrialValue(cost=-score))
+
+
+def _make_local_search_deterministic(local_search) -> None:
+    """SMAC's local search deduplicates its start points through a ``set`` of configurations, whose
+    order follows Python's per-process string hashing, so the same seed gave different proposals
+    in different processes (and a resumed search could not replay its log). Sorting the start
+    points by their values makes the order, and so the proposals, the same in every process."""
+    original = local_search._get_initial_points
+
+    def ordered(*args, **kwargs):
+        return sorted(original(*args, **kwargs), key=lambda config: tuple(config.get_array()))
+
+    local_search._get_initial_points = ordered
+
+
+def _never_called(config, seed: int = 0) -> float:
+    raise RuntimeError("the search evaluates trials itself (ask/tell)")
+
+
+def make_optimizer(kind: str, bounds: dict[str, tuple[float, float]], seed: int, workdir, initial_points: int | None = None) -> Optimizer:
+    if kind == "smac":
+        return SMACSearch(bounds, seed, workdir, initial_points)
+    if kind == "tpe":
+        return TPESearch(bounds, seed)
+    if kind == "random":
+        return RandomSearch(bounds, seed)
+    raise ValueError(f"unknown optimizer {kind!r}; choose smac, tpe or random")

@@ -1,0 +1,292 @@
+"""Distribution vectors and `optimer-merge search`: real CPT models, real mergekit, lm-eval and SMAC."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from conftest import DOMAINS, REPO
+from helpers import load_weights, max_abs_diff
+from safetensors.torch import load_file, save_file
+
+from optimer_merge import cli
+from optimer_merge.search.optimizers import make_optimizer, uniform_point
+from optimer_merge.vectors import load_pool, stats
+
+CLI = [sys.executable, "-m", "optimer_merge.cli"]
+OBJECTIVE = str(REPO / "recipes/objectives/dev-bpb.yaml")
+TRIALS = 20
+
+
+def search_args(small_base, cpt_runs, output, *extra) -> list[str]:
+    args = ["search", "--base", str(small_base), "--objective", OBJECTIVE, "--output", str(output)]
+    args += ["--limit", "6", "--finalists", "2", "--finalist-limit", "12", "--trials", str(TRIALS), "--threads", "1"]
+    for d in DOMAINS:
+        args += ["--vector", f"{d}={cpt_runs[d] / 'model'}"]
+    return args + list(extra)
+
+
+def trials(run: Path) -> list[dict]:
+    return [json.loads(line) for line in (run / "trials.jsonl").read_text().splitlines()]
+
+
+@pytest.fixture(scope="session")
+def vectors_dir(tmp_path_factory, small_base, cpt_runs) -> Path:
+    out = tmp_path_factory.mktemp("vectors")
+    args = ["vectors", "extract", "--base", str(small_base), "--out", str(out)]
+    for d in DOMAINS:
+        args += ["--model", f"{d}={cpt_runs[d] / 'model'}"]
+    assert cli.main(args) == 0
+    return out
+
+
+@pytest.fixture(scope="session")
+def search_run(tmp_path_factory, small_base, cpt_runs) -> Path:
+    """A 20-trial SMAC search over the four CPT models, run through the CLI with --export."""
+    out = tmp_path_factory.mktemp("search") / "run"
+    env = {**os.environ, "PYTHONHASHSEED": "1"}
+    done = subprocess.run(CLI + search_args(small_base, cpt_runs, out, "--export"), env=env, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return out
+
+
+def test_extracted_vectors_are_model_minus_base(vectors_dir, small_base, cpt_runs):
+    manifest = json.loads((vectors_dir / "vectors.json").read_text())
+    base = load_weights(small_base)
+    for d in DOMAINS:
+        vector, model = load_file(str(vectors_dir / f"{d}.safetensors")), load_weights(cpt_runs[d] / "model")
+        assert set(vector) == set(base)
+        assert max((model[k].float() - base[k].float() - vector[k]).abs().max().item() for k in vector) == 0.0
+        norm = math.sqrt(sum(float(v.double().square().sum()) for v in vector.values()))
+        assert manifest["vectors"][d]["l2_norm"] == pytest.approx(norm, rel=1e-9)
+    assert manifest["skipped"] == {"equal_in_all_models": [], "not_floating_point": []}
+
+
+def test_tensors_equal_in_all_models_are_skipped_and_recorded(tmp_path, small_base, cpt_runs):
+    base = load_weights(small_base)
+    frozen = "model.norm.weight"
+    models = {}
+    for d in ("ja", "zh"):
+        weights = load_weights(cpt_runs[d] / "model")
+        weights[frozen] = base[frozen].clone()
+        folder = tmp_path / d
+        folder.mkdir()
+        save_file(weights, str(folder / "model.safetensors"), metadata={"format": "pt"})
+        models[d] = str(folder)
+    assert cli.main(["vectors", "extract", "--base", str(small_base), "--out", str(tmp_path / "v"), "--model", f"ja={models['ja']}", "--model", f"zh={models['zh']}"]) == 0
+    manifest = json.loads((tmp_path / "v/vectors.json").read_text())
+    assert manifest["skipped"]["equal_in_all_models"] == [frozen]
+    assert frozen not in load_file(str(tmp_path / "v/ja.safetensors"))
+    pool = load_pool(small_base, {d: {"vector": str(tmp_path / f"v/{d}.safetensors")} for d in ("ja", "zh")}, log=lambda _m: None)
+    assert frozen in pool.skipped and frozen not in pool.deltas
+
+
+def test_vector_stats_match_direct_cosines(vectors_dir, tmp_path):
+    assert cli.main(["vectors", "stats", str(vectors_dir), "--out", str(tmp_path)]) == 0
+    result = json.loads((tmp_path / "stats.json").read_text())
+    assert (tmp_path / "cosine.png").stat().st_size > 10_000
+    flat = {d: torch.cat([t.double().reshape(-1) for _, t in sorted(load_file(str(vectors_dir / f"{d}.safetensors")).items())]) for d in DOMAINS}
+    for i, a in enumerate(DOMAINS):
+        assert result["l2_norm"][a] == pytest.approx(float(flat[a].norm()), rel=1e-9)
+        for j, b in enumerate(DOMAINS):
+            expected = float(flat[a] @ flat[b] / flat[a].norm() / flat[b].norm())
+            assert result["cosine"][i][j] == pytest.approx(expected, abs=1e-9)
+    assert set(result["per_layer"]) == {"embed", "layer 0", "layer 1", "other"}
+    # Distinct domains give distinct directions: no pair is nearly parallel.
+    assert result["off_diagonal_cosine"]["max"] < 0.9
+
+
+def test_search_writes_every_artefact(search_run, small_base):
+    records = trials(search_run)
+    assert [r["trial"] for r in records] == list(range(1, TRIALS + 1))
+    for r in records:
+        assert r["status"] == "ok" and math.isfinite(r["score"]) and set(r["weights"]) == set(DOMAINS)
+        assert all(0.0 <= w <= 1.0 for w in r["weights"].values())
+        assert set(r["metrics"]) == {f"optimer_{d}_dev_bpb/bits_per_byte" for d in DOMAINS}
+        assert set(r["seconds"]) == {"merge", "eval", "optimizer"}
+        recipe = yaml.safe_load((search_run / r["recipe"]).read_text())
+        assert recipe["merge_method"] == "optimer" and [m["parameters"]["weight"] for m in recipe["models"]] == list(r["weights"].values())
+    summary = json.loads((search_run / "summary.json").read_text())
+    uniform = summary["uniform_average"]
+    assert uniform is not None and uniform["weights"] == {d: 0.25 for d in DOMAINS}
+    assert max(r["score"] for r in records) >= uniform["score"]
+    best = summary["best"]
+    assert best["trial"] in {f["trial"] for f in summary["finalists"]} and len(summary["finalists"]) == 2
+    assert all(f["final_score"] is not None for f in summary["finalists"])
+    assert best["final_score"] == max(f["final_score"] for f in summary["finalists"])
+    assert sum(best["mixture_ratios"].values()) == pytest.approx(1.0)
+    for name in ("trace.png", "weights.png", "best.yaml"):
+        assert (search_run / name).stat().st_size > 0
+    finalists = [json.loads(line) for line in (search_run / "finalists.jsonl").read_text().splitlines()]
+    assert {f["limit"] for f in finalists} == {12}
+    # --export: stock mergekit on best.yaml gives the in-memory merge of the best weights.
+    pool = load_pool(small_base, {d: {"model": summary["vectors"][d]} for d in DOMAINS}, log=lambda _m: None)
+    exported = load_weights(search_run / "best-model")
+    merged = dict(pool.merged(best["weights"]))
+    assert max((exported[k] - merged[k]).abs().max().item() for k in merged) < 1e-6
+
+
+def test_trial_recipe_through_stock_mergekit_equals_in_memory_merge(search_run, small_base, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    record = next(r for r in trials(search_run) if len(set(r["weights"].values())) > 1)
+    recipe = search_run / record["recipe"]
+    done = subprocess.run([str(Path(sys.executable).with_name("mergekit-yaml")), str(recipe), str(tmp_path / "out")], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-2000:]
+    on_disk = load_weights(tmp_path / "out")
+    config = yaml.safe_load(recipe.read_text())
+    pool = load_pool(small_base, {Path(m["model"]).parent.name: {"model": m["model"]} for m in config["models"]}, log=lambda _m: None)
+    # the in-memory trial merge writes straight into a live model's parameters
+    model = AutoModelForCausalLM.from_pretrained(small_base, dtype=torch.float32)
+    pool.write_into(model, record["weights"])
+    live = {k: v for k, v in model.state_dict().items() if k in on_disk}
+    assert max_abs_diff(live, on_disk) < 1e-6
+    assert max((on_disk[k] - t).abs().max().item() for k, t in pool.merged(record["weights"])) < 1e-6
+
+
+def test_resume_after_kill_replays_to_the_same_search(search_run, small_base, cpt_runs, tmp_path):
+    out = tmp_path / "run"
+    args = CLI + search_args(small_base, cpt_runs, out)
+    env = {**os.environ, "PYTHONHASHSEED": "2"}  # another process hash seed: proposals must not depend on it
+    process = subprocess.Popen(args, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline:
+        path = out / "trials.jsonl"
+        if path.exists() and len(path.read_text().splitlines()) >= 11:  # past SMAC's initial design
+            break
+        time.sleep(0.2)
+    os.killpg(process.pid, signal.SIGKILL)
+    process.wait()
+    done_before = len(trials(out))
+    assert 11 <= done_before < TRIALS
+    with open(out / "trials.jsonl", "a") as f:  # as if killed in the middle of writing a line
+        f.write('{"trial": 99, "weights": {"ja"')
+    done = subprocess.run(args, env=env, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert f"resumed {out}: {done_before} trials already done" in done.stdout
+    resumed, reference = trials(out), trials(search_run)
+    assert [r["trial"] for r in resumed] == list(range(1, TRIALS + 1))
+    assert [r["weights"] for r in resumed] == [r["weights"] for r in reference]
+    assert max(abs(a["score"] - b["score"]) for a, b in zip(resumed, reference)) < 1e-9
+    best = json.loads((out / "summary.json").read_text())["best"]
+    assert best["weights"] == json.loads((search_run / "summary.json").read_text())["best"]["weights"]
+
+
+def test_failed_trials_are_recorded_and_the_search_goes_on(small_base, cpt_runs, tmp_path, capsys):
+    # float16 evaluation with ja up to 1e7: such weights overflow float16, and the score is NaN
+    out = tmp_path / "run"
+    args = search_args(small_base, cpt_runs, out, "--optimizer", "random", "--trials", "6", "--finalists", "0")
+    args += ["--set", "vectors=" + json.dumps([{"name": d, "model": str(cpt_runs[d] / "model"), **({"bounds": [0, 1e7]} if d == "ja" else {})} for d in DOMAINS])]
+    args += ["--set", "max_consecutive_failures=10", "--set", "dtype=float16"]
+    assert cli.main(args) == 0
+    records = trials(out)
+    assert records[0]["status"] == "ok" and records[0]["weights"]["ja"] == 0.25
+    failed = [r for r in records if r["status"] == "failed"]
+    assert len(failed) >= 3 and all("score is not finite" in r["reason"] and r["score"] is None for r in failed)
+    assert all(r["told"] < records[0]["score"] for r in failed)
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["failed_trials"] == len(failed) and summary["best"]["trial"] == records[0]["trial"]
+    assert "FAILED: score is not finite" in capsys.readouterr().out
+
+
+def test_consecutive_failures_stop_the_search_with_the_cause(small_base, cpt_runs, tmp_path, capsys):
+    out = tmp_path / "run"
+    args = search_args(small_base, cpt_runs, out, "--optimizer", "random", "--set", "bounds=[1.0e+7, 1.0e+7]", "--set", "max_consecutive_failures=2", "--set", "dtype=float16")
+    assert cli.main(args) == 2
+    err = capsys.readouterr().err
+    assert "stopped after 2 consecutive failed trials" in err and "score is not finite" in err
+    assert len(trials(out)) == 2
+
+
+def _fails_before_work(args: list[str], capsys, out: Path) -> str:
+    start = time.perf_counter()
+    assert cli.main(args) == 2
+    assert not out.exists()  # nothing written
+    assert time.perf_counter() - start < 30
+    return capsys.readouterr().err
+
+
+def test_bad_configs_fail_before_any_trial(small_base, cpt_runs, vectors_dir, tiny_zoo, tmp_path, capsys):
+    out = tmp_path / "run"
+    base_args = search_args(small_base, cpt_runs, out)
+
+    # bounds with min > max
+    assert "min > max" in _fails_before_work(base_args + ["--set", "bounds=[1, 0]"], capsys, out)
+    # an unknown task in the objective
+    objective = tmp_path / "objective.yaml"
+    objective.write_text("tasks:\n- {task: no_such_task, metric: acc}\n")
+    assert "no_such_task" in _fails_before_work(base_args + ["--objective", str(objective)], capsys, out)
+    # a vector file with NaN
+    bad = tmp_path / "nan.safetensors"
+    vector = load_file(str(vectors_dir / "ja.safetensors"))
+    vector["model.norm.weight"][0] = float("nan")
+    from safetensors import safe_open
+
+    save_file(vector, str(bad), metadata=safe_open(str(vectors_dir / "ja.safetensors"), "pt").metadata())
+    assert "NaN/Inf" in _fails_before_work(base_args + ["--vector", f"bad={bad}"], capsys, out)
+    # vectors extracted from another base
+    other = tmp_path / "other-vectors"
+    assert cli.main(["vectors", "extract", "--base", str(small_base.parent.parent / "init"), "--model", f"ja={cpt_runs['ja'] / 'model'}", "--out", str(other)]) == 0
+    capsys.readouterr()
+    assert "different base" in _fails_before_work(base_args + ["--vector", f"other={other / 'ja.safetensors'}"], capsys, out)
+    # a model of another shape
+    err = _fails_before_work(base_args + ["--vector", f"odd={tiny_zoo / 'tiny-text/ja'}"], capsys, out)
+    assert "does not have the base's tensors" in err or "has shape" in err
+    # an output folder that holds a different search
+    assert cli.main(base_args + ["--trials", "1", "--finalists", "0", "--optimizer", "random"]) == 0
+    capsys.readouterr()
+    start = time.perf_counter()
+    assert cli.main(base_args + ["--trials", "1", "--seed", "7", "--optimizer", "random"]) == 2
+    assert "holds a different search (settings differ: seed)" in capsys.readouterr().err
+    assert time.perf_counter() - start < 30 and len(trials(out)) == 1
+
+
+@pytest.mark.parametrize("kind", ["smac", "tpe", "random"])
+def test_optimizers_start_with_uniform_and_repeat_for_a_seed(kind, tmp_path):
+    bounds = {d: (0.0, 1.0) for d in DOMAINS}
+
+    def run(seed: int) -> list[dict]:
+        optimizer, asked = make_optimizer(kind, bounds, seed, tmp_path / f"w{seed}"), []
+        for _ in range(12):
+            w = optimizer.ask()
+            optimizer.tell(w, -sum((v - 0.3) ** 2 for v in w.values()))
+            asked.append(w)
+        return asked
+
+    first = run(0)
+    assert uniform_point(bounds) in first[:10]
+    assert run(0) == first and run(1) != first
+    assert all(set(w) == set(DOMAINS) and all(0 <= v <= 1 for v in w.values()) for w in first)
+
+
+def test_smac_proposals_do_not_depend_on_the_process_hash_seed(tmp_path):
+    code = (
+        "import json, sys; from optimer_merge.search.optimizers import make_optimizer\n"
+        "o = make_optimizer('smac', {n: (0.0, 1.0) for n in 'abc'}, 0, sys.argv[1]); out = []\n"
+        "for _ in range(9):\n    w = o.ask(); o.tell(w, -sum((v - 0.3) ** 2 for v in w.values())); out.append(w)\n"
+        "print(json.dumps(out))\n"
+    )
+    outputs = []
+    for seed in ("1", "2"):
+        done = subprocess.run([sys.executable, "-c", code, str(tmp_path / seed)], env={**os.environ, "PYTHONHASHSEED": seed}, capture_output=True, text=True)
+        assert done.returncode == 0, done.stderr[-2000:]
+        outputs.append(json.loads(done.stdout.splitlines()[-1]))
+    assert outputs[0] == outputs[1]
+
+
+@pytest.mark.parametrize("name", ["tiny-demo.yaml", "gemma3-27b.yaml"])
+def test_shipped_search_configs_validate(name):
+    from optimer_merge.search import load_search_config
+
+    config = load_search_config(REPO / "recipes/search" / name)
+    assert config.optimizer == "smac" and config.trials >= 40 and len(config.vectors) >= 4
+    assert (REPO / config.objective).exists()
