@@ -26,7 +26,6 @@ import time
 from pathlib import Path
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")
-os.environ.setdefault("TQDM_DISABLE", "1")
 DOMAINS = ("ja", "zh", "math", "code")
 REPO = Path(__file__).resolve().parents[1]
 
@@ -161,10 +160,10 @@ def bench_efficiency(root: Path, seeds: int, trials: int, limit: int, tokens: in
     pool = load_pool(base, {d: {"model": m} for d, m in models.items()}, log=lambda _m: None)
     singles = {}
     with Evaluator(base, "hf", threads=1) as ev:
-        singles["base"] = spec.score(ev.evaluate(spec.task_names(), limit))[0]
+        singles["base"] = spec.score(ev.evaluate(spec.task_names(), limit, quiet=True))[0]
         for d in DOMAINS:
             ev.update_weights(lambda model, d=d: pool.write_into(model, {n: float(n == d) for n in DOMAINS}))
-            singles[d] = spec.score(ev.evaluate(spec.task_names(), limit))[0]
+            singles[d] = spec.score(ev.evaluate(spec.task_names(), limit, quiet=True))[0]
 
     uniform = next(r["score"] for r in runs[("smac", 0)] if all(abs(v - 0.25) < 1e-12 for v in r["weights"].values()))
     best = max(r["score"] for records in runs.values() for r in records if r["status"] == "ok")

@@ -18,6 +18,7 @@ COMMANDS = {
     "eval": "optimer_merge.commands.eval",
     "vectors": "optimer_merge.commands.vectors",
     "search": "optimer_merge.commands.search",
+    "leaderboard": "optimer_merge.commands.leaderboard",
     "demo": "optimer_merge.commands.demo",
 }
 

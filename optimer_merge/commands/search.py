@@ -34,11 +34,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    import os
     from pathlib import Path
-
-    # One line per trial is the progress report; lm-eval's per-request bars would bury it.
-    os.environ.setdefault("TQDM_DISABLE", "1")
 
     import yaml
 

@@ -14,6 +14,8 @@ cheap. The server backend cannot take new weights; it serves one fixed model.
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import os
 import secrets
 import shutil
@@ -162,30 +164,35 @@ class Evaluator:
         )
 
     # -- scoring ------------------------------------------------------------------------------
-    def evaluate(self, tasks: list[str], limit: int | None = None, *, confirm_run_unsafe_code: bool = False, log_samples: bool = False) -> dict:
-        """lm-eval ``simple_evaluate`` on the loaded model: the results dict lm-eval itself writes."""
+    def evaluate(
+        self, tasks: list[str], limit: int | None = None, *, confirm_run_unsafe_code: bool = False, log_samples: bool = False, quiet: bool = False
+    ) -> dict:
+        """lm-eval ``simple_evaluate`` on the loaded model: the results dict lm-eval itself writes.
+
+        ``quiet`` drops lm-eval's per-request progress bars (they take ``disable`` from lm-eval,
+        not from TQDM_DISABLE), for callers that report progress themselves."""
         import lm_eval
         import lm_eval.evaluator
 
         from optimer_merge.evaluation.tasks import resolve
 
         lm_eval.evaluator.get_git_commit_hash = _git_commit_hash
-
         manager = resolve(list(tasks))
-        return lm_eval.simple_evaluate(
-            model=self.lm,
-            tasks=list(tasks),
-            limit=limit,
-            task_manager=manager,
-            log_samples=log_samples,
-            bootstrap_iters=0,
-            verbosity="ERROR",
-            confirm_run_unsafe_code=confirm_run_unsafe_code,
-            random_seed=0,
-            numpy_random_seed=0,
-            torch_random_seed=0,
-            fewshot_random_seed=0,
-        )
+        with _quiet_lm_eval() if quiet else contextlib.nullcontext():
+            return lm_eval.simple_evaluate(
+                model=self.lm,
+                tasks=list(tasks),
+                limit=limit,
+                task_manager=manager,
+                log_samples=log_samples,
+                bootstrap_iters=0,
+                verbosity="ERROR",
+                confirm_run_unsafe_code=confirm_run_unsafe_code,
+                random_seed=0,
+                numpy_random_seed=0,
+                torch_random_seed=0,
+                fewshot_random_seed=0,
+            )
 
     # -- live weights -------------------------------------------------------------------------
     def update_weights(self, weights: Mapping[str, torch.Tensor] | Callable[[torch.nn.Module], None]) -> None:
@@ -245,6 +252,19 @@ class Evaluator:
             self.close()
         except Exception:
             pass
+
+
+@contextlib.contextmanager
+def _quiet_lm_eval():
+    """No progress bars (stderr) and no per-task warnings from lm-eval for the duration."""
+    logger = logging.getLogger("lm_eval")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        with open(os.devnull, "w") as devnull, contextlib.redirect_stderr(devnull):
+            yield
+    finally:
+        logger.setLevel(level)
 
 
 def _git_commit_hash() -> str | None:

@@ -1,7 +1,7 @@
 """Ask/tell optimizers over box-bounded merge weights: SMAC3 (default), Optuna's TPE, random.
 
-All three maximise a score, start with uniform averaging (w_i = 1/K, clipped into the bounds) among
-their first points, and are deterministic for a seed: asked again after the same tells, they
+All three maximise a score, propose uniform averaging (w_i = 1/K, clipped into the bounds) first,
+and are deterministic for a seed: asked again after the same tells, they
 propose the same weights. The search relies on that to resume by replaying its trial log.
 
 Why SMAC's BlackBoxFacade: the space is a handful of continuous weights and every evaluation is
@@ -71,7 +71,7 @@ class TPESearch:
 
 
 class SMACSearch:
-    """SMAC3's BlackBoxFacade (GP + EI); Sobol initial design plus uniform averaging."""
+    """SMAC3's BlackBoxFacade (GP + EI): uniform averaging, a Sobol design of 2K points, then the model."""
 
     def __init__(self, bounds: dict[str, tuple[float, float]], seed: int, workdir, initial_points: int | None = None):
         from ConfigSpace import Configuration, ConfigurationSpace, Constant, Float
@@ -83,11 +83,12 @@ class SMACSearch:
         # raising `trials` later continues the very same sequence of proposals.
         scenario = Scenario(space, deterministic=True, n_trials=100_000, seed=seed, output_directory=workdir, name="smac")
         n_initial = 2 * len(bounds) if initial_points is None else initial_points
-        design = BlackBoxFacade.get_initial_design(
-            scenario,
-            n_configs=n_initial,
-            additional_configs=[Configuration(space, values=uniform_point(bounds))],
-        )
+        uniform = Configuration(space, values=uniform_point(bounds))
+        design = BlackBoxFacade.get_initial_design(scenario, n_configs=n_initial, additional_configs=[uniform])
+        select = design.select_configurations
+        # SMAC appends extra points after its Sobol points; uniform averaging goes first instead,
+        # so even a search shorter than the initial design scores it.
+        design.select_configurations = lambda: [uniform] + [c for c in select() if c != uniform]
         logging.getLogger("smac").setLevel(logging.ERROR)
         maximizer = BlackBoxFacade.get_acquisition_maximizer(scenario)
         _make_local_search_deterministic(maximizer._local_search)

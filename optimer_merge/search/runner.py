@@ -187,7 +187,7 @@ def search(config: SearchConfig, *, export: bool = False, log: Callable[[str], N
         result["seconds"]["merge"] = time.perf_counter() - start
         start = time.perf_counter()
         try:
-            results = ev.evaluate(tasks, limit, confirm_run_unsafe_code=config.confirm_run_unsafe_code)
+            results = ev.evaluate(tasks, limit, confirm_run_unsafe_code=config.confirm_run_unsafe_code, quiet=True)
             value, breakdown = objective.score(results)
             result["metrics"] = {k: v["value"] for k, v in breakdown.items()}
             if not math.isfinite(value):

@@ -1,0 +1,1 @@
+"""Reports: leaderboards from lm-eval results."""

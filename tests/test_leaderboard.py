@@ -1,0 +1,51 @@
+"""`optimer-merge leaderboard` over real lm-eval results: ours and a plain lm_eval run."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from conftest import REPO
+
+from optimer_merge import cli
+
+TASKS = "optimer_ja_dev_bpb,optimer_zh_dev_bpb"
+
+
+def test_leaderboard_from_ours_and_plain_lm_eval(small_base, cpt_runs, tmp_path, capsys):
+    for name, model in (("base", small_base), ("ja", cpt_runs["ja"] / "model")):
+        assert cli.main(["eval", str(model), "--tasks", TASKS, "--limit", "4", "--output", str(tmp_path / name)]) == 0
+    cmd = [
+        str(Path(sys.executable).with_name("lm_eval")), "--model", "hf",
+        "--model_args", f"pretrained={cpt_runs['zh'] / 'model'},dtype=float32", "--device", "cpu",
+        "--include_path", str(REPO / "eval_tasks"), "--tasks", TASKS, "--limit", "4",
+        "--batch_size", "8", "--output_path", str(tmp_path / "lm-eval-zh"),
+    ]  # fmt: skip
+    subprocess.run(cmd, check=True, capture_output=True, cwd=tmp_path, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    capsys.readouterr()
+
+    out = tmp_path / "board"
+    args = ["leaderboard", f"base={tmp_path / 'base/results.json'}", str(tmp_path / "ja"), f"zh={tmp_path / 'lm-eval-zh'}", "--output", str(out), "--metrics", "bits_per_byte"]
+    assert cli.main(args) == 0
+    markdown = (out / "leaderboard.md").read_text()
+    assert "optimer_ja_dev_bpb/bits_per_byte ↓" in markdown and "**" in markdown
+    rows = list(csv.DictReader((out / "leaderboard.csv").open()))
+    assert [r["model"] for r in rows] == ["base", "ja", "zh"]  # the folder of `eval` output is named after its model
+    expected = json.loads((tmp_path / "ja/results.json").read_text())["results"]["optimer_ja_dev_bpb"]["bits_per_byte,none"]
+    assert float(rows[1]["optimer_ja_dev_bpb/bits_per_byte"]) == expected
+    ja_column = {r["model"]: float(r["optimer_ja_dev_bpb/bits_per_byte"]) for r in rows}
+    assert min(ja_column, key=ja_column.get) == "ja"  # CPT on ja gives the lowest ja bits per byte
+    assert f"**{ja_column['ja']:.4f}**" in markdown
+    assert (out / "leaderboard.png").stat().st_size > 10_000
+
+
+def test_leaderboard_errors(tmp_path, capsys):
+    (tmp_path / "x.json").write_text(json.dumps({"not": "results"}))
+    assert cli.main(["leaderboard", str(tmp_path / "x.json"), "--output", str(tmp_path)]) == 2
+    assert "not an lm-eval results file" in capsys.readouterr().err
+    assert cli.main(["leaderboard", str(tmp_path / "missing"), "--output", str(tmp_path)]) == 2
+    assert "no such file or folder" in capsys.readouterr().err
