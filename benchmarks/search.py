@@ -141,8 +141,8 @@ def bench_efficiency(root: Path, seeds: int, trials: int, limit: int, tokens: in
 
     base, models = demo_pool(root, tokens)
     runs = {}
-    for kind in ("smac", "tpe", "random"):
-        for seed in range(seeds):
+    for seed in range(seeds):
+        for kind in ("smac", "tpe", "random"):
             config = SearchConfig(
                 base=str(base), vectors=[{"name": d, "model": m} for d, m in models.items()], objective=objective,
                 limit=limit, trials=trials, finalists=0, seed=seed, optimizer=kind, threads=1,

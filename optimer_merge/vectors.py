@@ -315,8 +315,8 @@ class VectorPool:
     live model's parameters. Memory: (K + 1) x changed parameters x 4 bytes (float32).
     """
 
-    def __init__(self, names: list[str], base: dict[str, torch.Tensor], deltas: dict[str, torch.Tensor], dtypes: dict[str, torch.dtype], skipped: list[str]):
-        self.names, self.base, self.deltas, self.dtypes, self.skipped = names, base, deltas, dtypes, skipped
+    def __init__(self, names: list[str], base: dict[str, torch.Tensor], deltas: dict[str, torch.Tensor], skipped: list[str]):
+        self.names, self.base, self.deltas, self.skipped = names, base, deltas, skipped
 
     @property
     def nbytes(self) -> int:
@@ -334,12 +334,11 @@ class VectorPool:
         torch.addmv(base.view(-1), deltas.T, w.to(deltas.dtype), out=flat)
         return flat.view(base.shape)
 
-    def merged(self, weights, dtype: torch.dtype | None = None) -> Iterator[tuple[str, torch.Tensor]]:
-        """(name, base + sum_i w_i v_i) for every tensor a vector changes, in checkpoint names."""
+    def merged(self, weights) -> Iterator[tuple[str, torch.Tensor]]:
+        """(name, base + sum_i w_i v_i) in float32 for every tensor a vector changes, in checkpoint names."""
         w = self._weights(weights)
         for key in self.deltas:
-            tensor = self.merge_one(key, w)
-            yield key, tensor if dtype is None else tensor.to(dtype)
+            yield key, self.merge_one(key, w)
 
     def write_into(self, model: torch.nn.Module, weights) -> None:
         """Write the merge into a live model's parameters in place (float32 ones directly)."""
@@ -412,7 +411,7 @@ def load_pool(
         ckpts[name] = (kind, ckpt)
 
     names = list(ckpts)
-    base_sd, deltas, dtypes, skipped = {}, {}, {}, []
+    base_sd, deltas, skipped = {}, {}, []
     for key in base_ckpt.names():
         if not _is_float(base_ckpt.meta[key][0]):
             skipped.append(key)
@@ -438,8 +437,8 @@ def load_pool(
         for i, row in enumerate(rows):
             if row is not None:
                 block[i] = row.reshape(-1)
-        base_sd[key], deltas[key], dtypes[key] = b, block, _DTYPES[base_ckpt.meta[key][0]]
-    pool = VectorPool(names, base_sd, deltas, dtypes, skipped)
+        base_sd[key], deltas[key] = b, block
+    pool = VectorPool(names, base_sd, deltas, skipped)
     norms = ", ".join(f"{n} {relative_norm(pool, i):.3g}" for i, n in enumerate(names))
     log(
         f"vector pool: {len(names)} vectors over {len(deltas)} tensors ({pool.nbytes / 2**20:.1f} MiB resident), "

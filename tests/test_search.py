@@ -20,7 +20,7 @@ from safetensors.torch import load_file, save_file
 
 from optimer_merge import cli
 from optimer_merge.search.optimizers import make_optimizer, uniform_point
-from optimer_merge.vectors import load_pool, stats
+from optimer_merge.vectors import load_pool
 
 CLI = [sys.executable, "-m", "optimer_merge.cli"]
 OBJECTIVE = str(REPO / "recipes/objectives/dev-bpb.yaml")
