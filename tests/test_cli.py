@@ -45,14 +45,3 @@ def test_merge_errors_are_one_line(tmp_path):
     invalid = run_cli("merge", str(bad), str(tmp_path / "out"))
     assert invalid.returncode == 2 and "not a valid mergekit recipe" in invalid.stderr
     assert "Traceback" not in invalid.stderr
-
-
-def test_demo_runs_end_to_end_and_resumes(tmp_path):
-    import json
-
-    first = run_cli("demo", "--run-dir", str(tmp_path / "run"))
-    assert first.returncode == 0, first.stderr[-2000:]
-    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
-    assert summary["method"] == "optimer" and summary["max_abs_error_vs_merge_rule"] < 1e-6
-    again = run_cli("demo", "--run-dir", str(tmp_path / "run"))
-    assert again.returncode == 0 and "tiny base exists, reused" in again.stdout

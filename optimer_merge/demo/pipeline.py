@@ -1,0 +1,410 @@
+"""The demo's stages as jobs, run by a pool of worker processes as soon as their inputs exist.
+
+Run folder::
+
+    demo_settings.json        the settings; a rerun must match them (except ``workers``)
+    base/                     tokenizer + tiny Gemma 3 pre-trained on general text
+    cpt/<domain>/             one CPT run per domain (train_meta.json, metrics.csv, model/)
+    vectors/                  v_i = theta_i - theta_base, stats.json, cosine.png
+    merges/average/           model averaging (w_i = 1/K), merged by mergekit from average.yaml
+    search/<objective>/       OptiMer searches: all domains, then re-optimised for ja and math+code
+    mixture/<kind>/           data-mixture CPT at the total token budget of the K runs:
+                              uniform ratios, Velocitune, and OptiMer's weights read as ratios
+    eval/<candidate>/results.json   every candidate on the test tasks (lm-eval results files)
+    state/<job>.json          written when a job finishes; a rerun skips those jobs
+    logs/<job>.log            each job's full output
+
+Every job is idempotent: CPT runs resume from their last checkpoint and searches replay their
+trial log, so an interrupted demo continues where it stopped.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import multiprocessing
+import os
+import sys
+import time
+import traceback
+from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, ClassVar, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+DOMAINS = ("ja", "zh", "math", "code")
+# Objectives the searches optimise: bits per byte on dev splits (the signal a 1.5 M-parameter model
+# carries; its multiple-choice accuracy is at chance). Test tasks are never seen by a search.
+OBJECTIVES = {"all": DOMAINS, "ja": ("ja",), "math-code": ("math", "code")}
+TEST_TASKS = [f"optimer_{d}_test_bpb" for d in DOMAINS]
+
+
+class DemoError(RuntimeError):
+    """A stage failed or the run folder belongs to another demo."""
+
+
+class DemoSettings(BaseModel):
+    """Sizes of the demo; the defaults fit a 2-core CPU in about ten minutes."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    seed: int = 0
+    base_tokens: int = Field(500_000, gt=0)  # pre-training of the tiny base
+    vocab_size: int = Field(4096, ge=300)
+    cpt_tokens: int = Field(100_000, gt=0)  # per domain; each mixture run gets K times this
+    lr: float = Field(1e-3, gt=0)  # a third of the base's peak, as CPT usually re-warms lower
+    trials: int = Field(30, gt=0)  # the all-domain search
+    reopt_trials: int = Field(15, gt=0)  # each re-optimisation
+    limit: int = Field(20, gt=0)  # dev items per task in a trial
+    finalists: int = Field(3, ge=0)
+    finalist_limit: int = Field(60, gt=0)
+    test_limit: int | None = Field(40, gt=0)  # test items per task (None: all)
+    optimizer: Literal["smac", "tpe", "random"] = "smac"
+    workers: int = Field(2, ge=1)  # worker processes, one CPU thread each
+
+    OPERATIONAL: ClassVar[tuple[str, ...]] = ("workers",)
+
+    def identity(self) -> dict:
+        return self.model_dump(exclude=set(self.OPERATIONAL))
+
+
+# Training settings of every CPT and mixture run (those of the base, at the demo's learning rate).
+TRAIN = dict(seq_len=256, micro_batch_size=8, warmup_fraction=0.05, schedule="cosine", eval_every=25, eval_blocks=8, checkpoint_every=50)
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """A model scored on the test tasks: ``job`` produces it, ``label`` names it in the report."""
+
+    name: str
+    job: str
+    label: str
+    kind: str  # base | single | merge | mixture | optimer
+
+
+CANDIDATES = [
+    Candidate("base", "base", "base model", "base"),
+    *(Candidate(f"cpt-{d}", f"cpt-{d}", f"CPT on {d} only", "single") for d in DOMAINS),
+    Candidate("average", "average", "model averaging (w = 1/K)", "merge"),
+    Candidate("mix-uniform", "mix-uniform", "data mixture, uniform ratios", "mixture"),
+    Candidate("mix-velocitune", "mix-velocitune", "data mixture, Velocitune", "mixture"),
+    Candidate("mix-optimer", "mix-optimer", "data mixture, OptiMer's weights as ratios", "mixture"),
+    Candidate("optimer", "search-all", "OptiMer (dev: all domains)", "optimer"),
+    Candidate("optimer-ja", "search-ja", "OptiMer re-optimised (dev: ja)", "optimer"),
+    Candidate("optimer-math-code", "search-math-code", "OptiMer re-optimised (dev: math+code)", "optimer"),
+]
+
+
+@dataclass(frozen=True)
+class Job:
+    name: str
+    deps: tuple[str, ...]
+    what: str
+
+
+def plan(settings: DemoSettings) -> list[Job]:
+    """Jobs in priority order (the all-domain search and the mixture that needs it come early)."""
+    s, k = settings, len(DOMAINS)
+    cpts = tuple(f"cpt-{d}" for d in DOMAINS)
+    jobs = [Job("base", (), f"tokenizer and tiny base pre-trained on {s.base_tokens:,} tokens")]
+    jobs += [Job(f"cpt-{d}", ("base",), f"CPT on {d}, {s.cpt_tokens:,} tokens") for d in DOMAINS]
+    jobs += [
+        Job("vectors", cpts, "distribution vectors and their stats"),
+        Job("search-all", ("vectors",), f"OptiMer search, {s.trials} trials on dev (all domains)"),
+        Job("mix-uniform", ("base",), f"data-mixture CPT, uniform ratios, {k * s.cpt_tokens:,} tokens"),
+        Job("mix-velocitune", ("base",), f"Velocitune mixture CPT, {k * s.cpt_tokens:,} tokens"),
+        Job("mix-optimer", ("search-all",), f"data-mixture CPT with OptiMer's ratios, {k * s.cpt_tokens:,} tokens"),
+        Job("average", ("vectors",), "model averaging merged by mergekit"),
+        Job("search-ja", ("vectors",), f"re-optimisation for ja, {s.reopt_trials} trials"),
+        Job("search-math-code", ("vectors",), f"re-optimisation for math+code, {s.reopt_trials} trials"),
+    ]
+    jobs += [Job(f"test-{c.name}", (c.job,), f"{c.label} on the test tasks") for c in CANDIDATES]
+    return jobs
+
+
+# -- the stages (run in worker processes) ------------------------------------------------------
+class _Context:
+    def __init__(self, run_dir: Path, settings: DemoSettings, log: Callable[[str], None]):
+        self.run, self.s, self.log = run_dir, settings, log
+
+    def result(self, job: str) -> dict:
+        return json.loads((self.run / "state" / f"{job}.json").read_text())["result"]
+
+    @property
+    def base(self) -> str:
+        return self.result("base")["model"]
+
+
+def _train_summary(meta: dict) -> dict:
+    keys = ("tokens", "tokens_per_dataset", "ratios", "wall_seconds", "cpu_seconds", "flops_estimate", "initial_eval_loss", "final_eval_loss")
+    return {"model": meta["model"], **{k: meta[k] for k in keys}}
+
+
+def _base(ctx: _Context) -> dict:
+    from optimer_merge.cpt.demo_base import demo_base
+
+    s = ctx.s
+    model = demo_base(ctx.run / "base", tokens=s.base_tokens, vocab_size=s.vocab_size, seed=s.seed, log=ctx.log, progress=False)
+    meta = json.loads((model.parent / "train_meta.json").read_text())
+    return {**_train_summary(meta), "model": str(model)}
+
+
+def _cpt(ctx: _Context, domain: str) -> dict:
+    from optimer_merge.cpt import TrainConfig, train
+
+    config = TrainConfig(
+        base=ctx.base, output=str(ctx.run / "cpt" / domain), datasets=[{"name": domain, "source": domain}],
+        max_tokens=ctx.s.cpt_tokens, lr=ctx.s.lr, seed=ctx.s.seed, progress=False, **TRAIN,
+    )  # fmt: skip
+    return _train_summary(train(config, log=ctx.log))
+
+
+def _mixture(ctx: _Context, kind: str) -> dict:
+    from optimer_merge.cpt import TrainConfig, train
+
+    s = ctx.s
+    if kind == "optimer":
+        ratios = ctx.result("search-all")["best"]["mixture_ratios"]
+        if not ratios:
+            raise DemoError("the best OptiMer weights sum to zero, so they give no mixture ratios")
+    else:
+        ratios = {d: 1.0 / len(DOMAINS) for d in DOMAINS}
+    tokens = len(DOMAINS) * s.cpt_tokens
+    steps = -(-tokens // (TRAIN["seq_len"] * TRAIN["micro_batch_size"]))
+    config = TrainConfig(
+        base=ctx.base, output=str(ctx.run / "mixture" / kind),
+        datasets=[{"name": d, "source": d, "ratio": ratios[d]} for d in DOMAINS],
+        mixture="velocitune" if kind == "velocitune" else "static",
+        velocitune={"update_every": max(1, steps // 12)},
+        max_tokens=tokens, lr=s.lr, seed=s.seed, progress=False, **TRAIN,
+    )  # fmt: skip
+    meta = train(config, log=ctx.log)
+    result = _train_summary(meta)
+    if kind == "velocitune":
+        proxy = meta["velocitune"].get("proxy") or {}
+        result["proxy"] = proxy
+        result["trajectory"] = meta["velocitune"]["trajectory"]
+    return result
+
+
+def _vectors(ctx: _Context) -> dict:
+    from optimer_merge import vectors
+
+    out = ctx.run / "vectors"
+    models = {d: ctx.result(f"cpt-{d}")["model"] for d in DOMAINS}
+    manifest = vectors.extract(ctx.base, models, out, log=ctx.log)
+    result = vectors.stats({d: out / manifest["vectors"][d]["file"] for d in DOMAINS}, out)
+    return {"l2_norm": result["l2_norm"], "cosine": result["cosine"], "off_diagonal_cosine": result["off_diagonal_cosine"]}
+
+
+def search_config(ctx: _Context, objective: str):
+    from optimer_merge.search import SearchConfig
+
+    s = ctx.s
+    return SearchConfig(
+        base=ctx.base,
+        vectors=[{"name": d, "vector": str(ctx.run / "vectors" / f"{d}.safetensors")} for d in DOMAINS],
+        objective={"tasks": [{"task": f"optimer_{d}_dev_bpb", "metric": "bits_per_byte"} for d in OBJECTIVES[objective]]},
+        limit=s.limit, trials=s.trials if objective == "all" else s.reopt_trials,
+        finalists=s.finalists, finalist_limit=s.finalist_limit, seed=s.seed, optimizer=s.optimizer,
+        threads=1, output=str(ctx.run / "search" / objective),
+    )  # fmt: skip
+
+
+def _search(ctx: _Context, objective: str) -> dict:
+    from optimer_merge.search import search
+
+    config = search_config(ctx, objective)
+    summary = search(config, export=True, log=ctx.log)
+    keys = ("best", "uniform_average", "trials", "failed_trials", "seconds", "trials_to_99pct_of_best")
+    return {"model": summary["export"], **{k: summary[k] for k in keys}}
+
+
+def _average(ctx: _Context) -> dict:
+    from optimer_merge.recipes import run_recipe
+    from optimer_merge.search.runner import _write_yaml, model_sources, trial_recipe
+
+    config = search_config(ctx, "all")
+    weights = {d: 1.0 / len(DOMAINS) for d in DOMAINS}
+    recipe = ctx.run / "merges" / "average.yaml"
+    recipe.parent.mkdir(parents=True, exist_ok=True)
+    _write_yaml(recipe, trial_recipe(config, model_sources(config), weights))
+    summary = run_recipe(recipe, ctx.run / "merges" / "average", quiet=True)
+    return {"model": str(ctx.run / "merges" / "average"), "weights": weights, "recipe": str(recipe), "merge_seconds": summary["seconds"]}
+
+
+def _test(ctx: _Context, candidate: str) -> dict:
+    from lm_eval.utils import handle_non_serializable
+
+    from optimer_merge.evaluation.evaluator import Evaluator
+
+    job = next(c.job for c in CANDIDATES if c.name == candidate)
+    model = ctx.result(job)["model"]
+    start = time.perf_counter()
+    with Evaluator(model, "hf", threads=1) as evaluator:
+        results = evaluator.evaluate(TEST_TASKS, ctx.s.test_limit, quiet=True)
+    results["config"]["model_args"] = f"pretrained={Path(model).resolve()}"
+    out = ctx.run / "eval" / candidate
+    out.mkdir(parents=True, exist_ok=True)
+    partial = out / "results.json.partial"
+    partial.write_text(json.dumps(results, indent=2, default=handle_non_serializable, ensure_ascii=False))
+    os.replace(partial, out / "results.json")
+    bpb = {d: results["results"][f"optimer_{d}_test_bpb"]["bits_per_byte,none"] for d in DOMAINS}
+    return {"model": model, "bits_per_byte": bpb, "mean_bits_per_byte": sum(bpb.values()) / len(bpb), "eval_seconds": time.perf_counter() - start}
+
+
+def _stage(name: str) -> Callable[[_Context], dict]:
+    if name == "base":
+        return _base
+    if name == "vectors":
+        return _vectors
+    if name == "average":
+        return _average
+    kind, _, arg = name.partition("-")
+    stages = {"cpt": _cpt, "mix": _mixture, "search": _search, "test": _test}
+    return lambda ctx: stages[kind](ctx, arg)
+
+
+def _worker_init() -> None:
+    """Workers die with the demo process (Linux), so a killed demo leaves no stray training."""
+    import signal
+
+    with contextlib.suppress(Exception):
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+@contextlib.contextmanager
+def _output_to(handle):
+    """Point file descriptors 1 and 2 at ``handle`` for a while: everything the job prints, from
+    Python or C, lands in its log, and loggers keep their (still open) sys.stderr."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    saved = os.dup(1), os.dup(2)
+    os.dup2(handle.fileno(), 1)
+    os.dup2(handle.fileno(), 2)
+    try:
+        yield
+    finally:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        for fd, copy in zip((1, 2), saved):
+            os.dup2(copy, fd)
+            os.close(copy)
+
+
+def run_job(run_dir: str, settings: dict, name: str) -> dict:
+    """Run one job in this process, output to logs/<name>.log; writes state/<name>.json when done."""
+    import torch
+
+    run = Path(run_dir)
+    (run / "logs").mkdir(exist_ok=True)
+    torch.set_num_threads(1)
+    with open(run / "logs" / f"{name}.log", "a", encoding="utf-8", buffering=1) as handle:
+        log = lambda message: print(message, file=handle, flush=True)  # noqa: E731
+        ctx = _Context(run, DemoSettings(**settings), log)
+        wall, cpu = time.perf_counter(), time.process_time()
+        log(f"== {name} ({time.strftime('%Y-%m-%d %H:%M:%S')})")
+        with _output_to(handle):
+            try:
+                result = _stage(name)(ctx)
+            except BaseException:
+                traceback.print_exc(file=handle)
+                raise
+        state = {"job": name, "seconds": time.perf_counter() - wall, "cpu_seconds": time.process_time() - cpu, "result": result}
+    (run / "state").mkdir(exist_ok=True)
+    partial = run / "state" / f"{name}.json.partial"
+    partial.write_text(json.dumps(state, indent=2))
+    os.replace(partial, run / "state" / f"{name}.json")
+    return state
+
+
+# -- the scheduler (the demo process) ----------------------------------------------------------
+def _check_settings(run: Path, settings: DemoSettings) -> None:
+    path = run / "demo_settings.json"
+    if path.exists():
+        stored = json.loads(path.read_text()).get("identity", {})
+        changed = sorted(k for k in set(stored) | set(settings.identity()) if stored.get(k) != settings.identity().get(k))
+        if changed:
+            raise DemoError(
+                f"{run} holds a demo run with other settings ({', '.join(changed)}); "
+                "choose another --run-dir or delete this one"
+            )
+    elif any(p.name != ".lock" for p in run.iterdir()):
+        raise DemoError(f"{run} is not empty and holds no demo run; choose another --run-dir")
+    run.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({"identity": settings.identity(), "settings": settings.model_dump()}, indent=2))
+
+
+def _summary_line(name: str, state: dict) -> str:
+    r = state["result"]
+    if name.startswith("test-"):
+        return f"test mean bits/byte {r['mean_bits_per_byte']:.4f}"
+    if name.startswith("search-"):
+        w = " ".join(f"{d}={v:.2f}" for d, v in r["best"]["weights"].items())
+        return f"best dev score {r['best']['score']:.4f} [{w}]"
+    if "final_eval_loss" in r:
+        losses = ", ".join(f"{d} {r['initial_eval_loss'][d]:.2f}->{v:.2f}" for d, v in r["final_eval_loss"].items())
+        return f"{r['tokens']:,} tokens, held-out loss {losses}"
+    if name == "vectors":
+        return "norms " + " ".join(f"{d}={v:.2f}" for d, v in r["l2_norm"].items())
+    return "done"
+
+
+def run_demo(run_dir: str | Path, settings: DemoSettings, log: Callable[[str], None] = print) -> dict:
+    """Run (or resume) every job of the demo; returns {job: state}."""
+    run = Path(run_dir).resolve()
+    run.mkdir(parents=True, exist_ok=True)
+    with open(run / ".lock", "w") as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise DemoError(f"{run} is in use by another demo process") from None
+        _check_settings(run, settings)
+        return _schedule(run, settings, log)
+
+
+def _schedule(run: Path, settings: DemoSettings, log: Callable[[str], None]) -> dict:
+    jobs = plan(settings)
+    states = {}
+    for job in jobs:
+        path = run / "state" / f"{job.name}.json"
+        if path.exists():
+            states[job.name] = json.loads(path.read_text())
+    if states:
+        log(f"resuming {run}: {len(states)} of {len(jobs)} jobs already done")
+    start = time.perf_counter()
+    context = multiprocessing.get_context("spawn")
+    with ProcessPoolExecutor(max_workers=settings.workers, mp_context=context, initializer=_worker_init) as pool:
+        running: dict = {}
+        try:
+            while len(states) < len(jobs):
+                for job in jobs:
+                    if len(running) >= settings.workers:
+                        break
+                    if job.name in states or job.name in running.values() or not all(d in states for d in job.deps):
+                        continue
+                    log(f"  start  {job.name}: {job.what}")
+                    running[pool.submit(run_job, str(run), settings.model_dump(), job.name)] = job.name
+                if not running:
+                    raise DemoError("no job can start (a dependency cycle?)")
+                finished, _ = wait(running, return_when=FIRST_COMPLETED)
+                for future in finished:
+                    name = running.pop(future)
+                    try:
+                        states[name] = future.result()
+                    except Exception as error:
+                        raise DemoError(f"{name} failed: {type(error).__name__}: {error}\n  see {run / 'logs' / (name + '.log')}") from None
+                    elapsed = time.perf_counter() - start
+                    log(f"[{len(states)}/{len(jobs)}] {name} ({states[name]['seconds']:.0f}s, {elapsed / 60:.1f} min in): {_summary_line(name, states[name])}")
+        except BaseException:
+            for future in running:
+                future.cancel()
+            raise
+    return states

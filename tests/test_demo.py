@@ -1,0 +1,136 @@
+"""`optimer-merge demo` at reduced size: every artefact exists and parses, numbers come from the run,
+and a killed run resumes to the same result."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+CLI = str(Path(sys.executable).parent / "optimer-merge")
+REDUCED = [
+    "--base-tokens", "20000", "--cpt-tokens", "6000", "--trials", "5", "--reopt-trials", "3", "--limit", "2",
+    "--finalists", "2", "--finalist-limit", "3", "--test-limit", "3", "--vocab-size", "1024", "--workers", "2",
+]  # fmt: skip
+CANDIDATES = ["base", "cpt-ja", "cpt-zh", "cpt-math", "cpt-code", "average", "mix-uniform", "mix-velocitune", "mix-optimer", "optimer", "optimer-ja", "optimer-math-code"]
+DOMAINS = ("ja", "zh", "math", "code")
+
+
+def demo(run_dir: Path, *extra: str, timeout: int = 600) -> subprocess.CompletedProcess:
+    return subprocess.run([CLI, "demo", "--run-dir", str(run_dir), *REDUCED, *extra], capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.fixture(scope="session")
+def demo_run(tmp_path_factory) -> tuple[Path, subprocess.CompletedProcess]:
+    """A reduced demo, killed (SIGKILL) once the first CPT run has finished, then resumed to the end."""
+    run_dir = tmp_path_factory.mktemp("demo") / "run"
+    first = subprocess.Popen([CLI, "demo", "--run-dir", str(run_dir), *REDUCED], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 300
+    while not list((run_dir / "state").glob("cpt-*.json")) and first.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert first.poll() is None, "the demo ended before it could be interrupted"
+    first.send_signal(signal.SIGKILL)
+    first.wait()
+    assert not (run_dir / "report.md").exists()
+    resumed = demo(run_dir)
+    assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
+    return run_dir, resumed
+
+
+def test_resumed_run_reuses_finished_jobs(demo_run):
+    run_dir, resumed = demo_run
+    done = re.search(r"resuming .*: (\d+) of 25 jobs already done", resumed.stdout)
+    assert done and int(done.group(1)) >= 2  # base and at least one CPT run
+    assert "start  base:" not in resumed.stdout
+    assert len(list((run_dir / "state").glob("*.json"))) == 25
+
+
+def test_every_artefact_exists_and_parses(demo_run):
+    run_dir, _ = demo_run
+    report = (run_dir / "report.md").read_text()
+    for section in ("## Leaderboard on test", "## OptiMer searches", "## Distribution vectors", "## Velocitune", "## Cost", "## The paper's claims"):
+        assert section in report
+    for image in ("leaderboard.png", "plots/velocitune.png", "plots/reoptimization.png", "search/all/trace.png", "search/all/weights.png", "vectors/cosine.png"):
+        assert (run_dir / image).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", image
+        assert f"]({image})" in report
+    best = yaml.safe_load((run_dir / "best.yaml").read_text())
+    assert best["merge_method"] == "optimer" and [m["parameters"]["weight"] for m in best["models"]]
+    with open(run_dir / "leaderboard.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert [r["model"] for r in rows] == CANDIDATES
+    assert all(float(r[f"optimer_{d}_test_bpb/bits_per_byte"]) > 0 for r in rows for d in DOMAINS)
+    assert (run_dir / "leaderboard.md").read_text().count("\n") == len(CANDIDATES) + 2
+    for name in CANDIDATES:
+        results = json.loads((run_dir / "eval" / name / "results.json").read_text())
+        assert set(results["results"]) == {f"optimer_{d}_test_bpb" for d in DOMAINS}
+    for objective, trials in (("all", 5), ("ja", 3), ("math-code", 3)):
+        lines = (run_dir / "search" / objective / "trials.jsonl").read_text().splitlines()
+        assert len(lines) == trials and all(json.loads(line)["status"] == "ok" for line in lines)
+        assert (run_dir / "search" / objective / "best-model" / "model.safetensors").exists()
+    velocitune = json.loads((run_dir / "mixture" / "velocitune" / "velocitune.json").read_text())
+    assert len(velocitune["trajectory"]) >= 2
+    json.loads((run_dir / "costs.json").read_text())
+    json.loads((run_dir / "vectors" / "stats.json").read_text())
+
+
+def test_report_numbers_come_from_the_run(demo_run):
+    run_dir, resumed = demo_run
+    summary = json.loads((run_dir / "summary.json").read_text())
+    report = (run_dir / "report.md").read_text()
+    means = summary["test_mean_bits_per_byte"]
+    for name in CANDIDATES:
+        results = json.loads((run_dir / "eval" / name / "results.json").read_text())["results"]
+        bpb = [results[f"optimer_{d}_test_bpb"]["bits_per_byte,none"] for d in DOMAINS]
+        assert means[name] == pytest.approx(sum(bpb) / 4, abs=1e-12)
+        assert f"| {means[name]:.4f} |" in report
+        assert f"{means[name]:.4f}  " in resumed.stdout
+    # the uniform data mixture and the retrained one really used those ratios
+    ratios = summary["mixture_ratios"]
+    meta = json.loads((run_dir / "mixture" / "optimer" / "train_meta.json").read_text())
+    assert meta["ratios"] == pytest.approx(ratios)
+    assert sum(ratios.values()) == pytest.approx(1.0)
+    weights = summary["best_weights"]["all"]
+    assert ratios == pytest.approx({d: w / sum(weights.values()) for d, w in weights.items()})
+    assert json.loads((run_dir / "mixture" / "uniform" / "train_meta.json").read_text())["ratios"] == pytest.approx({d: 0.25 for d in DOMAINS})
+    # the cost ratio follows from the trial log and the mixture runs' train_meta
+    costs = json.loads((run_dir / "costs.json").read_text())["comparison"]["all"]
+    trials = [json.loads(line) for line in (run_dir / "search" / "all" / "trials.jsonl").read_text().splitlines()]
+    finalists = [json.loads(line) for line in (run_dir / "search" / "all" / "finalists.jsonl").read_text().splitlines()]
+    optimer = sum(sum(r["seconds"].values()) for r in trials) + sum(f["seconds"]["merge"] + f["seconds"]["eval"] for f in finalists)
+    assert costs["optimer_search_seconds"] == pytest.approx(optimer)
+    mix = [json.loads((run_dir / "mixture" / k / "train_meta.json").read_text())["wall_seconds"] for k in ("uniform", "optimer")]
+    dev_eval = sum(r["seconds"]["eval"] for r in trials) / len(trials)
+    expected = sum(mix) + 2 * dev_eval + (len(trials) - 2) * (sum(mix) / 2 + dev_eval)
+    assert costs["mixture_search_seconds"] == pytest.approx(expected)
+    cpt = sum(json.loads((run_dir / "cpt" / d / "train_meta.json").read_text())["wall_seconds"] for d in DOMAINS)
+    assert summary["cost_ratio_with_training"] == pytest.approx(expected / (cpt + optimer))
+    assert f"**{summary['cost_ratio_with_training']:.1f}x** counting" in report
+    # each verdict matches its numbers
+    claims = summary["claims"]
+    assert claims["beats_model_averaging"] == (means["optimer"] < means["average"])
+    assert claims["beats_data_mixing"] == (means["optimer"] < means["mix-uniform"])
+    verdict = "**Reproduced.**" if claims["beats_model_averaging"] else "**Not reproduced.**"
+    assert f"**OptiMer beats model averaging.** {verdict}" in report
+
+
+def test_rerun_is_deterministic_and_settings_are_checked(demo_run):
+    run_dir, _ = demo_run
+    before = json.loads((run_dir / "summary.json").read_text())
+    os.remove(run_dir / "state" / "test-optimer.json")
+    os.remove(run_dir / "eval" / "optimer" / "results.json")
+    again = demo(run_dir)
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert "24 of 25 jobs already done" in again.stdout and "start  test-optimer:" in again.stdout
+    after = json.loads((run_dir / "summary.json").read_text())
+    assert after["test_bits_per_byte"] == before["test_bits_per_byte"]
+    other = demo(run_dir, "--cpt-tokens", "7000")
+    assert other.returncode == 2 and "cpt_tokens" in other.stderr and "Traceback" not in other.stderr
