@@ -30,7 +30,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     import os
-    import time
     from pathlib import Path
 
     from pydantic import ValidationError
@@ -44,16 +43,14 @@ def run(args: argparse.Namespace) -> int:
     try:
         settings = DemoSettings(seed=args.seed, **values)
     except ValidationError as error:
-        raise UserError("; ".join(f"--{'-'.join(map(str, e['loc']))}: {e['msg']}" for e in error.errors())) from None
+        raise UserError("; ".join(f"--{str(e['loc'][0]).replace('_', '-')}: {e['msg']}" for e in error.errors())) from None
     run_dir = Path(args.run_dir)
     print(f"OptiMer demo into {run_dir} ({settings.workers} workers); each job logs to {run_dir}/logs/", flush=True)
-    start = time.perf_counter()
     try:
         states = run_demo(run_dir, settings, log=lambda m: print(m, flush=True))
     except DemoError as error:
         raise UserError(str(error)) from None
-    wall = time.perf_counter() - start
-    numbers = write_report(run_dir, settings, states, wall)
+    numbers = write_report(run_dir, settings, states)
     mean = numbers["test_mean_bits_per_byte"]
     print("\ntest mean bits/byte (lower is better):")
     for name in sorted(mean, key=mean.get):

@@ -82,19 +82,18 @@ class Candidate:
     name: str
     job: str
     label: str
-    kind: str  # base | single | merge | mixture | optimer
 
 
 CANDIDATES = [
-    Candidate("base", "base", "base model", "base"),
-    *(Candidate(f"cpt-{d}", f"cpt-{d}", f"CPT on {d} only", "single") for d in DOMAINS),
-    Candidate("average", "average", "model averaging (w = 1/K)", "merge"),
-    Candidate("mix-uniform", "mix-uniform", "data mixture, uniform ratios", "mixture"),
-    Candidate("mix-velocitune", "mix-velocitune", "data mixture, Velocitune", "mixture"),
-    Candidate("mix-optimer", "mix-optimer", "data mixture, OptiMer's weights as ratios", "mixture"),
-    Candidate("optimer", "search-all", "OptiMer (dev: all domains)", "optimer"),
-    Candidate("optimer-ja", "search-ja", "OptiMer re-optimised (dev: ja)", "optimer"),
-    Candidate("optimer-math-code", "search-math-code", "OptiMer re-optimised (dev: math+code)", "optimer"),
+    Candidate("base", "base", "base model"),
+    *(Candidate(f"cpt-{d}", f"cpt-{d}", f"CPT on {d} only") for d in DOMAINS),
+    Candidate("average", "average", "model averaging (w = 1/K)"),
+    Candidate("mix-uniform", "mix-uniform", "data mixture, uniform ratios"),
+    Candidate("mix-velocitune", "mix-velocitune", "data mixture, Velocitune"),
+    Candidate("mix-optimer", "mix-optimer", "data mixture, OptiMer's weights as ratios"),
+    Candidate("optimer", "search-all", "OptiMer (dev: all domains)"),
+    Candidate("optimer-ja", "search-ja", "OptiMer re-optimised (dev: ja)"),
+    Candidate("optimer-math-code", "search-math-code", "OptiMer re-optimised (dev: math+code)"),
 ]
 
 
@@ -253,6 +252,7 @@ def _test(ctx: _Context, candidate: str) -> dict:
     partial.write_text(json.dumps(results, indent=2, default=handle_non_serializable, ensure_ascii=False))
     os.replace(partial, out / "results.json")
     bpb = {d: results["results"][f"optimer_{d}_test_bpb"]["bits_per_byte,none"] for d in DOMAINS}
+    ctx.log(f"{model}: test bits/byte " + ", ".join(f"{d} {v:.4f}" for d, v in bpb.items()) + f" -> {out / 'results.json'}")
     return {"model": model, "bits_per_byte": bpb, "mean_bits_per_byte": sum(bpb.values()) / len(bpb), "eval_seconds": time.perf_counter() - start}
 
 
@@ -367,10 +367,18 @@ def run_demo(run_dir: str | Path, settings: DemoSettings, log: Callable[[str], N
         except BlockingIOError:
             raise DemoError(f"{run} is in use by another demo process") from None
         _check_settings(run, settings)
-        return _schedule(run, settings, log)
+        start, ran = time.perf_counter(), []
+        try:
+            return _schedule(run, settings, log, ran)
+        finally:
+            if ran:  # wall time of every invocation that did work, for the report
+                path = run / "invocations.json"
+                items = json.loads(path.read_text()) if path.exists() else []
+                items.append({"ended": time.strftime("%Y-%m-%d %H:%M:%S"), "seconds": time.perf_counter() - start, "jobs": ran})
+                path.write_text(json.dumps(items, indent=2))
 
 
-def _schedule(run: Path, settings: DemoSettings, log: Callable[[str], None]) -> dict:
+def _schedule(run: Path, settings: DemoSettings, log: Callable[[str], None], ran: list[str]) -> dict:
     jobs = plan(settings)
     states = {}
     for job in jobs:
@@ -399,6 +407,7 @@ def _schedule(run: Path, settings: DemoSettings, log: Callable[[str], None]) -> 
                     name = running.pop(future)
                     try:
                         states[name] = future.result()
+                        ran.append(name)
                     except Exception as error:
                         raise DemoError(f"{name} failed: {type(error).__name__}: {error}\n  see {run / 'logs' / (name + '.log')}") from None
                     elapsed = time.perf_counter() - start

@@ -62,11 +62,15 @@ def _listing(values: dict[str, float]) -> str:
     return ", ".join(f"{d} {values[d]:.2f}" for d in DOMAINS)
 
 
+def _against_range(ratio: float) -> str:
+    return "within the paper's range" if 15 <= ratio <= 35 else ("above the paper's range" if ratio > 35 else "below the paper's range")
+
+
 def _verdict(ok: bool) -> str:
     return "**Reproduced.**" if ok else "**Not reproduced.**"
 
 
-def write_report(run: str | Path, settings: DemoSettings, states: dict, wall_seconds: float | None = None) -> dict:
+def write_report(run: str | Path, settings: DemoSettings, states: dict) -> dict:
     """leaderboard.{md,csv,png}, costs.json, plots/, best.yaml and report.md; returns the key numbers."""
     from optimer_merge.report import leaderboard as lb
 
@@ -92,7 +96,9 @@ def write_report(run: str | Path, settings: DemoSettings, states: dict, wall_sec
     add = out.append
     s = settings
     add("# OptiMer demo report\n")
-    took = f"; the invocation that finished it took {wall_seconds / 60:.1f} min" if wall_seconds else ""
+    invocations = json.loads((run / "invocations.json").read_text()) if (run / "invocations.json").exists() else []
+    wall = sum(i["seconds"] for i in invocations)
+    took = f"; wall time {wall / 60:.1f} min" + (f" over {len(invocations)} invocations (resumed)" if len(invocations) > 1 else "")
     add(
         f"A tiny Gemma 3 base ({r('base')['tokens']:,} pre-training tokens), four per-domain CPT runs of "
         f"{s.cpt_tokens:,} tokens each ({', '.join(DOMAINS)}), an OptiMer search of {searches['all']['trials']} "
@@ -117,7 +123,7 @@ def write_report(run: str | Path, settings: DemoSettings, states: dict, wall_sec
         for d in DOMAINS:
             v = test[c.name]["bits_per_byte"][d]
             cells.append(f"**{v:.4f}**" if v == best_per[d] else f"{v:.4f}")
-        name = f"**{c.label}**" if c.kind == "optimer" and c.name == "optimer" else c.label
+        name = f"**{c.label}**" if c.name == "optimer" else c.label
         add(f"| {rank} | {name} (`{c.name}`) | " + " | ".join(cells) + f" | {mean[c.name]:.4f} | {_pct(mean[c.name], mean['base'])} |")
     add("\nThe same results as a stock leaderboard (from the lm-eval results files in `eval/`): "
         "[leaderboard.md](leaderboard.md), [leaderboard.csv](leaderboard.csv).\n")
@@ -199,7 +205,16 @@ def write_report(run: str | Path, settings: DemoSettings, states: dict, wall_sec
     add(
         f"**OptiMer beats data mixing.** {_verdict(o < u)} On test, OptiMer's merge scores {o:.4f} bits/byte against "
         f"{u:.4f} for the uniform data-mixture CPT ({_pct(o, u)}) trained on the same total tokens; the Velocitune mixture "
-        f"scores {v:.4f} ({'OptiMer better' if o < v else 'Velocitune better'}). The base scores {mean['base']:.4f}.\n"
+        f"scores {v:.4f} ({'worse' if o < v else 'better'} than OptiMer). The base scores {mean['base']:.4f}."
+        + (
+            ""
+            if o < u
+            else f" The search settles on weights summing to {sum(searches['all']['best']['weights'].values()):.2f}, far "
+            f"from adding each vector at full strength ({len(DOMAINS)}): in a model this small the vectors do not add up, so "
+            "the merge keeps only part of each domain's gain, while the mixture run learns all four domains along one "
+            "trajectory."
+        )
+        + "\n"
     )
     claims["beats_model_averaging"] = o < a
     add(
@@ -207,14 +222,20 @@ def write_report(run: str | Path, settings: DemoSettings, states: dict, wall_sec
         f"The searched weights are {_listing(searches['all']['best']['weights'])}.\n"
     )
     ratio_total, ratio_search = cmp_all["ratio_with_training"], cmp_all["ratio_search_only"]
-    claims["search_cost_ratio"] = ratio_total
-    within = "within" if 15 <= ratio_total <= 35 else ("above" if ratio_total > 35 else "below")
+    claims["search_cost_15x_or_more"] = {"search_only": ratio_search >= 15, "with_training": ratio_total >= 15}
+    if ratio_search >= 15 and ratio_total >= 15:
+        verdict = _verdict(True)
+    elif ratio_search >= 15:
+        verdict = "**Reproduced for the search itself, not once OptiMer's training is counted.**"
+    else:
+        verdict = _verdict(False)
     add(
-        f"**15-35x lower search cost.** {_verdict(ratio_total >= 15)} Counting OptiMer's per-domain training, its search "
-        f"over {cmp_all['candidates']} candidates costs {ratio_total:.1f}x less than a data-mixture search over as many "
-        f"ratios ({within} the paper's range); {ratio_search:.1f}x for the search alone. The ratio grows with the number "
-        "of candidates and with the cost of a training run relative to an evaluation: at the paper's 100 trials the same "
-        f"unit costs give {cmp_all['ratio_with_training_at_100_trials']:.1f}x. See the assumptions above.\n"
+        f"**15-35x lower search cost.** {verdict} OptiMer's search over {cmp_all['candidates']} candidates costs "
+        f"{ratio_search:.1f}x less than a data-mixture search over as many ratios ({_against_range(ratio_search)}); "
+        f"counting its one-time per-domain CPT, {ratio_total:.1f}x ({_against_range(ratio_total)}). The ratio grows with "
+        "the number of candidates and with the cost of a training run relative to an evaluation: at the paper's 100 "
+        f"trials the same unit costs give {cmp_all['ratio_with_training_at_100_trials']:.1f}x with training. See the "
+        "assumptions above.\n"
     )
     claims["ratios_improve_mixture"] = mo < u
     add(
@@ -254,6 +275,7 @@ def write_report(run: str | Path, settings: DemoSettings, states: dict, wall_sec
         "cost_ratio_with_training": ratio_total,
         "cost_ratio_search_only": ratio_search,
         "claims": claims,
+        "wall_seconds": wall,
     }
     (run / "summary.json").write_text(json.dumps(numbers, indent=2))
     return numbers
