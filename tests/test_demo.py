@@ -134,3 +134,16 @@ def test_rerun_is_deterministic_and_settings_are_checked(demo_run):
     assert after["test_bits_per_byte"] == before["test_bits_per_byte"]
     other = demo(run_dir, "--cpt-tokens", "7000")
     assert other.returncode == 2 and "cpt_tokens" in other.stderr and "Traceback" not in other.stderr
+
+
+def test_progress_of_running_jobs_is_read_from_their_files(demo_run):
+    from optimer_merge.demo.pipeline import DemoSettings, _progress
+
+    run_dir, _ = demo_run
+    settings = DemoSettings(**json.loads((run_dir / "demo_settings.json").read_text())["settings"])
+    steps = -(-6000 // (256 * 8))
+    assert _progress(run_dir, settings, "cpt-ja") == f"step {steps}/{steps}"
+    assert _progress(run_dir, settings, "mix-uniform") == f"step {-(-24000 // 2048)}/{-(-24000 // 2048)}"
+    assert _progress(run_dir, settings, "search-all") == "trial 5/5"
+    assert _progress(run_dir, settings, "search-ja") == "trial 3/3"
+    assert _progress(run_dir, settings, "test-base") == "running"

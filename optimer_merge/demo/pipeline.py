@@ -224,13 +224,13 @@ def _search(ctx: _Context, objective: str) -> dict:
 
 def _average(ctx: _Context) -> dict:
     from optimer_merge.recipes import run_recipe
-    from optimer_merge.search.runner import _write_yaml, model_sources, trial_recipe
+    from optimer_merge.search.runner import model_sources, trial_recipe, write_yaml
 
     config = search_config(ctx, "all")
     weights = {d: 1.0 / len(DOMAINS) for d in DOMAINS}
     recipe = ctx.run / "merges" / "average.yaml"
     recipe.parent.mkdir(parents=True, exist_ok=True)
-    _write_yaml(recipe, trial_recipe(config, model_sources(config), weights))
+    write_yaml(recipe, trial_recipe(config, model_sources(config), weights))
     summary = run_recipe(recipe, ctx.run / "merges" / "average", quiet=True)
     return {"model": str(ctx.run / "merges" / "average"), "weights": weights, "recipe": str(recipe), "merge_seconds": summary["seconds"]}
 
@@ -357,6 +357,29 @@ def _summary_line(name: str, state: dict) -> str:
     return "done"
 
 
+HEARTBEAT_SECONDS = 60.0
+
+
+def _progress(run: Path, settings: DemoSettings, name: str) -> str:
+    """How far a running job is, from the files it writes (metrics.csv rows, trials.jsonl lines)."""
+    kind, _, arg = name.partition("-")
+    if kind == "search":
+        path = run / "search" / arg / "trials.jsonl"
+        total = settings.trials if arg == "all" else settings.reopt_trials
+        return f"trial {sum(1 for _ in open(path)) if path.exists() else 0}/{total}"
+    folder, tokens = {
+        "cpt": (run / "cpt" / arg, settings.cpt_tokens),
+        "mix": (run / "mixture" / arg, len(DOMAINS) * settings.cpt_tokens),
+        "base": (next((run / "base").glob("demo-base-*/pretrain"), None), settings.base_tokens),
+    }.get(kind, (None, 0))
+    path = folder / "metrics.csv" if folder else None
+    if path and path.exists():
+        step = path.read_text().strip().splitlines()[-1].split(",")[0]
+        if step.isdigit():
+            return f"step {step}/{-(-tokens // (TRAIN['seq_len'] * TRAIN['micro_batch_size']))}"
+    return "running"
+
+
 def run_demo(run_dir: str | Path, settings: DemoSettings, log: Callable[[str], None] = print) -> dict:
     """Run (or resume) every job of the demo; returns {job: state}."""
     run = Path(run_dir).resolve()
@@ -402,7 +425,9 @@ def _schedule(run: Path, settings: DemoSettings, log: Callable[[str], None], ran
                     running[pool.submit(run_job, str(run), settings.model_dump(), job.name)] = job.name
                 if not running:
                     raise DemoError("no job can start (a dependency cycle?)")
-                finished, _ = wait(running, return_when=FIRST_COMPLETED)
+                finished, _ = wait(running, timeout=HEARTBEAT_SECONDS, return_when=FIRST_COMPLETED)
+                if not finished:
+                    log("  ... " + "; ".join(f"{name} {_progress(run, settings, name)}" for name in running.values()))
                 for future in finished:
                     name = running.pop(future)
                     try:

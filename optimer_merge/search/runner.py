@@ -206,7 +206,7 @@ def search(config: SearchConfig, *, export: bool = False, log: Callable[[str], N
             weights = optimizer.ask()
             asked = time.perf_counter() - start
             recipe_path = out / "recipes" / f"trial-{number:04d}.yaml"
-            _write_yaml(recipe_path, trial_recipe(config, sources, weights))
+            write_yaml(recipe_path, trial_recipe(config, sources, weights))
             outcome = score(weights, config.limit)
             told = outcome["score"] if outcome["status"] == "ok" else _crash_value(records)
             start = time.perf_counter()
@@ -299,7 +299,7 @@ def _summarize(config: SearchConfig, sources: dict, records: list[dict], finalis
     weights = best["weights"]
     total = sum(weights.values())
     ratios = {n: w / total for n, w in weights.items()} if abs(total) > 1e-12 else None
-    _write_yaml(out / "best.yaml", trial_recipe(config, sources, weights, config.out_dtype))
+    write_yaml(out / "best.yaml", trial_recipe(config, sources, weights, config.out_dtype))
     uniform = next((r for r in records if r["status"] == "ok" and _is_uniform(r["weights"], config)), None)
     best_so_far, trace = -math.inf, []
     for r in records:
@@ -348,7 +348,8 @@ def _trials_to_fraction(records: list[dict], fraction: float) -> int | None:
     return next(t for t, s in scores if s >= target)
 
 
-def _write_yaml(path: Path, data: dict) -> None:
+def write_yaml(path: Path, data: dict) -> None:
+    """Write YAML atomically: a partial file renamed into place."""
     import yaml
 
     partial = path.with_name(path.name + ".partial")
