@@ -12,20 +12,32 @@ from __future__ import annotations
 
 import argparse
 
-SIZE_FLAGS = ("base_tokens", "cpt_tokens", "trials", "reopt_trials", "limit", "finalists", "finalist_limit", "test_limit", "vocab_size")
+SIZES = {
+    "base_tokens": "pre-training tokens of the tiny base",
+    "cpt_tokens": "tokens of each per-domain CPT run (each mixture run gets 4x)",
+    "trials": "trials of the all-domain search",
+    "reopt_trials": "trials of each re-optimisation",
+    "limit": "dev items per task in a trial",
+    "finalists": "top trials re-scored at --finalist-limit",
+    "finalist_limit": "dev items per task for the finalists",
+    "test_limit": "test items per task",
+    "vocab_size": "tokenizer vocabulary",
+}
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from optimer_merge.demo.pipeline import DemoSettings
+
     parser.description = __doc__
     parser.formatter_class = argparse.RawDescriptionHelpFormatter
     parser.add_argument("--run-dir", default="runs/demo", help="run folder (a rerun resumes it)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--workers", type=int, help="worker processes, one CPU thread each (default: min(2, cores))")
     parser.add_argument("--optimizer", choices=["smac", "tpe", "random"], help="search optimizer (default smac)")
-    parser.add_argument("--lr", type=float, help="peak learning rate of the CPT and mixture runs")
+    parser.add_argument("--lr", type=float, help="peak learning rate of the CPT and mixture runs (default 1e-3)")
     sizes = parser.add_argument_group("sizes (defaults fit a 2-core CPU in about ten minutes)")
-    for flag in SIZE_FLAGS:
-        sizes.add_argument("--" + flag.replace("_", "-"), type=int)
+    for field, text in SIZES.items():
+        sizes.add_argument("--" + field.replace("_", "-"), type=int, help=f"{text} (default {DemoSettings.model_fields[field].default})")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -38,7 +50,7 @@ def run(args: argparse.Namespace) -> int:
     from optimer_merge.demo import DemoError, DemoSettings, run_demo
     from optimer_merge.demo.report import write_report
 
-    values = {f: getattr(args, f) for f in (*SIZE_FLAGS, "optimizer", "lr") if getattr(args, f) is not None}
+    values = {f: getattr(args, f) for f in (*SIZES, "optimizer", "lr") if getattr(args, f) is not None}
     values["workers"] = args.workers or min(2, os.cpu_count() or 1)
     try:
         settings = DemoSettings(seed=args.seed, **values)
