@@ -11,19 +11,11 @@ from pathlib import Path
 
 from optimer_merge.demo.costs import cost_accounting
 from optimer_merge.demo.pipeline import CANDIDATES, DOMAINS, OBJECTIVES, DemoSettings
-
-
-def _pyplot():
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
+from optimer_merge.search.plots import pyplot
 
 
 def plot_velocitune(trajectory: list[dict], path: Path) -> None:
-    plt = _pyplot()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(7, 3.8))
     steps = [t["step"] for t in trajectory]
     for i, d in enumerate(DOMAINS):
@@ -39,7 +31,7 @@ def plot_velocitune(trajectory: list[dict], path: Path) -> None:
 
 
 def plot_reoptimization(weights: dict[str, dict[str, float]], path: Path) -> None:
-    plt = _pyplot()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(7, 3.8))
     width = 0.8 / len(weights)
     for i, (objective, w) in enumerate(weights.items()):
@@ -160,11 +152,15 @@ def write_report(run: str | Path, settings: DemoSettings, states: dict) -> dict:
 
     vt = r("mix-velocitune")
     final_weights = vt["trajectory"][-1]["weights"]
+    frozen = next((u["step"] for u in vt["trajectory"][1:] if all(v == 0 for v in u["velocity"].values())), None)
     add("## Velocitune\n")
     add(
         f"Weights were updated {len(vt['trajectory']) - 1} times from uniform; the last update gave "
         + ", ".join(f"{d} {final_weights[d]:.3f}" for d in DOMAINS)
-        + ". Tokens seen: " + ", ".join(f"{d} {vt['tokens_per_dataset'][d]:,}" for d in DOMAINS) + ".\n"
+        + ". Tokens seen: " + ", ".join(f"{d} {vt['tokens_per_dataset'][d]:,}" for d in DOMAINS) + "."
+        + (f" From step {frozen} every domain was at or below its fitted target loss (all velocities 0), so the weights "
+           "stayed put: the scaling-law fit on the short proxy run predicts less progress than the full run makes." if frozen else "")
+        + "\n"
     )
     add("![Velocitune trajectory](plots/velocitune.png)\n")
 

@@ -5,7 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 
 
-def _pyplot():
+def pyplot():
+    """matplotlib's pyplot on the Agg backend (no display needed)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -15,7 +16,7 @@ def _pyplot():
 
 
 def plot_trace(records: list[dict], path: Path) -> None:
-    plt = _pyplot()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(7, 4))
     ok = [(r["trial"], r["score"]) for r in records if r["status"] == "ok"]
     failed = [r["trial"] for r in records if r["status"] != "ok"]
@@ -39,7 +40,7 @@ def plot_trace(records: list[dict], path: Path) -> None:
 
 
 def plot_weights(weights: dict[str, float], ratios: dict[str, float] | None, path: Path) -> None:
-    plt = _pyplot()
+    plt = pyplot()
     names = list(weights)
     fig, axes = plt.subplots(1, 2 if ratios else 1, figsize=(9 if ratios else 5, 3.6), squeeze=False)
     axes[0][0].bar(names, [weights[n] for n in names], color="C0")
