@@ -25,7 +25,6 @@ import fcntl
 import json
 import multiprocessing
 import os
-import sys
 import time
 import traceback
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
@@ -138,7 +137,7 @@ class _Context:
 
 
 def _train_summary(meta: dict) -> dict:
-    keys = ("tokens", "tokens_per_dataset", "ratios", "wall_seconds", "cpu_seconds", "flops_estimate", "initial_eval_loss", "final_eval_loss")
+    keys = ("tokens", "tokens_per_dataset", "wall_seconds", "cpu_seconds", "initial_eval_loss", "final_eval_loss")
     return {"model": meta["model"], **{k: meta[k] for k in keys}}
 
 
@@ -196,7 +195,7 @@ def _vectors(ctx: _Context) -> dict:
     models = {d: ctx.result(f"cpt-{d}")["model"] for d in DOMAINS}
     manifest = vectors.extract(ctx.base, models, out, log=ctx.log)
     result = vectors.stats({d: out / manifest["vectors"][d]["file"] for d in DOMAINS}, out)
-    return {"l2_norm": result["l2_norm"], "cosine": result["cosine"], "off_diagonal_cosine": result["off_diagonal_cosine"]}
+    return {"l2_norm": result["l2_norm"], "off_diagonal_cosine": result["off_diagonal_cosine"]}  # the rest: stats.json
 
 
 def search_config(ctx: _Context, objective: str):
@@ -218,8 +217,7 @@ def _search(ctx: _Context, objective: str) -> dict:
 
     config = search_config(ctx, objective)
     summary = search(config, export=True, log=ctx.log)
-    keys = ("best", "uniform_average", "trials", "failed_trials", "seconds", "trials_to_99pct_of_best")
-    return {"model": summary["export"], **{k: summary[k] for k in keys}}
+    return {"model": summary["export"], **{k: summary[k] for k in ("best", "uniform_average", "trials")}}
 
 
 def _average(ctx: _Context) -> dict:
@@ -280,28 +278,11 @@ def _worker_init() -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
-@contextlib.contextmanager
-def _output_to(handle):
-    """Point file descriptors 1 and 2 at ``handle`` for a while: everything the job prints, from
-    Python or C, lands in its log, and loggers keep their (still open) sys.stderr."""
-    sys.stdout.flush()
-    sys.stderr.flush()
-    saved = os.dup(1), os.dup(2)
-    os.dup2(handle.fileno(), 1)
-    os.dup2(handle.fileno(), 2)
-    try:
-        yield
-    finally:
-        sys.stdout.flush()
-        sys.stderr.flush()
-        for fd, copy in zip((1, 2), saved):
-            os.dup2(copy, fd)
-            os.close(copy)
-
-
 def run_job(run_dir: str, settings: dict, name: str) -> dict:
     """Run one job in this process, output to logs/<name>.log; writes state/<name>.json when done."""
     import torch
+
+    from optimer_merge.fds import redirect_fds
 
     run = Path(run_dir)
     (run / "logs").mkdir(exist_ok=True)
@@ -311,7 +292,7 @@ def run_job(run_dir: str, settings: dict, name: str) -> dict:
         ctx = _Context(run, DemoSettings(**settings), log)
         wall, cpu = time.perf_counter(), time.process_time()
         log(f"== {name} ({time.strftime('%Y-%m-%d %H:%M:%S')})")
-        with _output_to(handle):
+        with redirect_fds(handle.fileno()):
             try:
                 result = _stage(name)(ctx)
             except BaseException:

@@ -256,24 +256,18 @@ class Evaluator:
 
 @contextlib.contextmanager
 def _quiet_lm_eval():
-    """No progress bars (stderr) and no per-task warnings from lm-eval for the duration.
+    """No progress bars (stderr) and no per-task warnings from lm-eval for the duration."""
+    from optimer_merge.fds import redirect_fds
 
-    File descriptor 2 is pointed at /dev/null rather than replacing ``sys.stderr``, so a log
-    handler created meanwhile keeps the real, still open stream."""
     logger = logging.getLogger("lm_eval")
     level = logger.level
     logger.setLevel(logging.ERROR)
-    sys.stderr.flush()
-    saved = os.dup(2)
     devnull = os.open(os.devnull, os.O_WRONLY)
-    os.dup2(devnull, 2)
-    os.close(devnull)
     try:
-        yield
+        with redirect_fds(devnull, (2,)):
+            yield
     finally:
-        sys.stderr.flush()
-        os.dup2(saved, 2)
-        os.close(saved)
+        os.close(devnull)
         logger.setLevel(level)
 
 
