@@ -22,7 +22,7 @@ SITE = $(shell $(PY) -c "import sysconfig; print(sysconfig.get_paths()['purelib'
 
 setup: $(STAMP)
 
-$(STAMP): pyproject.toml constraints/cpu.txt
+$(STAMP): pyproject.toml constraints/cpu.txt optimer_merge_hook.pth
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	@echo "Installing optimer-merge[$(EXTRAS)] into $(VENV) $(if $(HAS_CUDA),(CUDA found),(CPU torch)) ..."
 	$(PY) -m pip install -qq --disable-pip-version-check $(CONSTRAINTS) -e ".[$(EXTRAS)]"

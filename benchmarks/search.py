@@ -41,7 +41,7 @@ def best_of(fn, repeats: int = 3) -> float:
 
 def merge_pool(root: Path):
     """A ~50 M-parameter Gemma 3 base and four perturbed copies (stand-ins of CPT models)."""
-    from optimer_merge import tiny
+    from optimer_merge.testing import tiny
 
     base = root / "base"
     if not (base / "config.json").exists():
@@ -57,7 +57,7 @@ def bench_merge(root: Path, threads: int) -> dict:
     import yaml
     from transformers import AutoModelForCausalLM
 
-    from optimer_merge.vectors import load_pool
+    from optimer_merge.search.pool import load_pool
 
     torch.set_num_threads(threads)
     base, models = merge_pool(root)
@@ -75,7 +75,7 @@ def bench_merge(root: Path, threads: int) -> dict:
     mergekit_yaml = str(Path(sys.executable).with_name("mergekit-yaml"))
 
     def disk_round_trip():
-        subprocess.run([mergekit_yaml, str(recipe), str(root / "merged"), "--lazy-unpickle"], check=True, capture_output=True)
+        subprocess.run([mergekit_yaml, str(recipe), str(root / "merged"), "--lazy-unpickle"], check=True, capture_output=True, timeout=600)
         AutoModelForCausalLM.from_pretrained(root / "merged", dtype=torch.float32)
 
     on_disk = best_of(disk_round_trip, repeats=2)
@@ -85,7 +85,7 @@ def bench_merge(root: Path, threads: int) -> dict:
 
     # kernel vs a plain copy of the same bytes: the kernel reads base + K vectors, writes one tensor
     outs = {k: torch.empty_like(t) for k, t in pool.base.items()}
-    w = pool._weights(weights)
+    w = pool._coeffs(weights)
     kernel = best_of(lambda: [pool.merge_one(k, w, out=outs[k]) for k in pool.deltas], repeats=5)
     n_bytes = sum((1 + len(DOMAINS)) * t.numel() * 4 for t in pool.base.values())
     src, dst = torch.empty(n_bytes // 4), torch.empty(n_bytes // 4)
@@ -155,7 +155,7 @@ def bench_efficiency(root: Path, seeds: int, trials: int, limit: int, tokens: in
 
     # single-domain models (w = one-hot) and the base, scored the same way
     spec = Objective.load(objective)
-    from optimer_merge.vectors import load_pool
+    from optimer_merge.search.pool import load_pool
 
     pool = load_pool(base, {d: {"model": m} for d, m in models.items()}, log=lambda _m: None)
     singles = {}

@@ -29,7 +29,8 @@ def main() -> None:
     import torch
 
     torch.set_num_threads(args.threads)
-    from optimer_merge import data, tiny
+    from optimer_merge import data
+    from optimer_merge.testing import tiny
     from optimer_merge.cpt import TrainConfig, train
     from optimer_merge.cpt import datasets as ds
     from optimer_merge.cpt.demo_base import MODEL, TRAIN

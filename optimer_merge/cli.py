@@ -8,6 +8,8 @@ import sys
 from typing import Sequence
 
 from optimer_merge import __version__
+from optimer_merge.commands import OneLineParser
+from optimer_merge.errors import UserError
 
 # name -> module with `add_arguments(parser)`, `run(args) -> int` and a one-line docstring.
 # Modules are imported lazily so `--help` stays fast.
@@ -24,7 +26,7 @@ COMMANDS = {
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = OneLineParser(
         prog="optimer-merge",
         description=(
             "OptiMer: train one continual-pre-training model per dataset, then search the "
@@ -49,13 +51,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
-    except UserError as error:
+    except UserError as error:  # only these: any other exception keeps its traceback (exit 1)
         print(f"optimer-merge {args.command}: error: {error}", file=sys.stderr)
         return 2
-
-
-class UserError(Exception):
-    """A problem with the user's input, reported as one line without a traceback."""
 
 
 if __name__ == "__main__":

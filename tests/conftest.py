@@ -29,7 +29,7 @@ def tiny_tokenizer():
     import email.message
     import json
 
-    from optimer_merge import tiny
+    from optimer_merge.testing import tiny
 
     texts = [inspect.getsource(json), inspect.getsource(email.message)]
     return tiny.train_tokenizer(texts, vocab_size=400)
@@ -38,7 +38,7 @@ def tiny_tokenizer():
 @pytest.fixture(scope="session")
 def tiny_zoo(tmp_path_factory, tiny_tokenizer) -> Path:
     """A folder laid out like the tiny recipes expect: tiny-{text,multimodal,bf16}/{base,ja,...}."""
-    from optimer_merge import tiny
+    from optimer_merge.testing import tiny
 
     root = tmp_path_factory.mktemp("zoo")
     for folder, kind, dtype in (

@@ -39,9 +39,37 @@ def test_merge_subcommand_matches_formula_with_progress(tiny_zoo):
 
 def test_merge_errors_are_one_line(tmp_path):
     missing = run_cli("merge", str(tmp_path / "none.yml"), str(tmp_path / "out"))
-    assert missing.returncode == 2 and "recipe not found" in missing.stderr
+    assert missing.returncode == 2 and missing.stderr.strip().endswith("none.yml does not exist")
     bad = tmp_path / "bad.yml"
     bad.write_text("merge_method: optimer\nmodels: 3\n")
     invalid = run_cli("merge", str(bad), str(tmp_path / "out"))
-    assert invalid.returncode == 2 and "not a valid mergekit recipe" in invalid.stderr
-    assert "Traceback" not in invalid.stderr
+    assert invalid.returncode == 2 and "invalid mergekit recipe: models: Input should be a valid list (got 3)" in invalid.stderr
+    assert "Traceback" not in invalid.stderr and len(invalid.stderr.strip().splitlines()) == 1
+    assert not (tmp_path / "out").exists()
+
+
+def test_only_user_errors_become_one_line(monkeypatch):
+    """A bug is not a user error: it keeps its traceback (exit 1), whatever its exception type."""
+    import pytest
+
+    from optimer_merge import cli
+    from optimer_merge.commands import leaderboard
+
+    for error in (ValueError("a bug"), KeyError("a bug"), RuntimeError("a bug")):
+
+        def crash(args, error=error):
+            raise error
+
+        monkeypatch.setattr(leaderboard, "run", crash)
+        with pytest.raises(type(error)):
+            cli.main(["leaderboard", "x.json"])
+
+
+def test_a_crash_keeps_its_traceback_through_the_console_script(tmp_path):
+    # a results file whose metric value is a dict crashes inside the leaderboard writer: a bug's shape
+    (tmp_path / "r.json").write_text('{"results": {"t": {"acc,none": 1}}, "higher_is_better": {"t": {"acc": true}}}')
+    ok = run_cli("leaderboard", str(tmp_path / "r.json"), "--output", str(tmp_path / "board"))
+    assert ok.returncode == 0, ok.stderr
+    code = "import sys; from optimer_merge import cli; from optimer_merge.report import leaderboard as lb; lb.write = None; sys.exit(cli.main(sys.argv[1:]))"
+    crash = subprocess.run([sys.executable, "-c", code, "leaderboard", str(tmp_path / "r.json"), "--output", str(tmp_path / "b2")], capture_output=True, text=True, timeout=300)
+    assert crash.returncode == 1 and "Traceback" in crash.stderr and "TypeError" in crash.stderr

@@ -98,3 +98,26 @@ def test_loader_api(tiny_tokenizer):
     sizes = data.sizes(tiny_tokenizer)
     assert sizes["math"]["dev"]["docs"] == len(list(data.open_split("math", "dev")))
     assert 0 < sizes["ja"]["train"]["tokens"] < 4 * sizes["ja"]["train"]["chars"]
+
+
+def test_corpus_checksums_reach_the_token_cache_and_demo_base_keys(tmp_path, monkeypatch):
+    import json
+    import shutil
+
+    from optimer_merge import data
+    from optimer_merge.cpt import datasets as ds
+    from optimer_merge.cpt.demo_base import base_settings
+
+    manifest = json.loads((data.CORPORA_DIR / "MANIFEST.json").read_text())
+    digest = manifest["sha256"]["ja/train.jsonl.gz"]
+    assert len(digest) == 64 and data.checksum("ja", "train") == digest
+    assert ds.describe_source("ja", "train").endswith(digest)
+    assert base_settings(1000, 64, 0, {})["corpora"]["ja/train.jsonl.gz"] == digest
+    # a rebuilt corpus changes every key derived from it
+    copy = tmp_path / "corpora"
+    shutil.copytree(data.CORPORA_DIR, copy)
+    manifest["sha256"]["ja/train.jsonl.gz"] = "0" * 64
+    (copy / "MANIFEST.json").write_text(json.dumps(manifest))
+    monkeypatch.setattr(data, "CORPORA_DIR", copy)
+    assert ds.describe_source("ja", "train").endswith("0" * 64)
+    assert base_settings(1000, 64, 0, {})["corpora"]["ja/train.jsonl.gz"] == "0" * 64

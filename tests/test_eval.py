@@ -47,7 +47,7 @@ def assert_close(a: dict, b: dict, tol: float) -> None:
 @pytest.fixture(scope="session")
 def other_model(tmp_path_factory, small_base) -> Path:
     """The small base with seeded deltas: a second model with the same architecture."""
-    from optimer_merge import tiny
+    from optimer_merge.testing import tiny
 
     return tiny.perturbed_copy(small_base, tmp_path_factory.mktemp("other") / "m", relative_scale=0.2, seed=7)
 
@@ -98,7 +98,7 @@ def test_plain_lm_eval_runs_optimer_dev_offline(small_base, tmp_path):
         "--include_path", str(REPO / "eval_tasks"), "--tasks", "optimer_dev", "--limit", "2",
         "--batch_size", "8", "--output_path", str(tmp_path / "out"),
     ]  # fmt: skip
-    subprocess.run(cmd, check=True, capture_output=True, cwd=tmp_path, env=env)
+    subprocess.run(cmd, check=True, capture_output=True, cwd=tmp_path, env=env, timeout=600)
     (results_file,) = (tmp_path / "out").rglob("results_*.json")
     results = json.loads(results_file.read_text())["results"]
     for domain in DOMAINS:

@@ -25,7 +25,7 @@ def test_leaderboard_from_ours_and_plain_lm_eval(small_base, cpt_runs, tmp_path,
         "--include_path", str(REPO / "eval_tasks"), "--tasks", TASKS, "--limit", "4",
         "--batch_size", "8", "--output_path", str(tmp_path / "lm-eval-zh"),
     ]  # fmt: skip
-    subprocess.run(cmd, check=True, capture_output=True, cwd=tmp_path, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    subprocess.run(cmd, check=True, capture_output=True, cwd=tmp_path, env={**os.environ, "HF_HUB_OFFLINE": "1"}, timeout=600)
     capsys.readouterr()
 
     out = tmp_path / "board"

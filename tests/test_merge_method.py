@@ -40,7 +40,7 @@ def test_stock_mergekit_yaml_runs_optimer_and_matches_formula(tiny_zoo, kind):
 
 
 def run_in_process(config: dict, root: Path, out: str, monkeypatch) -> dict:
-    from optimer_merge.recipes import run_recipe
+    from optimer_merge.merge.recipes import run_recipe
 
     monkeypatch.chdir(root)
     path = root / f"{out}.yml"
@@ -76,8 +76,10 @@ def test_bf16_inputs_accumulate_in_fp32(tiny_zoo, monkeypatch):
     for key, ref in reference.items():
         tolerance = 4 * torch.finfo(torch.float32).eps * ref.abs().max().item() + 1e-12
         assert (merged[key].double() - ref).abs().max().item() <= tolerance, key
-    # the same merge accumulated in bf16 (mergekit's task_arithmetic) is measurably worse
+    # the same merge accumulated in bf16 (mergekit's task_arithmetic; its `lambda` is our `scale`)
+    # is measurably worse
     config["merge_method"] = "task_arithmetic"
+    config["parameters"] = {"normalize": True, "lambda": config["parameters"]["scale"]}
     bf16_acc = run_in_process(config, tiny_zoo, "out-bf16-ta", monkeypatch)
     assert max_abs_diff(bf16_acc, reference) > 100 * max_abs_diff(merged, reference)
 
@@ -125,3 +127,19 @@ def test_stock_mergekit_yaml_reports_zero_sum(tiny_zoo):
     assert result.returncode != 0
     assert "normalize=true needs weights whose sum is not 0" in result.stderr
     shutil.rmtree(tiny_zoo / "out-zero-sum", ignore_errors=True)
+
+
+@pytest.mark.parametrize("field, value", [("weight", ".nan"), ("scale", ".inf")])
+def test_stock_mergekit_yaml_refuses_non_finite_values_before_merging(tiny_zoo, tmp_path, field, value):
+    """The method declares its numbers finite, so mergekit's planner rejects NaN/Inf before any tensor."""
+    text = yaml.safe_dump(text_recipe())
+    if field == "weight":
+        text = text.replace("weight: 0.6", "weight: .nan")
+    else:
+        text = text.replace("scale: 0.8", "scale: .inf")
+    assert value in text
+    recipe = tmp_path / "bad.yml"
+    recipe.write_text(text)
+    result = stock_merge(recipe, tiny_zoo, str(tmp_path / "out"))
+    assert result.returncode != 0 and "finite number" in result.stderr, result.stderr[-2000:]
+    assert not list((tmp_path / "out").glob("*.safetensors"))

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from optimer_merge.merge_rule import coefficients, merge_tensor
+from optimer_merge.merge.rule import coefficients, merge_tensor
 
 
 def test_formula_in_float64():

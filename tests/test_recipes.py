@@ -19,7 +19,7 @@ def test_recipes_exist():
 def test_recipe_validates_with_mergekit(path: Path):
     from mergekit.config import MergeConfiguration
 
-    import optimer_merge.merge_method  # noqa: F401  (registers `optimer`)
+    import optimer_merge.merge.mergekit_method  # noqa: F401  (registers `optimer`)
     from mergekit import merge_methods
 
     config = MergeConfiguration.model_validate(yaml.safe_load(path.read_text()))

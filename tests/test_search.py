@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -20,7 +21,7 @@ from safetensors.torch import load_file, save_file
 
 from optimer_merge import cli
 from optimer_merge.search.optimizers import make_optimizer, uniform_point
-from optimer_merge.vectors import load_pool
+from optimer_merge.search.pool import load_pool
 
 CLI = [sys.executable, "-m", "optimer_merge.cli"]
 OBJECTIVE = str(REPO / "recipes/objectives/dev-bpb.yaml")
@@ -54,7 +55,7 @@ def search_run(tmp_path_factory, small_base, cpt_runs) -> Path:
     """A 20-trial SMAC search over the four CPT models, run through the CLI with --export."""
     out = tmp_path_factory.mktemp("search") / "run"
     env = {**os.environ, "PYTHONHASHSEED": "1"}
-    done = subprocess.run(CLI + search_args(small_base, cpt_runs, out, "--export"), env=env, capture_output=True, text=True)
+    done = subprocess.run(CLI + search_args(small_base, cpt_runs, out, "--export"), env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     return out
 
@@ -117,8 +118,7 @@ def test_search_writes_every_artefact(search_run, small_base):
         assert recipe["merge_method"] == "optimer" and [m["parameters"]["weight"] for m in recipe["models"]] == list(r["weights"].values())
     summary = json.loads((search_run / "summary.json").read_text())
     uniform = summary["uniform_average"]
-    assert uniform is not None and uniform["weights"] == {d: 0.25 for d in DOMAINS}
-    assert max(r["score"] for r in records) >= uniform["score"]
+    assert uniform == {"trial": 1, "weights": {d: 0.25 for d in DOMAINS}, "score": records[0]["score"]}
     best = summary["best"]
     assert best["trial"] in {f["trial"] for f in summary["finalists"]} and len(summary["finalists"]) == 2
     assert all(f["final_score"] is not None for f in summary["finalists"])
@@ -140,7 +140,7 @@ def test_trial_recipe_through_stock_mergekit_equals_in_memory_merge(search_run, 
 
     record = next(r for r in trials(search_run) if len(set(r["weights"].values())) > 1)
     recipe = search_run / record["recipe"]
-    done = subprocess.run([str(Path(sys.executable).with_name("mergekit-yaml")), str(recipe), str(tmp_path / "out")], capture_output=True, text=True)
+    done = subprocess.run([str(Path(sys.executable).with_name("mergekit-yaml")), str(recipe), str(tmp_path / "out")], capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-2000:]
     on_disk = load_weights(tmp_path / "out")
     config = yaml.safe_load(recipe.read_text())
@@ -170,7 +170,7 @@ def test_resume_after_kill_replays_to_the_same_search(search_run, small_base, cp
     assert 11 <= done_before < TRIALS
     with open(out / "trials.jsonl", "a") as f:  # as if killed in the middle of writing a line
         f.write('{"trial": 99, "weights": {"ja"')
-    done = subprocess.run(args, env=env, capture_output=True, text=True)
+    done = subprocess.run(args, env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     assert f"resumed {out}: {done_before} trials already done" in done.stdout
     resumed, reference = trials(out), trials(search_run)
@@ -233,9 +233,10 @@ def test_bad_configs_fail_before_any_trial(small_base, cpt_runs, vectors_dir, ti
 
     save_file(vector, str(bad), metadata=safe_open(str(vectors_dir / "ja.safetensors"), "pt").metadata())
     assert "NaN/Inf" in _fails_before_work(base_args + ["--vector", f"bad={bad}"], capsys, out)
-    # vectors extracted from another base
-    other = tmp_path / "other-vectors"
-    assert cli.main(["vectors", "extract", "--base", str(small_base.parent.parent / "init"), "--model", f"ja={cpt_runs['ja'] / 'model'}", "--out", str(other)]) == 0
+    # vectors extracted from another base (a copy of the model without the train_meta.json that records its base)
+    other, unrecorded = tmp_path / "other-vectors", tmp_path / "unrecorded"
+    shutil.copytree(cpt_runs["ja"] / "model", unrecorded, ignore=shutil.ignore_patterns("train_meta.json"))
+    assert cli.main(["vectors", "extract", "--base", str(small_base.parent.parent / "init"), "--model", f"ja={unrecorded}", "--out", str(other)]) == 0
     capsys.readouterr()
     assert "different base" in _fails_before_work(base_args + ["--vector", f"other={other / 'ja.safetensors'}"], capsys, out)
     # a model of another shape
@@ -277,7 +278,7 @@ def test_smac_proposals_do_not_depend_on_the_process_hash_seed(tmp_path):
     )
     outputs = []
     for seed in ("1", "2"):
-        done = subprocess.run([sys.executable, "-c", code, str(tmp_path / seed)], env={**os.environ, "PYTHONHASHSEED": seed}, capture_output=True, text=True)
+        done = subprocess.run([sys.executable, "-c", code, str(tmp_path / seed)], env={**os.environ, "PYTHONHASHSEED": seed}, capture_output=True, text=True, timeout=600)
         assert done.returncode == 0, done.stderr[-2000:]
         outputs.append(json.loads(done.stdout.splitlines()[-1]))
     assert outputs[0] == outputs[1]
@@ -290,3 +291,71 @@ def test_shipped_search_configs_validate(name):
     config = load_search_config(REPO / "recipes/search" / name)
     assert config.optimizer == "smac" and config.trials >= 40 and len(config.vectors) >= 4
     assert (REPO / config.objective).exists()
+
+
+def test_two_searches_cannot_share_a_folder(small_base, cpt_runs, tmp_path, capsys):
+    from optimer_merge.io.run_folder import RunFolder
+
+    out = tmp_path / "run"
+    with RunFolder(out, "search"):  # another search holds the folder
+        assert cli.main(search_args(small_base, cpt_runs, out, "--trials", "1")) == 2
+    err = capsys.readouterr().err
+    assert f"{out} is in use by another search (process {os.getpid()})" in err
+    assert not (out / "trials.jsonl").exists()
+
+
+def test_failures_from_a_setting_are_retried_once_it_is_fixed(small_base, cpt_runs, tmp_path, capsys):
+    """Trials that failed under one batch size (as an out-of-memory would) run again once the
+    setting changes; with the same settings the failures stand."""
+    out = tmp_path / "run"
+    args = search_args(small_base, cpt_runs, out, "--optimizer", "random", "--trials", "3", "--finalists", "0")
+    args += ["--set", "max_consecutive_failures=2"]
+    assert cli.main(args) == 0
+    good = trials(out)
+    assert [r["settings"]["batch_size"] for r in good] == [16, 16, 16]
+    failed = [{**r, "status": "failed", "reason": "evaluation failed: OutOfMemoryError: CPU out of memory", "score": None,
+               "metrics": {}, "told": -1.0, "settings": {**r["settings"], "batch_size": 64}} for r in good[1:]]  # fmt: skip
+    (out / "trials.jsonl").write_text("".join(json.dumps(r) + "\n" for r in good[:1] + failed))
+    capsys.readouterr()
+    assert cli.main(args + ["--set", "batch_size=64"]) == 2
+    assert "stopped after 2 consecutive failed trials; the last: evaluation failed: OutOfMemoryError" in capsys.readouterr().err
+    assert len(trials(out)) == 3
+    assert cli.main(args) == 0
+    assert "retrying the 2 failed trial(s) at the end of the log: batch_size changed since" in capsys.readouterr().out
+    again = trials(out)
+    assert [r["status"] for r in again] == ["ok", "ok", "ok"] and [r["weights"] for r in again] == [r["weights"] for r in good]
+    assert max(abs(a["score"] - b["score"]) for a, b in zip(again, good)) < 1e-9
+    retried = [json.loads(line) for line in (out / "trials.retried.jsonl").read_text().splitlines()]
+    assert [(r["trial"], r["settings"]["batch_size"]) for r in retried] == [(2, 64), (3, 64)]
+
+
+def test_a_damaged_line_inside_the_log_is_run_again_in_place(search_run, small_base, cpt_runs, tmp_path, capsys):
+    out = tmp_path / "copy"
+    shutil.copytree(search_run, out)
+    reference = trials(search_run)
+    lines = (out / "trials.jsonl").read_text().splitlines()
+    lines[4] = lines[4][: len(lines[4]) // 2]  # trial 5, cut in half
+    (out / "trials.jsonl").write_text("\n".join(lines) + "\n")
+    assert cli.main(search_args(small_base, cpt_runs, out)) == 0
+    assert f"trial 5: its line in {out / 'trials.jsonl'} is damaged; running it again" in capsys.readouterr().out
+    repaired = trials(out)
+    assert [r["weights"] for r in repaired] == [r["weights"] for r in reference]
+    assert max(abs(a["score"] - b["score"]) for a, b in zip(repaired, reference)) < 1e-9
+
+
+def test_best_yaml_says_when_a_vectors_model_is_gone(small_base, cpt_runs, tmp_path, capsys):
+    models = {d: tmp_path / f"model-{d}" for d in ("ja", "zh")}
+    for d, folder in models.items():
+        shutil.copytree(cpt_runs[d] / "model", folder)
+    args = ["vectors", "extract", "--base", str(small_base), "--out", str(tmp_path / "v")]
+    assert cli.main(args + [f"--model={d}={folder}" for d, folder in models.items()]) == 0
+    shutil.rmtree(models["zh"])
+    out = tmp_path / "run"
+    search = ["search", "--base", str(small_base), "--objective", OBJECTIVE, "--output", str(out), "--limit", "2", "--trials", "1",
+              "--finalists", "0", "--threads", "1", "--vector", f"ja={tmp_path / 'v/ja.safetensors'}", "--vector", f"zh={tmp_path / 'v/zh.safetensors'}"]  # fmt: skip
+    assert cli.main(search) == 0
+    assert f"the models behind zh ({models['zh']}) no longer exist" in capsys.readouterr().out
+    best = (out / "best.yaml").read_text()
+    assert best.startswith(f"# WARNING: the model behind vector zh ({models['zh']}) no longer exists")
+    assert yaml.safe_load(best)["models"][1]["model"] == str(models["zh"])
+    assert json.loads((out / "summary.json").read_text())["missing_models"] == {"zh": str(models["zh"])}

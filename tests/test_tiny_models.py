@@ -5,7 +5,8 @@ import hashlib
 import torch
 from safetensors import safe_open
 
-from optimer_merge import tiny
+from optimer_merge.io.hub_layout import to_hub_layout
+from optimer_merge.testing import tiny
 
 
 def digest(model_dir) -> str:
@@ -48,5 +49,5 @@ def test_multimodal_checkpoint_uses_hub_layout_and_reloads(tiny_zoo):
 
 
 def test_to_hub_layout_is_idempotent(tiny_zoo):
-    assert tiny.to_hub_layout(tiny_zoo / "tiny-multimodal" / "base") is False
-    assert tiny.to_hub_layout(tiny_zoo / "tiny-text" / "base") is False
+    assert to_hub_layout(tiny_zoo / "tiny-multimodal" / "base") is False
+    assert to_hub_layout(tiny_zoo / "tiny-text" / "base") is False

@@ -1,1 +1,63 @@
-"""CLI subcommands: each module has a docstring, `add_arguments(parser)` and `run(args)`."""
+"""CLI subcommands: each module has a docstring, `add_arguments(parser)` and `run(args)`.
+
+Shared here: argument types that refuse bad values while parsing, and NAME=VALUE pairs."""
+
+from __future__ import annotations
+
+import argparse
+
+
+def positive_int(text: str) -> int:
+    """An argparse type: an integer >= 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {value}")
+    return value
+
+
+def threads(text: str) -> int | str:
+    """An argparse type: 'auto' or an integer >= 1."""
+    return "auto" if text == "auto" else positive_int(text)
+
+
+def pairs(items: list[str], flag: str) -> dict[str, str]:
+    """``NAME=VALUE`` items as a dict; a missing ``=``, an empty side or a repeated NAME is an error."""
+    from optimer_merge.errors import ConfigError
+
+    out: dict[str, str] = {}
+    for item in items:
+        name, sep, value = item.partition("=")
+        if not sep or not name or not value:
+            raise ConfigError(f"{flag} expects NAME=PATH, got {item!r}")
+        if name in out:
+            raise ConfigError(f"{flag}: name {name!r} is given twice; each name must be unique")
+        out[name] = value
+    return out
+
+
+def set_overrides(items: list[str]) -> dict:
+    """``--set KEY=VALUE`` items as config overrides, each value parsed as YAML."""
+    import yaml
+
+    from optimer_merge.errors import ConfigError
+
+    overrides = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"--set expects KEY=VALUE, got {item!r}")
+        try:
+            overrides[key] = yaml.safe_load(value)
+        except yaml.YAMLError as error:
+            raise ConfigError(f"--set {key}: the value {value!r} is not valid YAML ({getattr(error, 'problem', error)})") from None
+    return overrides
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """argparse, but a usage error is one line (with a pointer to --help), like every other error."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")

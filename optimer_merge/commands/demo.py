@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import argparse
 
+from optimer_merge.commands import positive_int
+
 SIZES = {
     "base_tokens": "pre-training tokens of the tiny base",
     "cpt_tokens": "tokens of each per-domain CPT run (each mixture run gets 4x)",
@@ -32,7 +34,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.formatter_class = argparse.RawDescriptionHelpFormatter
     parser.add_argument("--run-dir", default="runs/demo", help="run folder (a rerun resumes it)")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--workers", type=int, help="worker processes, one CPU thread each (default: min(2, cores))")
+    parser.add_argument("--workers", type=positive_int, help="worker processes, one CPU thread each (default: min(2, cores))")
     parser.add_argument("--optimizer", choices=["smac", "tpe", "random"], help="search optimizer (default smac)")
     parser.add_argument("--lr", type=float, help="peak learning rate of the CPT and mixture runs (default 1e-3)")
     sizes = parser.add_argument_group("sizes (defaults fit a 2-core CPU in about ten minutes)")
@@ -42,26 +44,23 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     import os
-    from pathlib import Path
 
     from pydantic import ValidationError
 
-    from optimer_merge.cli import UserError
-    from optimer_merge.demo import DemoError, DemoSettings, run_demo
+    from optimer_merge.demo import DemoSettings, run_demo
     from optimer_merge.demo.report import write_report
+    from optimer_merge.errors import ConfigError
+    from optimer_merge.io.files import check_output_dir
 
     values = {f: getattr(args, f) for f in (*SIZES, "optimizer", "lr") if getattr(args, f) is not None}
-    values["workers"] = args.workers or min(2, os.cpu_count() or 1)
+    values["workers"] = args.workers if args.workers is not None else min(2, os.cpu_count() or 1)
     try:
         settings = DemoSettings(seed=args.seed, **values)
     except ValidationError as error:
-        raise UserError("; ".join(f"--{str(e['loc'][0]).replace('_', '-')}: {e['msg']}" for e in error.errors())) from None
-    run_dir = Path(args.run_dir)
+        raise ConfigError("; ".join(f"--{str(e['loc'][0]).replace('_', '-')} {e['input']!r}: {e['msg']}" for e in error.errors())) from None
+    run_dir = check_output_dir(args.run_dir, "--run-dir")
     print(f"OptiMer demo into {run_dir} ({settings.workers} workers); each job logs to {run_dir}/logs/", flush=True)
-    try:
-        states = run_demo(run_dir, settings, log=lambda m: print(m, flush=True))
-    except DemoError as error:
-        raise UserError(str(error)) from None
+    states = run_demo(run_dir, settings, log=lambda m: print(m, flush=True))
     numbers = write_report(run_dir, settings, states)
     mean = numbers["test_mean_bits_per_byte"]
     print("\ntest mean bits/byte (lower is better):")

@@ -13,15 +13,22 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from optimer_merge.cli import UserError
+    from optimer_merge.errors import ConfigError
+    from optimer_merge.io.files import check_output_dir
     from optimer_merge.report.leaderboard import leaderboard, read_rows, to_markdown, write
 
-    try:
-        rows = read_rows(args.results)
-        board = leaderboard(rows, args.metrics.split(",") if args.metrics else None, args.tasks.split(",") if args.tasks else None)
-    except (ValueError, FileNotFoundError, OSError) as error:
-        raise UserError(str(error)) from None
-    paths = write(board, args.output)
+    def names(flag: str, value: str | None) -> list[str] | None:
+        if value is None:
+            return None
+        items = [v.strip() for v in value.split(",")]
+        if not all(items):
+            raise ConfigError(f"{flag} {value!r} names an empty entry; give comma-separated names")
+        return items
+
+    metrics, tasks = names("--metrics", args.metrics), names("--tasks", args.tasks)
+    out = check_output_dir(args.output, "--output")
+    board = leaderboard(read_rows(args.results), metrics, tasks)
+    paths = write(board, out)
     print(to_markdown(board))
     print(f"wrote {paths['md']}, {paths['csv']}, {paths['png']}")
     return 0

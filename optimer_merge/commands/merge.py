@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import argparse
 
+from optimer_merge.commands import positive_int
+
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("recipe", help="mergekit YAML recipe (any method, including `optimer`)")
-    parser.add_argument("out", help="output model directory")
+    parser.add_argument("out", help="output model folder (new, empty, or an earlier merge's, which is replaced)")
     parser.add_argument("--device", default="cpu", help="device for the merge math (default: cpu)")
-    parser.add_argument("--threads", type=int, default=None, help="torch threads for the merge")
+    parser.add_argument("--threads", type=positive_int, default=None, help="torch threads for the merge")
     parser.add_argument("--no-copy-tokenizer", action="store_true", help="do not copy the base tokenizer")
     parser.add_argument("--no-model-card", action="store_true", help="do not write README.md")
     parser.add_argument("--out-shard-size", default="5B", help="max shard size, e.g. 2B or 500M")
@@ -18,17 +20,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from mergekit.common import parse_kmb
-    from pydantic import ValidationError
 
-    from optimer_merge.cli import UserError
-    from optimer_merge.recipes import load_recipe, run_recipe
+    from optimer_merge.errors import ConfigError
+    from optimer_merge.merge.recipes import check_merge_target, load_recipe, run_recipe
 
     try:
-        config, _ = load_recipe(args.recipe)
-    except FileNotFoundError as error:
-        raise UserError(f"recipe not found: {error.filename}") from None
-    except ValidationError as error:
-        raise UserError(f"{args.recipe} is not a valid mergekit recipe:\n{error}") from None
+        shard_size = parse_kmb(args.out_shard_size)
+    except ValueError:
+        raise ConfigError(f"--out-shard-size {args.out_shard_size!r} is not a size such as 2B, 500M or 1000000") from None
+    config, _ = load_recipe(args.recipe)
+    check_merge_target(args.out)
     if not args.quiet:
         names = ", ".join(str(m.model.path) for m in config.referenced_models())
         print(f"merging [{config.merge_method}] {names} -> {args.out}", flush=True)
@@ -39,7 +40,7 @@ def run(args: argparse.Namespace) -> int:
         threads=args.threads,
         copy_tokenizer=not args.no_copy_tokenizer,
         write_model_card=not args.no_model_card,
-        out_shard_size=parse_kmb(args.out_shard_size),
+        out_shard_size=shard_size,
         quiet=args.quiet,
     )
     if not args.quiet:

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import argparse
 
+from optimer_merge.commands import positive_int, threads
+
 FLAG_FIELDS = ("base", "objective", "trials", "limit", "finalists", "finalist_limit", "seed", "optimizer", "backend", "output", "threads")
 
 
@@ -20,15 +22,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--base", help="base model folder")
     parser.add_argument("--vector", action="append", metavar="NAME=PATH", help="pool entry: a CPT model folder or a vector .safetensors (replaces the config's)")
     parser.add_argument("--objective", help="objective spec YAML (recipes/objectives/)")
-    parser.add_argument("--trials", type=int, help="number of trials (default 100)")
-    parser.add_argument("--limit", type=int, help="items per task in each trial (default 100)")
+    parser.add_argument("--trials", type=positive_int, help="number of trials (default 100)")
+    parser.add_argument("--limit", type=positive_int, help="items per task in each trial (default 100)")
     parser.add_argument("--finalists", type=int, help="top trials re-scored at --finalist-limit (default 3)")
-    parser.add_argument("--finalist-limit", type=int, help="items per task for finalists (default 300)")
+    parser.add_argument("--finalist-limit", type=positive_int, help="items per task for finalists (default 300)")
     parser.add_argument("--seed", type=int)
     parser.add_argument("--optimizer", choices=["smac", "tpe", "random"])
     parser.add_argument("--backend", choices=["hf", "vllm"])
     parser.add_argument("--output", help="run folder")
-    parser.add_argument("--threads", help="CPU threads: a number or 'auto'")
+    parser.add_argument("--threads", type=threads, help="CPU threads: a number or 'auto'")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override any config field")
     parser.add_argument("--export", action="store_true", help="also merge the best weights to OUTPUT/best-model with mergekit")
 
@@ -36,33 +38,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    import yaml
-
-    from optimer_merge.cli import UserError
-    from optimer_merge.search import SearchError, load_search_config, search
-    from optimer_merge.vectors import VectorError
+    from optimer_merge.commands import pairs, set_overrides
+    from optimer_merge.search import load_search_config, search
 
     overrides = {f: getattr(args, f) for f in FLAG_FIELDS if getattr(args, f) is not None}
-    if str(overrides.get("threads", "")).isdigit():
-        overrides["threads"] = int(overrides["threads"])
     if args.vector:
-        overrides["vectors"] = []
-        for item in args.vector:
-            name, sep, path = item.partition("=")
-            if not sep:
-                raise UserError(f"--vector expects NAME=PATH, got {item!r}")
-            kind = "vector" if Path(path).suffix == ".safetensors" else "model"
-            overrides["vectors"].append({"name": name, kind: path})
-    for item in args.set:
-        key, sep, value = item.partition("=")
-        if not sep or not key:
-            raise UserError(f"--set expects KEY=VALUE, got {item!r}")
-        overrides[key] = yaml.safe_load(value)
-    try:
-        config = load_search_config(args.config, overrides)
-        summary = search(config, export=args.export)
-    except (ValueError, FileNotFoundError, SearchError, VectorError) as error:
-        raise UserError(str(error)) from None
+        overrides["vectors"] = [
+            {"name": name, ("vector" if Path(path).suffix == ".safetensors" else "model"): path}
+            for name, path in pairs(args.vector, "--vector").items()
+        ]
+    overrides.update(set_overrides(args.set))
+    config = load_search_config(args.config, overrides)
+    summary = search(config, export=args.export)
     best = summary["best"]
     print("best weights: " + " ".join(f"{n}={w:.4f}" for n, w in best["weights"].items()))
     if best["mixture_ratios"]:

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import argparse
 
+from optimer_merge.commands import positive_int, threads
+
 # flag -> config field; flags left unset do not override the YAML.
 FLAG_FIELDS = {
     "base": "base",
@@ -49,19 +51,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--mixture", choices=["static", "velocitune"])
     budget = parser.add_mutually_exclusive_group()
-    budget.add_argument("--max-tokens", type=int)
-    budget.add_argument("--max-steps", type=int)
-    parser.add_argument("--seq-len", type=int)
-    parser.add_argument("--micro-batch-size", type=int)
-    parser.add_argument("--grad-accum", type=int)
+    budget.add_argument("--max-tokens", type=positive_int)
+    budget.add_argument("--max-steps", type=positive_int)
+    parser.add_argument("--seq-len", type=positive_int)
+    parser.add_argument("--micro-batch-size", type=positive_int)
+    parser.add_argument("--grad-accum", type=positive_int)
     parser.add_argument("--lr", type=float)
     parser.add_argument("--schedule", choices=["cosine", "constant", "wsd"])
     parser.add_argument("--accelerator", help="auto, cpu, cuda, ... (Lightning Fabric)")
     parser.add_argument("--strategy", help="auto, ddp, fsdp, deepspeed, ... (Lightning Fabric)")
     parser.add_argument("--devices", help="devices per node (Lightning Fabric)")
-    parser.add_argument("--num-nodes", type=int)
+    parser.add_argument("--num-nodes", type=positive_int)
     parser.add_argument("--precision", help="32-true, bf16-mixed, bf16-true, ... (Lightning Fabric)")
-    parser.add_argument("--threads", help="CPU threads: a number, or 'auto' (1 for small models)")
+    parser.add_argument("--threads", type=threads, help="CPU threads: a number, or 'auto' (1 for small models)")
     parser.add_argument("--seed", type=int)
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override any config field")
     parser.add_argument("--overwrite", action="store_true", help="delete the run folder and start over")
@@ -70,16 +72,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def overrides_from_args(args: argparse.Namespace) -> dict:
     """Config overrides from the flags that were given."""
-    import yaml
-
-    from optimer_merge.cli import UserError
+    from optimer_merge.commands import set_overrides
     from optimer_merge.cpt.config import dataset_from_spec
 
     overrides = {field: getattr(args, flag) for flag, field in FLAG_FIELDS.items() if getattr(args, flag) is not None}
     if "devices" in overrides and str(overrides["devices"]).isdigit():
         overrides["devices"] = int(overrides["devices"])
-    if "threads" in overrides and str(overrides["threads"]).isdigit():
-        overrides["threads"] = int(overrides["threads"])
     if args.max_tokens is not None:
         overrides["max_steps"] = None
     if args.max_steps is not None:
@@ -90,23 +88,14 @@ def overrides_from_args(args: argparse.Namespace) -> dict:
         overrides["eval_datasets"] = [dataset_from_spec(spec) for spec in args.eval_dataset]
     if args.no_progress:
         overrides["progress"] = False
-    for item in args.set:
-        key, sep, value = item.partition("=")
-        if not sep or not key:
-            raise UserError(f"--set expects KEY=VALUE, got {item!r}")
-        overrides[key] = yaml.safe_load(value)
+    overrides.update(set_overrides(args.set))
     return overrides
 
 
 def run(args: argparse.Namespace) -> int:
-    from optimer_merge.cli import UserError
     from optimer_merge.cpt.config import load_config
     from optimer_merge.cpt.trainer import train
 
-    overrides = overrides_from_args(args)
-    try:
-        config = load_config(args.config, overrides)
-        train(config, overwrite=args.overwrite)
-    except (ValueError, FileNotFoundError) as error:
-        raise UserError(str(error)) from None
+    config = load_config(args.config, overrides_from_args(args))
+    train(config, overwrite=args.overwrite)
     return 0

@@ -6,60 +6,50 @@ import argparse
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from optimer_merge.vectors.extract import STORE_DTYPES
+
     sub = parser.add_subparsers(dest="action", metavar="ACTION", required=True)
     extract = sub.add_parser("extract", help="write NAME.safetensors = model - base for each model, plus vectors.json")
     extract.add_argument("--base", required=True, help="base model folder")
-    extract.add_argument("--model", action="append", required=True, metavar="NAME=DIR", help="a model trained from the base; repeatable")
+    extract.add_argument("--model", action="append", required=True, metavar="NAME=DIR", help="a model trained from the base; repeatable (NAME becomes the file name)")
     extract.add_argument("--out", required=True, help="output folder")
-    extract.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"], help="stored dtype (default float32: exact)")
+    extract.add_argument("--dtype", default="float32", choices=STORE_DTYPES, help="stored dtype (default float32: exact)")
     stats = sub.add_parser("stats", help="L2 norms and pairwise cosine similarities, overall and per layer (JSON + PNG)")
     stats.add_argument("vectors", nargs="+", help="a folder from `vectors extract`, or NAME=FILE.safetensors entries")
     stats.add_argument("--out", help="folder for stats.json and cosine.png (default: the vectors folder)")
 
 
-def _pairs(items: list[str], what: str) -> dict[str, str]:
-    from optimer_merge.cli import UserError
-
-    pairs = {}
-    for item in items:
-        name, sep, path = item.partition("=")
-        if not sep or not name or not path:
-            raise UserError(f"{what} expects NAME=PATH, got {item!r}")
-        pairs[name] = path
-    return pairs
-
-
 def run(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from optimer_merge.cli import UserError
-    from optimer_merge.vectors import VectorError, extract, read_manifest, stats
+    from optimer_merge.commands import pairs
+    from optimer_merge.errors import ConfigError
+    from optimer_merge.vectors import extract, read_manifest, stats
 
-    try:
-        if args.action == "extract":
-            models = _pairs(args.model, "--model")
-            print(f"extracting {len(models)} vectors from {args.base} -> {args.out}", flush=True)
-            manifest = extract(args.base, models, args.out, dtype=args.dtype, log=lambda m: print(m, flush=True))
-            for name, entry in manifest["vectors"].items():
-                print(f"  {name}: ||v|| = {entry['l2_norm']:.4g}  ({Path(args.out) / entry['file']})")
-            skipped = manifest["skipped"]["equal_in_all_models"]
-            print(f"  {len(skipped)} tensors equal in all models were skipped (listed in vectors.json)")
-            return 0
-        if len(args.vectors) == 1 and Path(args.vectors[0]).is_dir():
-            folder = Path(args.vectors[0])
-            files = {name: str(folder / e["file"]) for name, e in read_manifest(folder)["vectors"].items()}
-            out = args.out or folder
-        else:
-            files = _pairs(args.vectors, "stats")
-            out = args.out or "."
-        result = stats(files, out)
-        names = result["vectors"]
-        width = max(len(n) for n in names) + 2
-        print("cosine similarity".ljust(width) + "".join(n.rjust(8) for n in names))
-        for name, row in zip(names, result["cosine"]):
-            print(name.ljust(width) + "".join(f"{v:8.3f}" for v in row))
-        print("L2 norm".ljust(width) + "".join(f"{result['l2_norm'][n]:8.3g}" for n in names))
-        print(f"wrote {Path(out) / 'stats.json'} and {Path(out) / 'cosine.png'}")
+    if args.action == "extract":
+        models = pairs(args.model, "--model")
+        print(f"extracting {len(models)} vectors from {args.base} -> {args.out}", flush=True)
+        manifest = extract(args.base, models, args.out, dtype=args.dtype, log=lambda m: print(m, flush=True))
+        for name, entry in manifest["vectors"].items():
+            print(f"  {name}: ||v|| = {entry['l2_norm']:.4g}  ({Path(args.out) / entry['file']})")
+        skipped = manifest["skipped"]["equal_in_all_models"]
+        print(f"  {len(skipped)} tensors equal in all models were skipped (listed in vectors.json)")
         return 0
-    except (VectorError, FileNotFoundError) as error:
-        raise UserError(str(error)) from None
+    if len(args.vectors) == 1 and "=" not in args.vectors[0]:
+        folder = Path(args.vectors[0])
+        if folder.is_file():
+            raise ConfigError(f"{folder} is a file: give a folder from `vectors extract`, or NAME=FILE.safetensors entries")
+        files = {name: str(folder / e["file"]) for name, e in read_manifest(folder)["vectors"].items()}
+        out = args.out or folder
+    else:
+        files = pairs(args.vectors, "stats")
+        out = args.out or "."
+    result = stats(files, out)
+    names = result["vectors"]
+    width = max(len(n) for n in names) + 2
+    print("cosine similarity".ljust(width) + "".join(n.rjust(8) for n in names))
+    for name, row in zip(names, result["cosine"]):
+        print(name.ljust(width) + "".join(f"{v:8.3f}" for v in row))
+    print("L2 norm".ljust(width) + "".join(f"{result['l2_norm'][n]:8.3g}" for n in names))
+    print(f"wrote {Path(out) / 'stats.json'} and {Path(out) / 'cosine.png'}")
+    return 0

@@ -5,12 +5,14 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Literal
 
-import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PositiveInt, field_validator, model_validator
+
+# Lightning Fabric's precision settings.
+PRECISIONS = ("32-true", "32", "16-mixed", "16", "bf16-mixed", "bf16", "bf16-true", "16-true", "64-true", "64", "transformer-engine", "transformer-engine-float16")
 
 
 class _Frozen(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
 
 class DatasetSpec(_Frozen):
@@ -21,7 +23,7 @@ class DatasetSpec(_Frozen):
     ``eval_source`` (default: the corpus domain's dev split; none for files unless given).
     """
 
-    name: str
+    name: str = Field(pattern=r"^[A-Za-z0-9_][A-Za-z0-9_.-]*$")
     source: str
     ratio: float = 1.0
     text_field: str = "text"
@@ -71,15 +73,15 @@ class TrainConfig(_Frozen):
     warmup_fraction: float = Field(0.05, ge=0, le=1)
     decay_fraction: float = Field(0.2, ge=0, le=1)
     weight_decay: float = Field(0.1, ge=0)
-    betas: tuple[float, float] = (0.9, 0.95)
+    betas: tuple[float, float] = (0.9, 0.95)  # each in [0, 1)
     grad_clip: float | None = Field(1.0, gt=0)
 
     accelerator: str = "auto"
     strategy: str = "auto"
     devices: int | str = 1
     num_nodes: int = Field(1, ge=1)
-    precision: str = "32-true"
-    threads: int | Literal["auto"] | None = "auto"
+    precision: Literal[PRECISIONS] = "32-true"  # type: ignore[valid-type]
+    threads: PositiveInt | Literal["auto"] | None = "auto"
     save_dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
 
     seed: int = 0
@@ -99,6 +101,8 @@ class TrainConfig(_Frozen):
         duplicates = sorted({n for n in names if names.count(n) > 1})
         if duplicates:
             raise ValueError(f"dataset names must be unique; repeated: {', '.join(duplicates)}")
+        if not all(0 <= b < 1 for b in self.betas):
+            raise ValueError(f"betas {list(self.betas)} must each be in [0, 1)")
         if sum(d.ratio for d in self.datasets) <= 0:
             raise ValueError("dataset ratios are all zero: give at least one a positive ratio")
         unknown = set(self.velocitune.targets) - {d.name for d in self.datasets}
@@ -133,32 +137,6 @@ def _looks_like_ratio(spec: str) -> bool:
 
 def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None = None) -> TrainConfig:
     """Read a training config YAML (optional), apply ``overrides`` (dotted keys) and validate."""
+    from optimer_merge.io.yaml_config import load_yaml_config
+
     return load_yaml_config(TrainConfig, path, overrides, "training config")
-
-
-def load_yaml_config(cls, path: str | Path | None, overrides: dict[str, Any] | None, what: str):
-    """Read a YAML config (optional), apply ``overrides`` (dotted keys allowed), validate as ``cls``.
-
-    Paths inside stay relative to the working directory, as in mergekit recipes. Raises
-    ValueError with every problem listed, one per line, naming the offending field.
-    """
-    raw: dict[str, Any] = {}
-    if path is not None:
-        loaded = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
-        if not isinstance(loaded, dict):
-            raise ValueError(f"{path}: expected a mapping of settings at the top level")
-        raw = loaded
-    for key, value in (overrides or {}).items():
-        target = raw
-        *parents, leaf = key.split(".")
-        for parent in parents:
-            target = target.setdefault(parent, {})
-        target[leaf] = value
-    try:
-        return cls.model_validate(raw)
-    except ValidationError as error:
-        problems = []
-        for item in error.errors():
-            where = ".".join(str(p) for p in item["loc"]) or "config"
-            problems.append(f"{where}: {item['msg']}")
-        raise ValueError(f"invalid {what}:\n  " + "\n  ".join(problems)) from None

@@ -19,6 +19,7 @@ import numpy as np
 
 from optimer_merge import data as corpora
 from optimer_merge.cpt.config import DatasetSpec
+from optimer_merge.errors import ConfigError, DataError
 
 FILE_SUFFIXES = (".jsonl", ".jsonl.gz", ".json", ".txt", ".parquet")
 
@@ -46,13 +47,13 @@ def source_files(source: str) -> list[Path]:
     if path.is_dir():
         files = sorted(p for p in path.rglob("*") if p.is_file() and p.name.endswith(FILE_SUFFIXES))
         if not files:
-            raise ValueError(f"{path}: folder holds no {', '.join(FILE_SUFFIXES)} files")
+            raise DataError(f"{path}: folder holds no {', '.join(FILE_SUFFIXES)} files")
         return files
     if path.is_file():
         if not path.name.endswith(FILE_SUFFIXES):
-            raise ValueError(f"{path}: unsupported file type; use one of {', '.join(FILE_SUFFIXES)}")
+            raise DataError(f"{path}: unsupported file type; use one of {', '.join(FILE_SUFFIXES)}")
         return [path]
-    raise ValueError(
+    raise ConfigError(
         f"unknown dataset source {source!r}: not a corpus domain "
         f"({', '.join(corpora.ALL_DOMAINS)}) and no such file or folder"
     )
@@ -61,9 +62,7 @@ def source_files(source: str) -> list[Path]:
 def describe_source(source: str, split: str) -> str:
     """A fingerprint of a source's content (corpus checksum, or file paths, sizes and mtimes)."""
     if _is_corpus(source):
-        manifest = json.loads((corpora.CORPORA_DIR / "MANIFEST.json").read_text())
-        key = f"{source}/{split}.jsonl.gz"
-        return f"corpus:{key}:{manifest.get('files', {}).get(key, '')}"
+        return f"corpus:{source}/{split}.jsonl.gz:{corpora.checksum(source, split)}"
     parts = [f"{p.resolve()}:{p.stat().st_size}:{p.stat().st_mtime_ns}" for p in source_files(source)]
     return "files:" + "|".join(parts)
 
@@ -78,28 +77,47 @@ def documents(source: str, split: str = "train", text_field: str = "text") -> It
 
 
 def _file_documents(path: Path, text_field: str) -> Iterator[str]:
+    """Texts of one file; anything that is not UTF-8 text is a DataError naming file and line."""
     name = path.name
     if name.endswith(".txt"):
-        yield path.read_text(encoding="utf-8")
+        data = path.read_bytes()
+        try:
+            yield data.decode("utf-8")
+        except UnicodeDecodeError as error:
+            line = data[: error.start].count(b"\n") + 1
+            raise DataError(f"{path}:{line}: not UTF-8 text; convert the file to UTF-8") from None
     elif name.endswith(".parquet"):
+        import pyarrow as pa
         import pyarrow.parquet as pq
 
         parquet = pq.ParquetFile(path)
-        if text_field not in parquet.schema_arrow.names:
-            raise ValueError(f"{path}: no column {text_field!r} (columns: {', '.join(parquet.schema_arrow.names)})")
+        schema = parquet.schema_arrow
+        if text_field not in schema.names:
+            raise DataError(f"{path}: no column {text_field!r} (columns: {', '.join(schema.names)}); set text_field")
+        column_type = schema.field(text_field).type
+        if not (pa.types.is_string(column_type) or pa.types.is_large_string(column_type)):
+            raise DataError(f"{path}: column {text_field!r} holds {column_type}, not text")
         for batch in parquet.iter_batches(columns=[text_field], batch_size=1024):
             yield from (t for t in batch.column(0).to_pylist() if t)
     else:
         opener = gzip.open if name.endswith(".gz") else open
-        with opener(path, "rt", encoding="utf-8") as handle:
-            for number, line in enumerate(handle, start=1):
+        with opener(path, "rb") as handle:
+            for number, raw in enumerate(handle, start=1):
+                try:
+                    line = raw.decode("utf-8")
+                except UnicodeDecodeError:
+                    raise DataError(f"{path}:{number}: not UTF-8 text; convert the file to UTF-8") from None
                 if not line.strip():
                     continue
                 try:
                     record = json.loads(line)
-                    text = record[text_field]
-                except (json.JSONDecodeError, KeyError, TypeError):
-                    raise ValueError(f"{path}:{number}: expected a JSON object with a {text_field!r} field") from None
+                except json.JSONDecodeError:
+                    raise DataError(f"{path}:{number}: not a JSON object; expected one document per line, with a {text_field!r} field") from None
+                text = record.get(text_field) if isinstance(record, dict) else None
+                if text is None:
+                    raise DataError(f"{path}:{number}: expected a JSON object with a {text_field!r} field (set text_field)")
+                if not isinstance(text, str):
+                    raise DataError(f"{path}:{number}: {text_field!r} is a {type(text).__name__}, expected a string")
                 if text:
                     yield text
 
@@ -112,31 +130,35 @@ def tokenize_to_file(texts: Iterable[str], tokenizer, path: Path, batch_docs: in
     bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
     eos = tokenizer.eos_token_id
     if eos is None:
-        raise ValueError("the tokenizer has no EOS token; packing needs one between documents")
+        raise ConfigError("the tokenizer has no EOS token; packing needs one between documents")
     partial = path.with_name(path.name + f".{os.getpid()}.partial")
     count = 0
-    with open(partial, "wb") as out:
-        batch: list[str] = []
+    try:
+        with open(partial, "wb") as out:
+            batch: list[str] = []
 
-        def flush() -> int:
-            written = 0
-            backend = getattr(tokenizer, "backend_tokenizer", None)
-            if backend is not None:  # fast path, and no max-length warnings for long documents
-                encoded = [e.ids for e in backend.encode_batch(batch, add_special_tokens=False)]
-            else:
-                encoded = tokenizer(batch, add_special_tokens=False)["input_ids"]
-            for ids in encoded:
-                array = np.asarray(bos + ids + [eos], dtype=np.uint32)
-                out.write(array.tobytes())
-                written += len(array)
-            batch.clear()
-            return written
+            def flush() -> int:
+                written = 0
+                backend = getattr(tokenizer, "backend_tokenizer", None)
+                if backend is not None:  # fast path, and no max-length warnings for long documents
+                    encoded = [e.ids for e in backend.encode_batch(batch, add_special_tokens=False)]
+                else:
+                    encoded = tokenizer(batch, add_special_tokens=False)["input_ids"]
+                for ids in encoded:
+                    array = np.asarray(bos + ids + [eos], dtype=np.uint32)
+                    out.write(array.tobytes())
+                    written += len(array)
+                batch.clear()
+                return written
 
-        for text in texts:
-            batch.append(text)
-            if len(batch) >= batch_docs:
-                count += flush()
-        count += flush()
+            for text in texts:
+                batch.append(text)
+                if len(batch) >= batch_docs:
+                    count += flush()
+            count += flush()
+    except BaseException:
+        partial.unlink(missing_ok=True)
+        raise
     os.replace(partial, path)
     return count
 
@@ -159,7 +181,7 @@ class TokenBlocks:
 def load_blocks(spec: DatasetSpec, split: str, tokenizer, seq_len: int, cache_dir: Path, source: str | None = None) -> TokenBlocks:
     """Tokenize a dataset (cached by content and tokenizer) and return its blocks.
 
-    Raises ValueError naming the dataset if it is missing or too small for one block.
+    Raises DataError naming the dataset (and file and line) if it is unreadable or too small for one block.
     """
     source = source or spec.source
     key = hashlib.sha256(
@@ -171,7 +193,7 @@ def load_blocks(spec: DatasetSpec, split: str, tokenizer, seq_len: int, cache_di
         tokenize_to_file(documents(source, split, spec.text_field), tokenizer, path)
     blocks = TokenBlocks(path, seq_len, spec.name)
     if blocks.num_blocks == 0:
-        raise ValueError(
+        raise DataError(
             f"dataset {spec.name!r} ({source}, {split}) has {blocks.num_tokens} tokens, "
             f"fewer than seq_len={seq_len}: it is empty or too small to train on"
         )

@@ -39,10 +39,23 @@ def cache_root() -> Path:
     return Path(os.environ.get("OPTIMER_MERGE_CACHE", Path.home() / ".cache" / "optimer-merge"))
 
 
+def base_settings(tokens: int, vocab_size: int, seed: int, model_overrides: dict) -> dict:
+    """Everything the base depends on, corpus checksums included: its cache key."""
+    return {
+        "model": {**MODEL, **model_overrides},
+        "vocab_size": vocab_size,
+        "tokens": tokens,
+        "seed": seed,
+        "mixture": MIXTURE,
+        "train": TRAIN,
+        "corpora": json.loads((data.CORPORA_DIR / "MANIFEST.json").read_text())["sha256"],
+    }
+
+
 def demo_base(
     cache: str | Path | None = None,
     *,
-    tokens: int = 600_000,
+    tokens: int = 500_000,
     vocab_size: int = VOCAB_SIZE,
     seed: int = 0,
     log: Callable[[str], None] = print,
@@ -50,20 +63,12 @@ def demo_base(
     **model_overrides,
 ) -> Path:
     """Return the folder of the cached demo base model, building it first if needed."""
-    from optimer_merge import tiny
     from optimer_merge.cpt.config import TrainConfig
     from optimer_merge.cpt.trainer import train
+    from optimer_merge.testing import tiny
 
-    model = {**MODEL, **model_overrides}
-    settings = {
-        "model": model,
-        "vocab_size": vocab_size,
-        "tokens": tokens,
-        "seed": seed,
-        "mixture": MIXTURE,
-        "train": TRAIN,
-        "corpora": json.loads((data.CORPORA_DIR / "MANIFEST.json").read_text()).get("files"),
-    }
+    settings = base_settings(tokens, vocab_size, seed, model_overrides)
+    model = settings["model"]
     key = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:12]
     folder = Path(cache or cache_root()) / f"demo-base-{key}"
     final = folder / "pretrain" / "model"

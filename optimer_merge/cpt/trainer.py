@@ -13,12 +13,14 @@ Run folder layout (``config.output``)::
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import json
 import math
 import os
 import shutil
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
@@ -28,16 +30,15 @@ import torch
 from optimer_merge.cpt import datasets as ds
 from optimer_merge.cpt import velocitune as vt
 from optimer_merge.cpt.config import TrainConfig
+from optimer_merge.errors import ConfigError
+from optimer_merge.io.checkpoints import check_model_folder, fingerprint, saved_dtype
+from optimer_merge.io.files import write_json
+from optimer_merge.io.run_folder import RunFolder
 from optimer_merge.threads import default_threads
-from optimer_merge.vectors import fingerprint
 
 # Fields that may change between a run and its resumption without changing the result.
 RESUMABLE_FIELDS = {"progress", "threads", "checkpoint_every", "keep_checkpoints"}
-TOKENS_DIR, CHECKPOINTS_DIR, MODEL_DIR = "tokens", "checkpoints", "model"
-
-
-class RunFolderConflict(ValueError):
-    """The output folder holds a different run."""
+TOKENS_DIR, CHECKPOINTS_DIR, MODEL_DIR, RUN_RECORD = "tokens", "checkpoints", "model", "run_config.json"
 
 
 def lr_at(step: int, total_steps: int, config: TrainConfig) -> float:
@@ -67,9 +68,7 @@ def load_base(base: str | Path):
     from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForImageTextToText, AutoTokenizer
     from transformers.utils import logging as hf_logging
 
-    base = Path(base)
-    if not (base / "config.json").exists():
-        raise ValueError(f"base model {base} not found: expected a Hugging Face model folder with config.json")
+    base = check_model_folder(base, "base model")
     hf_logging.disable_progress_bar()
     config = AutoConfig.from_pretrained(base)
     tokenizer = AutoTokenizer.from_pretrained(base)
@@ -82,12 +81,6 @@ def load_base(base: str | Path):
         model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
         text_config = config
     return model, tokenizer, text_config
-
-
-def _saved_dtype(base: Path) -> torch.dtype:
-    config = json.loads((base / "config.json").read_text())
-    name = config.get("dtype") or config.get("torch_dtype") or config.get("text_config", {}).get("dtype") or "float32"
-    return getattr(torch, str(name).replace("torch.", ""))
 
 
 def _flops_per_token(model, text_config, seq_len: int) -> float:
@@ -136,19 +129,6 @@ class MetricsLog:
 
 def _checkpoints(folder: Path) -> list[Path]:
     return sorted(folder.glob("step-*.ckpt"))
-
-
-def _check_run_folder(config: TrainConfig, out: Path) -> None:
-    record = out / "run_config.json"
-    mine = {k: v for k, v in config.model_dump(mode="json").items() if k not in RESUMABLE_FIELDS}
-    if record.exists():
-        theirs = {k: v for k, v in json.loads(record.read_text()).items() if k not in RESUMABLE_FIELDS}
-        if theirs != mine:
-            changed = sorted(k for k in set(mine) | set(theirs) if mine.get(k) != theirs.get(k))
-            raise RunFolderConflict(
-                f"{out} holds a different run (settings differ: {', '.join(changed)}); "
-                "choose another output folder or pass --overwrite"
-            )
 
 
 def _evaluate(fabric, model, sets: dict[str, ds.TokenBlocks], blocks: int, batch: int) -> dict[str, float]:
@@ -230,7 +210,7 @@ def velocitune_targets(config: TrainConfig, log: Callable[[str], None] = print) 
             result["fits"][spec.name] = {"E": law.E, "B": law.B, "beta": law.beta, "tokens": planned}
         result["proxy"] = {k: meta[k] for k in ("steps", "tokens", "wall_seconds", "cpu_seconds", "flops_estimate")}
     out.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(result, indent=2))
+    write_json(path, result)
     return result
 
 
@@ -244,6 +224,16 @@ def _total_steps(config: TrainConfig, world_size: int = 1) -> int:
     return max(1, math.ceil(config.max_tokens / _tokens_per_step(config, world_size)))
 
 
+def _is_primary_process() -> bool:
+    """False in the extra ranks a distributed launcher starts (they share the primary's folder)."""
+    return os.environ.get("RANK", "0") == "0" and os.environ.get("LOCAL_RANK", "0") == "0"
+
+
+def identity(config: TrainConfig) -> dict:
+    """What must match for a run folder to be resumed."""
+    return {k: v for k, v in config.model_dump(mode="json").items() if k not in RESUMABLE_FIELDS}
+
+
 def train(
     config: TrainConfig,
     *,
@@ -253,41 +243,88 @@ def train(
 ) -> dict:
     """Train (or resume, or skip if finished) the run described by ``config``; returns train_meta.
 
-    Every input is checked before training starts; the final model appears at ``output/model``
-    only once it is completely written.
+    Every input is checked before the first step (``prepare``); a run refused then leaves no
+    folder behind. The final model appears at ``output/model`` only once it is completely written.
     """
+    out = Path(config.output)
+    primary = _is_primary_process()
+    if overwrite and primary and out.exists():
+        shutil.rmtree(out)
+    folder = RunFolder(out, "training run", fix="choose another output folder or pass --overwrite") if primary else None
+    with folder or contextlib.nullcontext():
+        if folder is not None:
+            folder.check(RUN_RECORD, identity(config), ignore=tuple(RESUMABLE_FIELDS))
+        meta_path = out / "train_meta.json"
+        if meta_path.exists() and (not export or (out / MODEL_DIR).exists()):
+            log(f"{out}: already trained, reused (pass --overwrite to retrain)")
+            return json.loads(meta_path.read_text())
+        if folder is not None:
+            folder.record(RUN_RECORD, identity(config), config=config.model_dump(mode="json"))
+        run = prepare(config, log)
+        if folder is not None:
+            folder.keep()
+        state = fit(run)
+        return finalize(run, state, export)
+
+
+@dataclass
+class Run:
+    """A prepared run: the launched Fabric, the model and optimizer set up, the data tokenized."""
+
+    config: TrainConfig
+    out: Path
+    fabric: object
+    model: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    tokenizer: object
+    text_config: object
+    train_sets: list
+    eval_sets: dict
+    sampler: ds.MixtureSampler
+    ratios: dict[str, float]
+    targets: dict | None
+    total_steps: int
+    tokens_per_step: int
+    n_params: int
+    n_trainable: int
+    say: Callable[[str], None]
+
+    @property
+    def names(self) -> list[str]:
+        return [d.name for d in self.config.datasets]
+
+
+def prepare(config: TrainConfig, log: Callable[[str], None] = print) -> Run:
+    """Check every input, launch Fabric, load the base, tokenize the data, set up the optimizer."""
     from lightning.fabric import Fabric
 
     out = Path(config.output)
-    meta_path = out / "train_meta.json"
-    if overwrite and out.exists():
-        shutil.rmtree(out)
-    _check_run_folder(config, out)
-    if meta_path.exists() and (not export or (out / MODEL_DIR).exists()):
-        log(f"{out}: already trained, reused (pass --overwrite to retrain)")
-        return json.loads(meta_path.read_text())
-
-    # Everything that can be wrong with the inputs is checked here, before any file is written.
     base = Path(config.base)
     model, tokenizer, text_config = load_base(base)
     max_len = getattr(text_config, "max_position_embeddings", None)
     if max_len is not None and config.seq_len > max_len:
-        raise ValueError(f"seq_len={config.seq_len} is above the model's maximum of {max_len} positions")
-    token_fp = ds.tokenizer_fingerprint(tokenizer)
+        raise ConfigError(f"seq_len={config.seq_len} is above the model's maximum of {max_len} positions")
     for spec in config.datasets + config.eval_datasets:
         ds.check_source(spec.source)
+        if spec.eval_source:
+            ds.check_source(spec.eval_source)
     if config.mixture == "velocitune":
         lacking = [d.name for d in config.datasets if ds.eval_source(d) is None]
         if lacking:
-            raise ValueError(f"velocitune needs held-out data for every dataset; set eval_source for: {', '.join(lacking)}")
-
-    fabric = Fabric(
-        accelerator=config.accelerator,
-        strategy=config.strategy,
-        devices=config.devices,
-        num_nodes=config.num_nodes,
-        precision=config.precision,
-    )
+            raise ConfigError(f"velocitune needs held-out data for every dataset; set eval_source for: {', '.join(lacking)}")
+    try:
+        fabric = Fabric(
+            accelerator=config.accelerator,
+            strategy=config.strategy,
+            devices=config.devices,
+            num_nodes=config.num_nodes,
+            precision=config.precision,
+        )
+    except (ValueError, RuntimeError) as error:  # Lightning's checks of these settings
+        raise ConfigError(
+            f"accelerator={config.accelerator!r}, strategy={config.strategy!r}, devices={config.devices!r}, "
+            f"precision={config.precision!r}: {error}"
+        ) from None
     fabric.launch()
     say = log if fabric.is_global_zero else (lambda _msg: None)
     n_params = sum(p.numel() for p in model.parameters())
@@ -305,15 +342,7 @@ def train(
             source = ds.eval_source(spec) if spec in config.datasets else (spec.eval_source or spec.source)
             if source is not None:
                 eval_sets[spec.name] = ds.load_blocks(spec, "dev", tokenizer, config.seq_len, token_dir, source)
-
-    targets_info = velocitune_targets(config, log=say) if config.mixture == "velocitune" else None
-
-    ckpt_dir = out / CHECKPOINTS_DIR
-    existing = _checkpoints(ckpt_dir)
-    if fabric.is_global_zero:
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "run_config.json").write_text(json.dumps(config.model_dump(mode="json"), indent=2))
-        ckpt_dir.mkdir(exist_ok=True)
+    targets = velocitune_targets(config, log=say) if config.mixture == "velocitune" else None
     fabric.seed_everything(config.seed, verbose=False)
 
     trainable = [p for p in model.parameters() if p.requires_grad]
@@ -326,13 +355,27 @@ def train(
     )
     model, optimizer = fabric.setup(model, optimizer)
     model.train()
-
+    ratios = config.ratios()
     names = [d.name for d in config.datasets]
-    weights = config.ratios()
-    sampler = ds.MixtureSampler([d.num_blocks for d in train_sets], [weights[n] for n in names], config.seed)
     world = fabric.world_size
-    total_steps = _total_steps(config, world)
-    tokens_per_step = _tokens_per_step(config, world)
+    return Run(
+        config=config, out=out, fabric=fabric, model=model, optimizer=optimizer, tokenizer=tokenizer, text_config=text_config,
+        train_sets=train_sets, eval_sets=eval_sets,
+        sampler=ds.MixtureSampler([d.num_blocks for d in train_sets], [ratios[n] for n in names], config.seed),
+        ratios=ratios, targets=targets, total_steps=_total_steps(config, world), tokens_per_step=_tokens_per_step(config, world),
+        n_params=n_params, n_trainable=sum(p.numel() for p in trainable), say=say,
+    )  # fmt: skip
+
+
+def fit(run: Run) -> dict:
+    """The training loop, from the last checkpoint if there is one; returns the final loop state."""
+    config, fabric, model, optimizer, sampler = run.config, run.fabric, run.model, run.optimizer, run.sampler
+    names, say = run.names, run.say
+    ckpt_dir = run.out / CHECKPOINTS_DIR
+    if fabric.is_global_zero:
+        ckpt_dir.mkdir(parents=True, exist_ok=True)
+    existing = _checkpoints(ckpt_dir)
+    token_fp = ds.tokenizer_fingerprint(run.tokenizer)
     state = {
         "model": model,
         "optimizer": optimizer,
@@ -342,40 +385,43 @@ def train(
         "elapsed": {"wall": 0.0, "cpu": 0.0},
         "initial_eval": None,
         "trajectory": [],
-        "window": {"loss": 0.0, "steps": 0},  # train loss since the last metrics row
+        "window": {"loss": 0.0, "steps": 0, "seconds": 0.0},  # train loss and time since the last metrics row
     }
     resume_step = None
     if existing:
         remainder = fabric.load(existing[-1], state)
         state.update(remainder or {})
         if state["tokenizer"] != token_fp:
-            raise ValueError(
+            raise ConfigError(
                 f"tokenizer mismatch: checkpoint {existing[-1]} was trained with a different tokenizer "
-                f"than the base {base}; use the same base or a new output folder"
+                f"than the base {config.base}; use the same base or a new output folder"
             )
         sampler.load_state_dict(state["sampler"])
         resume_step = state["step"]
-        say(f"resuming {out} from step {resume_step} of {total_steps}")
+        say(f"resuming {run.out} from step {resume_step} of {run.total_steps}")
 
     columns = (
         ["step", "tokens", "lr", "train_loss", "tokens_per_s"]
         + [f"tokens/{n}" for n in names]
         + [f"weight/{n}" for n in names]
-        + [f"eval_loss/{n}" for n in eval_sets]
+        + [f"eval_loss/{n}" for n in run.eval_sets]
     )
-    metrics = MetricsLog(out / "metrics.csv", columns, resume_step, fabric.is_global_zero)
+    metrics = MetricsLog(run.out / "metrics.csv", columns, resume_step, fabric.is_global_zero)
 
     def row(step: int, lr: float, train_loss: float, tps: float, losses: dict[str, float]) -> dict:
-        r = {"step": step, "tokens": step * tokens_per_step, "lr": lr, "train_loss": train_loss, "tokens_per_s": tps}
+        r = {"step": step, "tokens": step * run.tokens_per_step, "lr": lr, "train_loss": train_loss, "tokens_per_s": tps}
         r.update({f"tokens/{n}": c * config.seq_len for n, c in zip(names, sampler.counts)})
         r.update({f"weight/{n}": w for n, w in zip(names, sampler.weights)})
         r.update({f"eval_loss/{n}": v for n, v in losses.items()})
         return r
 
+    def evaluate() -> dict[str, float]:
+        return _evaluate(fabric, model, run.eval_sets, config.eval_blocks, config.micro_batch_size)
+
     if config.mixture == "velocitune" and not state["trajectory"]:
-        state["trajectory"].append({"step": 0, "weights": dict(weights)})
+        state["trajectory"].append({"step": 0, "weights": dict(run.ratios)})
     if state["initial_eval"] is None:
-        state["initial_eval"] = _evaluate(fabric, model, eval_sets, config.eval_blocks, config.micro_batch_size)
+        state["initial_eval"] = evaluate()
         metrics.write(row(0, 0.0, float("nan"), 0.0, state["initial_eval"]))
 
     def save_checkpoint(step: int) -> None:
@@ -394,25 +440,26 @@ def train(
 
     start = state["step"]
     bar = tqdm(
-        total=total_steps,
+        total=run.total_steps,
         initial=start,
         unit="step",
         disable=not (config.progress and fabric.is_global_zero),
         dynamic_ncols=True,
         mininterval=2.0,
     )
-    slots = config.micro_batch_size * world
+    slots = config.micro_batch_size * fabric.world_size
     wall0, cpu0 = time.perf_counter(), time.process_time()
-    window_loss, window_steps, window_t = state["window"]["loss"], state["window"]["steps"], time.perf_counter()
-    lr = lr_at(start, total_steps, config)
-    for step in range(start, total_steps):
-        lr = lr_at(step, total_steps, config)
+    # the metrics window: its loss and steps, and its seconds before this process (a resumed run)
+    window = dict(state["window"])
+    window_t = time.perf_counter()
+    for step in range(start, run.total_steps):
+        lr = lr_at(step, run.total_steps, config)
         for group in optimizer.param_groups:
             group["lr"] = lr
         step_loss = 0.0
         for micro in range(config.grad_accum):
             picks = sampler.take(slots)[fabric.global_rank * config.micro_batch_size : (fabric.global_rank + 1) * config.micro_batch_size]
-            x = torch.from_numpy(np.stack([train_sets[d].block(b) for d, b in picks])).to(fabric.device)
+            x = torch.from_numpy(np.stack([run.train_sets[d].block(b) for d, b in picks])).to(fabric.device)
             with fabric.no_backward_sync(model, enabled=micro < config.grad_accum - 1):
                 loss = model(input_ids=x, labels=x).loss
                 fabric.backward(loss / config.grad_accum)
@@ -422,54 +469,63 @@ def train(
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         done = step + 1
-        window_loss, window_steps = window_loss + step_loss, window_steps + 1
+        window["loss"] += step_loss
+        window["steps"] += 1
         bar.update(1)
 
         update_due = config.mixture == "velocitune" and done % config.velocitune.update_every == 0
-        if done % config.eval_every == 0 or done == total_steps or update_due:
-            elapsed = time.perf_counter() - window_t
-            tps = window_steps * tokens_per_step / max(elapsed, 1e-9)
-            losses = _evaluate(fabric, model, eval_sets, config.eval_blocks, config.micro_batch_size)
-            if update_due and done < total_steps:
+        if done % config.eval_every == 0 or done == run.total_steps or update_due:
+            seconds = window["seconds"] + time.perf_counter() - window_t
+            tps = window["steps"] * run.tokens_per_step / max(seconds, 1e-9)
+            losses = evaluate()
+            if update_due and done < run.total_steps:
                 current = {n: losses[n] for n in names}
-                velocity = vt.velocities(current, state["initial_eval"], targets_info["targets"])
+                velocity = vt.velocities(current, state["initial_eval"], run.targets["targets"])
                 new = vt.update_weights(dict(zip(names, sampler.weights)), velocity)
                 sampler.set_weights([new[n] for n in names])
                 state["trajectory"].append({"step": done, "losses": current, "velocity": velocity, "weights": new})
-            metrics.write(row(done, lr, window_loss / window_steps, tps, losses))
-            bar.set_postfix(loss=f"{window_loss / window_steps:.3f}", tok_s=f"{tps:,.0f}", refresh=False)
-            window_loss, window_steps, window_t = state["window"]["loss"], state["window"]["steps"], time.perf_counter()
-        if done % config.checkpoint_every == 0 or done == total_steps:
+            train_loss = window["loss"] / window["steps"]
+            metrics.write(row(done, lr, train_loss, tps, losses))
+            bar.set_postfix(loss=f"{train_loss:.3f}", tok_s=f"{tps:,.0f}", refresh=False)
+            window, window_t = {"loss": 0.0, "steps": 0, "seconds": 0.0}, time.perf_counter()
+        if done % config.checkpoint_every == 0 or done == run.total_steps:
+            now = time.perf_counter()
             state["elapsed"] = {
-                "wall": state["elapsed"]["wall"] + time.perf_counter() - wall0,
+                "wall": state["elapsed"]["wall"] + now - wall0,
                 "cpu": state["elapsed"]["cpu"] + time.process_time() - cpu0,
             }
-            wall0, cpu0 = time.perf_counter(), time.process_time()
-            state["window"] = {"loss": window_loss, "steps": window_steps}
+            wall0, cpu0 = now, time.process_time()
+            state["window"] = {**window, "seconds": window["seconds"] + now - window_t}
             save_checkpoint(done)
     bar.close()
+    return state
 
+
+def finalize(run: Run, state: dict, export: bool = True) -> dict:
+    """Final held-out losses, train_meta.json and (with ``export``) the Hugging Face model."""
+    config, fabric, total_steps = run.config, run.fabric, run.total_steps
     cpu_total = fabric.all_reduce(torch.tensor(state["elapsed"]["cpu"], dtype=torch.float64), reduce_op="sum")
-    tokens_per_dataset = {n: c * config.seq_len for n, c in zip(names, sampler.counts)}
-    final_eval = _evaluate(fabric, model, eval_sets, config.eval_blocks, config.micro_batch_size)
-    eval_tokens = config.eval_blocks * config.seq_len * len(eval_sets) * (len(state["trajectory"]) + total_steps // config.eval_every + 2)
+    final_eval = _evaluate(fabric, run.model, run.eval_sets, config.eval_blocks, config.micro_batch_size)
+    evals = len(state["trajectory"]) + total_steps // config.eval_every + 2
+    eval_tokens = config.eval_blocks * config.seq_len * len(run.eval_sets) * evals
+    base = Path(config.base)
     meta = {
         "base": str(base),
         "base_fingerprint": fingerprint(base),
-        "model": str(out / MODEL_DIR) if export else None,
+        "model": str(run.out / MODEL_DIR) if export else None,
         "datasets": {d.name: d.source for d in config.datasets},
         "mixture": config.mixture,
-        "ratios": weights,
+        "ratios": run.ratios,
         "steps": total_steps,
-        "tokens": total_steps * tokens_per_step,
-        "tokens_per_dataset": tokens_per_dataset,
+        "tokens": total_steps * run.tokens_per_step,
+        "tokens_per_dataset": {n: c * config.seq_len for n, c in zip(run.names, run.sampler.counts)},
         "wall_seconds": state["elapsed"]["wall"],
         "cpu_seconds": float(cpu_total),
-        "flops_estimate": _flops_per_token(model, text_config, config.seq_len) * total_steps * tokens_per_step
-        + 2.0 * n_params * eval_tokens,
-        "parameters": n_params,
-        "trainable_parameters": sum(p.numel() for p in trainable),
-        "world_size": world,
+        "flops_estimate": _flops_per_token(run.model, run.text_config, config.seq_len) * total_steps * run.tokens_per_step
+        + 2.0 * run.n_params * eval_tokens,
+        "parameters": run.n_params,
+        "trainable_parameters": run.n_trainable,
+        "world_size": fabric.world_size,
         "accelerator": fabric.device.type,
         "strategy": config.strategy,
         "precision": config.precision,
@@ -477,18 +533,18 @@ def train(
         "final_eval_loss": final_eval,
         "versions": _versions(),
     }
-    if targets_info is not None:
-        meta["velocitune"] = {**targets_info, "trajectory": state["trajectory"]}
+    if run.targets is not None:
+        meta["velocitune"] = {**run.targets, "trajectory": state["trajectory"]}
     if export:
-        weights_sd = _full_state_dict(fabric, model)
+        weights_sd = _full_state_dict(fabric, run.model)
     if fabric.is_global_zero:
-        if targets_info is not None:
-            (out / "velocitune.json").write_text(json.dumps(meta["velocitune"], indent=2))
+        if run.targets is not None:
+            write_json(run.out / "velocitune.json", meta["velocitune"])
         if export:
-            _export(model.module, tokenizer, weights_sd, out / MODEL_DIR, config.save_dtype, base, meta)
-        meta_path.write_text(json.dumps(meta, indent=2))
+            _export(run.model.module, run.tokenizer, weights_sd, run.out / MODEL_DIR, config.save_dtype, base, meta)
+        write_json(run.out / "train_meta.json", meta)
     fabric.barrier()
-    say(
+    run.say(
         f"trained {meta['tokens']:,} tokens in {total_steps} steps "
         f"({meta['wall_seconds']:.1f}s); held-out loss "
         + ", ".join(f"{n} {state['initial_eval'][n]:.3f}->{v:.3f}" for n, v in final_eval.items())
@@ -498,9 +554,9 @@ def train(
 
 def _export(hf_model, tokenizer, state_dict: dict, target: Path, save_dtype: str, base: Path, meta: dict) -> None:
     """Write the final HF model to ``target.partial`` and rename it into place when complete."""
-    from optimer_merge.tiny import to_hub_layout
+    from optimer_merge.io.hub_layout import to_hub_layout
 
-    dtype = _saved_dtype(base) if save_dtype == "auto" else getattr(torch, save_dtype)
+    dtype = getattr(torch, saved_dtype(base) if save_dtype == "auto" else save_dtype)
     partial = target.with_name(target.name + ".partial")
     if partial.exists():
         shutil.rmtree(partial)
@@ -509,7 +565,7 @@ def _export(hf_model, tokenizer, state_dict: dict, target: Path, save_dtype: str
     hf_model.save_pretrained(partial, state_dict=state_dict)
     tokenizer.save_pretrained(partial)
     to_hub_layout(partial)
-    (partial / "train_meta.json").write_text(json.dumps(meta, indent=2))
+    write_json(partial / "train_meta.json", meta)
     if target.exists():
         shutil.rmtree(target)
     os.replace(partial, target)

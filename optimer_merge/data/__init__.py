@@ -24,9 +24,25 @@ def normalise_line(line: str) -> str:
     return re.sub(r"\s+", " ", line).strip()
 
 
+def checksum(domain: str, split: str, root: Path | None = None) -> str:
+    """The sha256 of one split's file as MANIFEST.json records it ("" when it records none)."""
+    manifest = json.loads(((root or CORPORA_DIR) / "MANIFEST.json").read_text())
+    return manifest.get("sha256", {}).get(f"{domain}/{split}.jsonl.gz", "")
+
+
 def domains() -> tuple[str, ...]:
     """All corpus domains: the four CPT domains and the general English corpus."""
     return ALL_DOMAINS
+
+
+def check_domains(domains) -> tuple[str, ...]:
+    """The given domain names, each one of the corpora's; ConfigError naming any other."""
+    from optimer_merge.errors import ConfigError
+
+    unknown = [d for d in domains if d not in ALL_DOMAINS]
+    if unknown:
+        raise ConfigError(f"unknown domain(s) {', '.join(map(repr, unknown))}; choose from {', '.join(ALL_DOMAINS)}")
+    return tuple(domains)
 
 
 def split_path(domain: str, split: str, root: Path = CORPORA_DIR) -> Path:

@@ -61,18 +61,18 @@ def fetch(name: str, cache: Path) -> Path:
     download = cache / "downloads"
     download.mkdir(exist_ok=True)
     if kind == "deb":
-        subprocess.run(["apt-get", "download", f"{package}={version}"], cwd=download, check=True, capture_output=True)
+        subprocess.run(["apt-get", "download", f"{package}={version}"], cwd=download, check=True, capture_output=True, timeout=600)
         (deb,) = download.glob(f"{package}_*.deb")
-        subprocess.run(["dpkg-deb", "-x", str(deb), str(target)], check=True)
+        subprocess.run(["dpkg-deb", "-x", str(deb), str(target)], check=True, timeout=600)
     elif kind == "npm":
-        subprocess.run(["npm", "pack", f"{package}@{version}"], cwd=download, check=True, capture_output=True)
+        subprocess.run(["npm", "pack", f"{package}@{version}"], cwd=download, check=True, capture_output=True, timeout=600)
         with tarfile.open(download / f"{package}-{version}.tgz") as tar:
             tar.extractall(target, filter="data")
     else:
         flags = ["--only-binary", ":all:"] if kind == "pypi-wheel" else ["--no-binary", ":all:"]
         subprocess.run(
             [sys.executable, "-m", "pip", "download", "--no-deps", *flags, "-d", str(download), f"{package}=={version}"],
-            check=True, capture_output=True,
+            check=True, capture_output=True, timeout=600,
         )
         wanted = package.replace("-", "_").lower()
         archive = next(p for p in download.iterdir() if re.split(r"-\d", p.name)[0].replace("-", "_").lower() == wanted)
@@ -306,7 +306,7 @@ def build(out_dir: Path, cache: Path, domains: tuple[str, ...] = DOMAINS + ("en"
                 before = len(docs)
                 docs.extend(reader())
                 log(f"  {domain}: {source}: {len(docs) - before} documents")
-        except (subprocess.CalledProcessError, FileNotFoundError, StopIteration, ValueError) as error:
+        except (subprocess.SubprocessError, FileNotFoundError, StopIteration, ValueError) as error:
             result["missing"][domain] = f"{source}: {error}"
             log(f"  {domain}: skipped, source {source} unavailable ({error})")
             continue

@@ -4,6 +4,6 @@
 ``report`` writes report.md with the test leaderboard, plots and a verdict per paper claim.
 """
 
-from optimer_merge.demo.pipeline import DemoError, DemoSettings, run_demo
+from optimer_merge.demo.pipeline import DemoJobFailed, DemoSettings, run_demo
 
-__all__ = ["DemoError", "DemoSettings", "run_demo"]
+__all__ = ["DemoJobFailed", "DemoSettings", "run_demo"]

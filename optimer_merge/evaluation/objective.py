@@ -5,13 +5,15 @@ YAML::
     tasks:
       - {task: optimer_ja_dev_mc, metric: acc_norm, weight: 1}
       - {task: optimer_ja_dev_bpb, metric: bits_per_byte, weight: 1}
+      - {task: my_task, metric: my_loss, direction: minimize}   # where lm-eval gives no direction
     reference: runs/base-eval/results.json   # optional
 
-Each metric's direction comes from lm-eval's ``higher_is_better`` in the results, so lower-is-better
-metrics (bits_per_byte, perplexity) count negatively without any sign in the spec. With a
-``reference`` (lm-eval results of e.g. the base model), each metric becomes its relative
-improvement over the reference, (v - r) / |r| signed by direction, so metrics on different scales
-weigh alike. The score is the weighted mean of the per-task terms.
+Each metric's direction comes from lm-eval's ``higher_is_better`` (in the task config and the
+results), so lower-is-better metrics (bits_per_byte, perplexity) count negatively without any sign
+in the spec; a metric lm-eval gives no direction needs ``direction:``. With a ``reference`` (lm-eval
+results of e.g. the base model), each metric becomes its relative improvement over the reference,
+(v - r) / |r| signed by direction, so metrics on different scales weigh alike. The score is the
+weighted mean of the per-task terms.
 """
 
 from __future__ import annotations
@@ -19,22 +21,25 @@ from __future__ import annotations
 import json
 import math
 from pathlib import Path
+from typing import Literal
 
-import yaml
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from optimer_merge.errors import ConfigError
 
 
 class ObjectiveTerm(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
     task: str
     metric: str
     weight: float = Field(1.0, gt=0)
     filter: str | None = None  # lm-eval filter name, e.g. strict-match; found automatically if unique
+    direction: Literal["maximize", "minimize"] | None = None  # only where lm-eval gives none
 
 
 class Objective(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
     tasks: list[ObjectiveTerm]
     reference: dict | str | None = None
@@ -48,12 +53,21 @@ class Objective(BaseModel):
 
     @classmethod
     def load(cls, path: str | Path) -> "Objective":
+        """Read and validate a spec; a relative ``reference`` resolves against the spec's folder."""
+        from optimer_merge.io.files import check_input_file
+        from optimer_merge.io.yaml_config import load_yaml, validation_message
+
         path = Path(path)
-        spec = yaml.safe_load(path.read_text(encoding="utf-8"))
+        spec = load_yaml(path, "objective")
         reference = spec.get("reference") if isinstance(spec, dict) else None
-        if isinstance(reference, str) and not Path(reference).is_absolute():
-            spec["reference"] = str((path.parent / reference).resolve())
-        return cls.model_validate(spec)
+        if isinstance(reference, str):
+            if not Path(reference).is_absolute():
+                spec["reference"] = str((path.parent / reference).resolve())
+            check_input_file(spec["reference"], f"objective {path}: reference")
+        try:
+            return cls.model_validate(spec)
+        except ValidationError as error:
+            raise ConfigError(f"{path}: " + validation_message(error, "objective")) from None
 
     def task_names(self) -> list[str]:
         return list(dict.fromkeys(t.task for t in self.tasks))
@@ -63,16 +77,41 @@ class Objective(BaseModel):
             return json.loads(Path(self.reference).read_text())
         return self.reference
 
+    def check(self) -> None:
+        """Before any evaluation: each metric exists in its task and has a direction."""
+        from optimer_merge.evaluation.tasks import resolve, task_metrics
+
+        resolve(self.task_names())
+        for term in self.tasks:
+            metrics = task_metrics(term.task)
+            if metrics is None:
+                continue  # a group or Python task: checked on its first results
+            if term.metric not in metrics:
+                raise ConfigError(f"objective: task {term.task} has no metric {term.metric!r}; it has {', '.join(metrics)}")
+            if metrics[term.metric] is None and term.direction is None:
+                raise ConfigError(
+                    f"objective: lm-eval does not say whether higher is better for {term.task}/{term.metric}; "
+                    "add `direction: maximize` or `direction: minimize` to that term"
+                )
+
     def score(self, results: dict) -> tuple[float, dict]:
         """(score, breakdown) from an lm-eval results dict (``simple_evaluate`` output or results JSON).
 
-        Raises ValueError if a task or metric is missing; the score is NaN if any value is not finite.
+        Raises ValueError if a task, metric or direction is missing; the score is NaN if any value is
+        not finite.
         """
         reference = self.reference_results()
         breakdown, total, weights = {}, 0.0, 0.0
         for term in self.tasks:
             value, key = metric_value(results, term.task, term.metric, term.filter)
-            higher = results.get("higher_is_better", {}).get(term.task, {}).get(term.metric, True)
+            higher = results.get("higher_is_better", {}).get(term.task, {}).get(term.metric)
+            if term.direction is not None:
+                higher = term.direction == "maximize"
+            if higher is None:
+                raise ValueError(
+                    f"{term.task}/{term.metric}: the results do not say whether higher is better; "
+                    "add `direction: maximize` or `direction: minimize` to that objective term"
+                )
             sign = 1.0 if higher else -1.0
             entry = {"metric": key, "value": value, "higher_is_better": higher, "weight": term.weight}
             if reference is not None:

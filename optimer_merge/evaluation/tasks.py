@@ -6,6 +6,7 @@ from functools import lru_cache
 from pathlib import Path
 
 import optimer_merge
+from optimer_merge.errors import ConfigError
 
 # A source checkout has eval_tasks/ beside the package; a wheel carries it inside the package.
 _CANDIDATES = (
@@ -40,12 +41,31 @@ def needs_defaults(tasks: list[str]) -> bool:
 
 
 def resolve(tasks: list[str]):
-    """A task manager that knows every task in ``tasks``; ValueError naming the unknown ones."""
+    """A task manager that knows every task in ``tasks``; ConfigError naming the unknown ones."""
     manager = task_manager(needs_defaults(tasks))
     unknown = [t for t in tasks if t not in set(manager.all_tasks)]
     if unknown:
-        raise ValueError(
+        raise ConfigError(
             f"unknown lm-eval task(s): {', '.join(unknown)}; ours are optimer_dev, optimer_test, "
             f"optimer_<ja|zh|math|code>_<dev|test>[_mc|_bpb|_gen|_humaneval_mc|_humaneval_exec] (see eval_tasks/README.md)"
         )
     return manager
+
+
+def task_metrics(task: str) -> dict[str, bool | None] | None:
+    """A task's metrics and whether higher is better (None where lm-eval does not say).
+
+    None when the task's metrics cannot be known before running it (groups, tags, Python tasks)."""
+    from lm_eval.api.registry import DEFAULT_METRIC_REGISTRY, HIGHER_IS_BETTER_REGISTRY
+
+    manager = resolve([task])
+    entry = manager.task_index.get(task)
+    if entry is None or entry.cfg is None or getattr(entry.kind, "name", "") != "TASK":
+        return None
+    listed = entry.cfg.get("metric_list")
+    if listed:
+        if not all(isinstance(m, dict) and isinstance(m.get("metric"), str) for m in listed):
+            return None
+        return {m["metric"]: m.get("higher_is_better", HIGHER_IS_BETTER_REGISTRY.get(m["metric"])) for m in listed}
+    defaults = DEFAULT_METRIC_REGISTRY.get(entry.cfg.get("output_type") or "")
+    return {m: HIGHER_IS_BETTER_REGISTRY.get(m) for m in defaults} if defaults else None

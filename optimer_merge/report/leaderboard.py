@@ -11,6 +11,11 @@ import json
 import math
 from pathlib import Path
 
+from optimer_merge.errors import ConfigError, InputNotFound
+
+# Numbers lm-eval puts beside the metrics in a results row that are not metrics.
+BOOKKEEPING = {"sample_len", "samples", "sample_count", "num_fewshot"}
+
 
 def find_results(path: str | Path) -> list[Path]:
     """A results file, or every lm-eval results file under a folder (results.json, results_*.json)."""
@@ -18,10 +23,10 @@ def find_results(path: str | Path) -> list[Path]:
     if path.is_file():
         return [path]
     if not path.is_dir():
-        raise FileNotFoundError(f"{path}: no such file or folder")
+        raise InputNotFound(f"results {path}: no such file or folder")
     found = sorted(p for p in path.rglob("results*.json") if p.is_file())
     if not found:
-        raise FileNotFoundError(f"{path}: no lm-eval results*.json inside")
+        raise InputNotFound(f"results {path}: no lm-eval results*.json inside")
     return found
 
 
@@ -43,9 +48,12 @@ def read_rows(entries: list[str]) -> list[tuple[str, dict]]:
             name, path = "", entry
         files = find_results(path)
         for file in files:
-            results = json.loads(file.read_text())
-            if "results" not in results:
-                raise ValueError(f"{file}: not an lm-eval results file (no 'results' key)")
+            try:
+                results = json.loads(file.read_text(encoding="utf-8"))
+            except (json.JSONDecodeError, UnicodeDecodeError) as error:
+                raise ConfigError(f"{file}: not a JSON file ({error})") from None
+            if not isinstance(results, dict) or not isinstance(results.get("results"), dict):
+                raise ConfigError(f"{file}: not an lm-eval results file (no 'results' table)")
             label = name or model_name(results, file)
             if name and len(files) > 1:
                 label = f"{name}/{file.parent.name}"
@@ -54,15 +62,21 @@ def read_rows(entries: list[str]) -> list[tuple[str, dict]]:
 
 
 def columns_of(rows: list[tuple[str, dict]], metrics: list[str] | None = None, tasks: list[str] | None = None) -> list[tuple[str, str]]:
-    """(task, metric-key) pairs present in any row, tasks in first-seen order."""
+    """(task, metric-key) pairs present in any row, tasks in first-seen order.
+
+    A metric is a key lm-eval lists in ``higher_is_better`` for the task (when the file has that
+    table), never lm-eval's bookkeeping such as ``sample_len``."""
     columns = []
     for _, results in rows:
         for task, table in results["results"].items():
             if tasks and task not in tasks:
                 continue
+            known = results.get("higher_is_better", {}).get(task)
             for key, value in table.items():
                 metric = key.split(",")[0]
-                if "stderr" in key or key == "alias" or not isinstance(value, (int, float)) or isinstance(value, bool):
+                if "stderr" in key or key == "alias" or metric in BOOKKEEPING or (known and metric not in known):
+                    continue
+                if not isinstance(value, (int, float)) or isinstance(value, bool):
                     continue
                 if metrics and metric not in metrics:
                     continue
@@ -79,8 +93,13 @@ def column_label(task: str, key: str) -> str:
 def leaderboard(rows: list[tuple[str, dict]], metrics: list[str] | None = None, tasks: list[str] | None = None) -> dict:
     """{"columns": [...], "higher_is_better": [...], "rows": [{"model", "values"}], "best": [...]}"""
     columns = columns_of(rows, metrics, tasks)
+    available = columns_of(rows)
+    for flag, wanted, have in (("--tasks", tasks, {t for t, _ in available}), ("--metrics", metrics, {k.split(",")[0] for _, k in available})):
+        unknown = sorted(set(wanted or ()) - have)
+        if unknown:
+            raise ConfigError(f"{flag}: {', '.join(unknown)} not in the results; they have {', '.join(sorted(have))}")
     if not columns:
-        raise ValueError("no metrics to show (check --metrics / --tasks against the results)")
+        raise ConfigError("no metrics to show: no task has the chosen metrics (check --metrics against --tasks)")
     higher = []
     for task, key in columns:
         flags = [r.get("higher_is_better", {}).get(task, {}).get(key.split(",")[0]) for _, r in rows]
@@ -131,11 +150,9 @@ def write(board: dict, out_dir: str | Path) -> dict[str, Path]:
 
 def plot(board: dict, path: Path) -> None:
     """One panel per column, a bar per model; the best bar is outlined."""
-    import matplotlib
+    from optimer_merge.report.plots import pyplot
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     n = len(board["columns"])
     cols = min(n, 4)
     nrows = math.ceil(n / cols)

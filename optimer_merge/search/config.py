@@ -2,22 +2,24 @@
 
 from __future__ import annotations
 
-import hashlib
-import json
 from pathlib import Path
 from typing import ClassVar, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PositiveInt, model_validator
 
 from optimer_merge.evaluation.objective import Objective
+
+Dtype = Literal["float32", "bfloat16", "float16"]
+# Bounds beyond this move a model further than its own CPT did, several times over: allowed, but warned.
+LARGE_BOUND = 10.0
 
 
 class VectorSource(BaseModel):
     """One vector of the pool: a CPT model folder (v = model - base) or an extracted vector file."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
-    name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$")
+    name: str = Field(pattern=r"^[A-Za-z0-9_][A-Za-z0-9_.-]*$")
     model: str | None = None
     vector: str | None = None
     bounds: tuple[float, float] | None = None  # overrides the search's default bounds
@@ -34,28 +36,28 @@ class VectorSource(BaseModel):
 class SearchConfig(BaseModel):
     """`optimer-merge search --config FILE.yaml`; every field can also be set with --set key=value."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
     base: str
     vectors: list[VectorSource]
     bounds: tuple[float, float] = (0.0, 1.0)
     objective: str | Objective  # a spec file (recipes/objectives/*.yaml) or the spec inline
-    limit: int | None = Field(100, gt=0)  # items per task for each trial (the paper: first 100)
-    trials: int = Field(100, gt=0)  # can be raised on a later run to extend a finished search
+    limit: PositiveInt | None = 100  # items per task for each trial (the paper: first 100)
+    trials: PositiveInt = 100  # can be raised on a later run to extend a finished search
     finalists: int = Field(3, ge=0)  # top trials re-scored at finalist_limit
-    finalist_limit: int | None = Field(300, gt=0)
+    finalist_limit: PositiveInt | None = 300
     seed: int = 0
     optimizer: Literal["smac", "random", "tpe"] = "smac"
     initial_points: int | None = Field(None, ge=0)  # smac: Sobol points before the model (default 2K)
     backend: Literal["hf", "vllm"] = "hf"
-    batch_size: int = 16
-    dtype: str = "float32"
-    threads: int | Literal["auto"] = "auto"
-    tensor_parallel_size: int = 1
-    max_length: int | None = None
+    batch_size: PositiveInt = 16
+    dtype: Dtype = "float32"  # of the evaluated model
+    threads: PositiveInt | Literal["auto"] = "auto"
+    tensor_parallel_size: PositiveInt = 1
+    max_length: PositiveInt | None = None
     confirm_run_unsafe_code: bool = False
-    max_consecutive_failures: int = Field(5, gt=0)
-    out_dtype: str | None = None  # dtype of exported merges (default: the base's)
+    max_consecutive_failures: PositiveInt = 5
+    out_dtype: Dtype | None = None  # dtype of best.yaml's merge and the export (default: the base's)
     output: str = "runs/search"
 
     @model_validator(mode="after")
@@ -77,11 +79,20 @@ class SearchConfig(BaseModel):
     def bounds_of(self, source: VectorSource) -> tuple[float, float]:
         return source.bounds or self.bounds
 
+    def large_bounds(self) -> list[str]:
+        """The vectors whose bounds reach beyond +-LARGE_BOUND."""
+        return [v.name for v in self.vectors if max(abs(b) for b in self.bounds_of(v)) > LARGE_BOUND]
+
     def load_objective(self) -> Objective:
         return self.objective if isinstance(self.objective, Objective) else Objective.load(self.objective)
 
-    # Fields that do not change which trials run or how they score; they may differ on resume.
-    OPERATIONAL: ClassVar[tuple[str, ...]] = ("output", "threads", "trials", "finalists", "finalist_limit", "max_consecutive_failures", "out_dtype", "confirm_run_unsafe_code")
+    # Fields that do not change which trials run (they may change how a trial runs, or whether it
+    # fails for lack of memory); they may differ on resume, and a changed one retries the failed
+    # trials at the end of the log.
+    OPERATIONAL: ClassVar[tuple[str, ...]] = (
+        "output", "threads", "batch_size", "dtype", "tensor_parallel_size", "max_length", "trials", "finalists",
+        "finalist_limit", "max_consecutive_failures", "out_dtype", "confirm_run_unsafe_code",
+    )  # fmt: skip
 
     def identity(self) -> dict:
         """What must match for a run folder to be resumed: every result-changing field, with the
@@ -94,13 +105,13 @@ class SearchConfig(BaseModel):
         ]
         return data
 
-
-def identity_hash(identity: dict) -> str:
-    return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:16]
+    def operational(self) -> dict:
+        """The settings a trial ran with that may change between runs of one search."""
+        return {k: getattr(self, k) for k in ("threads", "batch_size", "dtype", "tensor_parallel_size", "max_length", "confirm_run_unsafe_code")}
 
 
 def load_search_config(path: str | Path | None, overrides: dict | None = None) -> SearchConfig:
     """Read a search config YAML, apply dotted ``overrides`` and validate (one line per problem)."""
-    from optimer_merge.cpt.config import load_yaml_config
+    from optimer_merge.io.yaml_config import load_yaml_config
 
     return load_yaml_config(SearchConfig, path, overrides, "search config")

@@ -4,15 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-
-def pyplot():
-    """matplotlib's pyplot on the Agg backend (no display needed)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
+from optimer_merge.report.plots import pyplot
 
 
 def plot_trace(records: list[dict], path: Path) -> None:

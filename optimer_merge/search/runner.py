@@ -13,24 +13,32 @@ Run folder::
 
 Resume: the optimizers are deterministic for a seed, so a rerun rebuilds the optimizer and
 replays the log (asking again must give the logged weights; the logged value is told back),
-then continues. A trial killed midway left no line and runs again; a torn last line is dropped.
+then continues. A trial killed midway left no line and runs again; a torn last line is dropped;
+a damaged line inside the log is run again in place. Failed trials at the end of the log are
+retried when an operational setting (threads, batch size, dtype, ...) changed since they ran.
+One search runs in a folder at a time.
 """
 
 from __future__ import annotations
 
 import json
 import math
-import os
 import time
 from pathlib import Path
 from typing import Callable
 
-from optimer_merge.search.config import SearchConfig, identity_hash
+from optimer_merge.errors import UserError
+from optimer_merge.io.files import atomic_write_text, write_json, write_yaml
+from optimer_merge.io.jsonl import append_jsonl, read_jsonl
+from optimer_merge.io.run_folder import RunFolder
+from optimer_merge.search.config import LARGE_BOUND, SearchConfig
 from optimer_merge.search.optimizers import make_optimizer
 
+RECORD = "search_config.json"
 
-class SearchError(RuntimeError):
-    """The search cannot go on (a run folder of another search, failures, a diverged replay)."""
+
+class SearchError(UserError, RuntimeError):
+    """The search cannot go on (failures, a diverged replay, models a recipe needs are gone)."""
 
 
 def trial_recipe(config: SearchConfig, sources: dict[str, str], weights: dict[str, float], out_dtype: str | None = None) -> dict:
@@ -47,139 +55,85 @@ def trial_recipe(config: SearchConfig, sources: dict[str, str], weights: dict[st
     return recipe
 
 
-def model_sources(config: SearchConfig) -> dict[str, str]:
-    """The model folder behind each vector (recipes merge models, not vector files)."""
-    from optimer_merge.vectors import Checkpoint
+def model_sources(config: SearchConfig) -> tuple[dict[str, str], list[str]]:
+    """The model folder behind each vector (recipes merge models, not vector files), and the names
+    whose model no longer exists there."""
+    from optimer_merge.io.checkpoints import Checkpoint
 
-    sources = {}
+    sources, missing = {}, []
     for v in config.vectors:
-        if v.model:
-            sources[v.name] = str(Path(v.model).resolve())
-        else:
-            source = Checkpoint.open(v.vector).metadata().get("source")
-            if not source:
-                raise SearchError(f"vector {v.name}: {v.vector} does not record its model, so no recipe can name it")
-            sources[v.name] = str(Path(source).resolve())
-    return sources
-
-
-def _read_jsonl(path: Path) -> list[dict]:
-    """Complete lines only; a torn last line (killed mid-write) is cut off the file."""
-    if not path.exists():
-        return []
-    records, good = [], 0
-    with open(path, "rb") as f:
-        data = f.read()
-    for line in data.split(b"\n"):
-        if not line.strip():
-            good += len(line) + 1
-            continue
-        try:
-            records.append(json.loads(line))
-        except json.JSONDecodeError:
-            break
-        good += len(line) + 1
-    if good < len(data):
-        with open(path, "r+b") as f:
-            f.truncate(min(good, len(data)))
-    return records
-
-
-def _append_jsonl(path: Path, record: dict) -> None:
-    with open(path, "a", encoding="utf-8") as f:
-        f.write(json.dumps(record) + "\n")
-        f.flush()
-        os.fsync(f.fileno())
-
-
-def _check_folder(config: SearchConfig, out: Path) -> dict:
-    """Refuse a run folder that holds another search; returns the metadata to store (nothing written)."""
-    identity = config.identity()
-    meta_path = out / "search_config.json"
-    if meta_path.exists():
-        stored = json.loads(meta_path.read_text())
-        if stored.get("identity_hash") != identity_hash(identity):
-            old = stored.get("identity", {})
-            changed = sorted(k for k in set(old) | set(identity) if old.get(k) != identity.get(k))
-            raise SearchError(
-                f"{out} holds a different search (settings differ: {', '.join(changed)}); "
-                "choose another output folder or delete this one"
-            )
-    elif out.exists() and any(out.iterdir()):
-        raise SearchError(f"{out} is not empty and holds no search; choose another output folder")
-    return {"identity_hash": identity_hash(identity), "identity": identity, "config": config.model_dump(mode="json")}
-
-
-def check(config: SearchConfig, log: Callable[[str], None] = print):
-    """Everything that can be wrong before any trial: tasks, bounds, vectors, the run folder.
-
-    Nothing is written until all checks pass. Returns (objective, pool, sources)."""
-    from optimer_merge.evaluation.tasks import resolve
-    from optimer_merge.vectors import load_pool
-
-    objective = config.load_objective()
-    resolve(objective.task_names())
-    out = Path(config.output)
-    meta = _check_folder(config, out)
-    sources = model_sources(config)
-    pool = load_pool(
-        config.base,
-        {v.name: ({"model": v.model} if v.model else {"vector": v.vector}) for v in config.vectors},
-        log=log,
-    )
-    (out / "recipes").mkdir(parents=True, exist_ok=True)
-    (out / "search_config.json").write_text(json.dumps(meta, indent=2))
-    return objective, pool, sources
+        source = v.model or Checkpoint.open(v.vector).metadata.get("source")
+        if not source:
+            raise SearchError(f"vector {v.name}: {v.vector} does not record its model, so no recipe can name it")
+        sources[v.name] = str(Path(source).resolve())
+        if not (Path(source) / "config.json").exists():
+            missing.append(v.name)
+    return sources, missing
 
 
 def search(config: SearchConfig, *, export: bool = False, log: Callable[[str], None] = print) -> dict:
-    """Run (or resume, or extend) the search described by ``config``; returns summary.json's content."""
-    from optimer_merge.evaluation.evaluator import Evaluator
+    """Run (or resume, or extend) the search described by ``config``; returns summary.json's content.
 
-    objective, pool, sources = check(config, log)
+    Everything that can be wrong is checked before the first trial (tasks and metrics, bounds,
+    vectors, the run folder, models an export needs); a search refused then leaves no folder."""
+    objective = config.load_objective()
+    objective.check()
+    if config.large_bounds():
+        log(f"warning: bounds of {', '.join(config.large_bounds())} reach beyond +-{LARGE_BOUND:g}: "
+            "such merges move the base many times further than its CPT did")  # fmt: skip
     out = Path(config.output)
-    tasks = objective.task_names()
-    bounds = {v.name: config.bounds_of(v) for v in config.vectors}
-    optimizer = make_optimizer(config.optimizer, bounds, config.seed, out / "smac", config.initial_points)
+    with RunFolder(out, "search") as folder:
+        folder.check(RECORD, config.identity(), ignore=SearchConfig.OPERATIONAL)
+        sources, missing = model_sources(config)
+        if missing:
+            gone = ", ".join(f"{n} ({sources[n]})" for n in missing)
+            if export:
+                raise SearchError(f"--export needs the models behind the vectors, and these no longer exist: {gone}")
+            log(f"warning: the models behind {gone} no longer exist; best.yaml names them and cannot be merged until they are back")
+        from optimer_merge.search.pool import load_pool
 
-    trials_path = out / "trials.jsonl"
-    records = _read_jsonl(trials_path)
-    for record in records:  # replay
-        weights = optimizer.ask()
-        if any(not math.isclose(weights[n], record["weights"][n], rel_tol=1e-9, abs_tol=1e-12) for n in config.names):
-            raise SearchError(
-                f"resume: the optimizer proposed {weights} for trial {record['trial']}, the log has "
-                f"{record['weights']}; the installed optimizer gives other proposals than the one that "
-                "wrote this log (a different version?). Start a new output folder."
-            )
-        optimizer.tell(weights, record["told"])
-    if records:
-        log(f"resumed {out}: {len(records)} trials already done")
-    _check_failures(records, config.max_consecutive_failures)
+        pool = load_pool(config.base, {v.name: ({"model": v.model} if v.model else {"vector": v.vector}) for v in config.vectors}, log=log)
+        folder.record(RECORD, config.identity(), config=config.model_dump(mode="json"))
+        (out / "recipes").mkdir(exist_ok=True)
+        return _Search(config, objective, pool, sources, missing, out, log, folder).run(export)
 
-    evaluator = None
 
-    def get_evaluator() -> Evaluator:
-        nonlocal evaluator
-        if evaluator is None:
-            log(f"loading {config.base} on {config.backend}")
-            evaluator = Evaluator(
-                config.base, config.backend, batch_size=config.batch_size, dtype=config.dtype, threads=config.threads,
-                max_length=config.max_length, tensor_parallel_size=config.tensor_parallel_size, log=log,
+class _Search:
+    """One search in its locked folder: the replay, the trials, the finalists, the summary."""
+
+    def __init__(self, config: SearchConfig, objective, pool, sources, missing, out: Path, log, folder: RunFolder):
+        self.config, self.objective, self.pool, self.sources, self.missing = config, objective, pool, sources, missing
+        self.out, self.log, self.folder = out, log, folder
+        self.trials_path = out / "trials.jsonl"
+        self.evaluator = None
+        self.started = time.perf_counter()
+        self.ran = 0
+
+    # -- evaluation ---------------------------------------------------------------------------
+    def get_evaluator(self):
+        if self.evaluator is None:
+            from optimer_merge.evaluation.evaluator import Evaluator
+
+            c = self.config
+            self.log(f"loading {c.base} on {c.backend}")
+            self.evaluator = Evaluator(
+                c.base, c.backend, batch_size=c.batch_size, dtype=c.dtype, threads=c.threads,
+                max_length=c.max_length, tensor_parallel_size=c.tensor_parallel_size, log=self.log,
             )  # fmt: skip
-        return evaluator
+            self.folder.keep()
+        return self.evaluator
 
-    def score(weights: dict[str, float], limit: int | None) -> dict:
+    def score(self, weights: dict[str, float], limit: int | None) -> dict:
         """Merge in memory and score; a failure is returned as a reason, never raised."""
-        result = {"status": "ok", "reason": None, "score": None, "metrics": {}, "seconds": {}}
+        c = self.config
+        ev = self.get_evaluator()
+        result = {"status": "ok", "reason": None, "score": None, "metrics": {}, "seconds": {}, "settings": c.operational()}
         start = time.perf_counter()
         try:
-            ev = get_evaluator()
-            start = time.perf_counter()
-            if config.backend == "hf":
-                ev.update_weights(lambda model: pool.write_into(model, weights))
+            if c.backend == "hf":
+                ev.update_weights(lambda model: self.pool.write_into(model, weights))
             else:
-                ev.update_weights(dict(pool.merged(weights)))
+                ev.update_weights(dict(self.pool.merged(weights)))
         except Exception as error:  # noqa: BLE001 - recorded, the search goes on
             result.update(status="failed", reason=f"merge failed: {type(error).__name__}: {error}")
             result["seconds"]["merge"] = time.perf_counter() - start
@@ -187,8 +141,8 @@ def search(config: SearchConfig, *, export: bool = False, log: Callable[[str], N
         result["seconds"]["merge"] = time.perf_counter() - start
         start = time.perf_counter()
         try:
-            results = ev.evaluate(tasks, limit, confirm_run_unsafe_code=config.confirm_run_unsafe_code, quiet=True)
-            value, breakdown = objective.score(results)
+            results = ev.evaluate(self.objective.task_names(), limit, confirm_run_unsafe_code=c.confirm_run_unsafe_code, quiet=True)
+            value, breakdown = self.objective.score(results)
             result["metrics"] = {k: v["value"] for k, v in breakdown.items()}
             if not math.isfinite(value):
                 bad = [k for k, v in result["metrics"].items() if not math.isfinite(v)]
@@ -200,38 +154,132 @@ def search(config: SearchConfig, *, export: bool = False, log: Callable[[str], N
         result["seconds"]["eval"] = time.perf_counter() - start
         return result
 
-    try:
-        for number in range(len(records) + 1, config.trials + 1):
-            start = time.perf_counter()
+    def trial(self, optimizer, number: int, weights: dict[str, float], records: list[dict], asked: float) -> dict:
+        """Run one trial and tell the optimizer; returns its record (not yet logged)."""
+        recipe_path = self.out / "recipes" / f"trial-{number:04d}.yaml"
+        write_yaml(recipe_path, trial_recipe(self.config, self.sources, weights))
+        outcome = self.score(weights, self.config.limit)
+        told = outcome["score"] if outcome["status"] == "ok" else _crash_value(records)
+        start = time.perf_counter()
+        optimizer.tell(weights, told)
+        outcome["seconds"]["optimizer"] = asked + time.perf_counter() - start
+        self.ran += 1
+        return {"trial": number, "weights": weights, **outcome, "told": told, "limit": self.config.limit, "recipe": str(recipe_path.relative_to(self.out))}
+
+    # -- the loop -----------------------------------------------------------------------------
+    def replay(self, optimizer) -> list[dict]:
+        """Bring the optimizer to where the log ends; damaged lines are run again in place."""
+        c = self.config
+        records = read_jsonl(self.trials_path, holes=True)
+        retry = self._failed_tail(records)
+        if retry:
+            kept = records[: len(records) - retry]
+            atomic_write_text(self.trials_path, "".join(json.dumps(r) + "\n" for r in kept))
+            records = kept
+        repaired = False
+        for i, record in enumerate(records):
             weights = optimizer.ask()
-            asked = time.perf_counter() - start
-            recipe_path = out / "recipes" / f"trial-{number:04d}.yaml"
-            write_yaml(recipe_path, trial_recipe(config, sources, weights))
-            outcome = score(weights, config.limit)
-            told = outcome["score"] if outcome["status"] == "ok" else _crash_value(records)
-            start = time.perf_counter()
-            optimizer.tell(weights, told)
-            outcome["seconds"]["optimizer"] = asked + time.perf_counter() - start
-            record = {"trial": number, "weights": weights, **outcome, "told": told, "limit": config.limit, "recipe": str(recipe_path.relative_to(out))}
-            _append_jsonl(trials_path, record)
-            records.append(record)
-            log(_trial_line(record, records, config.trials))
-            _check_failures(records, config.max_consecutive_failures)
+            if record is None:
+                self.log(f"trial {i + 1}: its line in {self.trials_path} is damaged; running it again")
+                records[i] = self.trial(optimizer, i + 1, weights, records[:i], 0.0)
+                repaired = True
+                continue
+            if any(not math.isclose(weights[n], record["weights"][n], rel_tol=1e-9, abs_tol=1e-12) for n in c.names):
+                raise SearchError(
+                    f"resume: the optimizer proposed {weights} for trial {record['trial']}, the log has "
+                    f"{record['weights']}; the installed optimizer gives other proposals than the one that "
+                    "wrote this log (a different version?). Start a new output folder."
+                )
+            optimizer.tell(weights, record["told"])
+        if repaired:
+            atomic_write_text(self.trials_path, "".join(json.dumps(r) + "\n" for r in records))
+        if records:
+            self.log(f"resumed {self.out}: {len(records)} trials already done")
+        return records
 
-        finalists = _finalists(config, records, out, score, log)
-    finally:
-        if evaluator is not None:
-            evaluator.close()
-    summary = _summarize(config, sources, records, finalists, out)
-    if export:
-        from optimer_merge.recipes import run_recipe
+    def _failed_tail(self, records: list[dict | None]) -> int:
+        """How many failed trials at the end of the log to run again: all of them, if an
+        operational setting changed since they ran (the fix for an out-of-memory or a bad dtype)."""
+        tail = []
+        for record in reversed(records):
+            if record is None or record["status"] == "ok":
+                break
+            tail.append(record)
+        now = self.config.operational()
+        changed = sorted({k for r in tail for k, v in now.items() if r.get("settings", {}).get(k) != v})
+        if tail and changed:
+            self.log(f"retrying the {len(tail)} failed trial(s) at the end of the log: {', '.join(changed)} changed since")
+            for record in reversed(tail):
+                append_jsonl(self.out / "trials.retried.jsonl", record)
+            return len(tail)
+        return 0
 
-        target = out / "best-model"
-        log(f"exporting the best merge with mergekit -> {target}")
-        run_recipe(out / "best.yaml", target, quiet=True)
-        summary["export"] = str(target)
-        (out / "summary.json").write_text(json.dumps(summary, indent=2))
-    return summary
+    def run(self, export: bool) -> dict:
+        c, out = self.config, self.out
+        bounds = {v.name: c.bounds_of(v) for v in c.vectors}
+        optimizer = make_optimizer(c.optimizer, bounds, c.seed, out / "smac", c.initial_points)
+        try:
+            records = self.replay(optimizer)
+            _check_failures(records, c.max_consecutive_failures)
+            for number in range(len(records) + 1, c.trials + 1):
+                start = time.perf_counter()
+                weights = optimizer.ask()
+                record = self.trial(optimizer, number, weights, records, time.perf_counter() - start)
+                append_jsonl(self.trials_path, record)
+                records.append(record)
+                self.log(self._trial_line(record, records))
+                _check_failures(records, c.max_consecutive_failures)
+            finalists = self.finalists(records)
+        finally:
+            if self.evaluator is not None:
+                self.evaluator.close()
+        summary = _summarize(c, self.sources, self.missing, records, finalists, out)
+        if export:
+            from optimer_merge.merge.recipes import run_recipe
+
+            target = out / "best-model"
+            self.log(f"exporting the best merge with mergekit -> {target}")
+            run_recipe(out / "best.yaml", target, quiet=True)
+            summary["export"] = str(target)
+            write_json(out / "summary.json", summary)
+        return summary
+
+    def _trial_line(self, record: dict, records: list[dict]) -> str:
+        ok = [r["score"] for r in records if r["status"] == "ok"]
+        weights = " ".join(f"{n}={w:.3f}" for n, w in record["weights"].items())
+        s = record["seconds"]
+        timing = f"merge {s.get('merge', 0):.2f}s eval {s.get('eval', 0):.1f}s opt {s.get('optimizer', 0):.2f}s"
+        left = self.config.trials - record["trial"]
+        eta = f", ETA {_duration(left * (time.perf_counter() - self.started) / self.ran)}" if left and self.ran else ""
+        head = f"trial {record['trial']}/{self.config.trials}"
+        if record["status"] != "ok":
+            return f"{head} FAILED: {record['reason']} [{weights}] {timing}{eta}"
+        return f"{head} score {record['score']:.5f} (best {max(ok):.5f}) [{weights}] {timing}{eta}"
+
+    def finalists(self, records: list[dict]) -> list[dict]:
+        """Re-score the top trials at the finalist limit (each once; logged so a rerun reuses them)."""
+        c = self.config
+        ok = sorted((r for r in records if r["status"] == "ok"), key=lambda r: (-r["score"], r["trial"]))
+        top = ok[: c.finalists]
+        if c.finalist_limit == c.limit:
+            return [{"trial": r["trial"], "weights": r["weights"], "score": r["score"], "final_score": r["score"], "metrics": r["metrics"]} for r in top]
+        path = self.out / "finalists.jsonl"
+        done = {(r["trial"], r["limit"]): r for r in read_jsonl(path)}
+        finalists = []
+        for r in top:
+            key = (r["trial"], c.finalist_limit)
+            if key not in done:
+                self.log(f"finalist: trial {r['trial']} at limit {c.finalist_limit}")
+                outcome = self.score(r["weights"], c.finalist_limit)
+                done[key] = {"trial": r["trial"], "limit": c.finalist_limit, **outcome}
+                append_jsonl(path, done[key])
+            f = done[key]
+            finalists.append({"trial": r["trial"], "weights": r["weights"], "score": r["score"], "final_score": f["score"], "metrics": f["metrics"], "status": f["status"], "reason": f.get("reason")})
+        return finalists
+
+
+def _duration(seconds: float) -> str:
+    return f"{seconds / 3600:.1f} h" if seconds >= 3600 else f"{seconds / 60:.1f} min" if seconds >= 60 else f"{seconds:.0f} s"
 
 
 def _crash_value(records: list[dict]) -> float:
@@ -250,41 +298,14 @@ def _check_failures(records: list[dict], limit: int) -> None:
             break
         run += 1
     if run >= limit:
-        raise SearchError(f"stopped after {run} consecutive failed trials; the last: {records[-1]['reason']}")
+        raise SearchError(
+            f"stopped after {run} consecutive failed trials; the last: {records[-1]['reason']}. If a setting caused "
+            "them (threads, batch_size, dtype, ...), fix it and rerun: the failed trials are then run again"
+        )
 
 
-def _trial_line(record: dict, records: list[dict], total: int) -> str:
-    ok = [r["score"] for r in records if r["status"] == "ok"]
-    weights = " ".join(f"{n}={w:.3f}" for n, w in record["weights"].items())
-    s = record["seconds"]
-    timing = f"merge {s.get('merge', 0):.2f}s eval {s.get('eval', 0):.1f}s opt {s.get('optimizer', 0):.2f}s"
-    if record["status"] != "ok":
-        return f"trial {record['trial']}/{total} FAILED: {record['reason']} [{weights}] {timing}"
-    return f"trial {record['trial']}/{total} score {record['score']:.5f} (best {max(ok):.5f}) [{weights}] {timing}"
-
-
-def _finalists(config: SearchConfig, records: list[dict], out: Path, score, log) -> list[dict]:
-    """Re-score the top trials at the finalist limit (each once; logged so a rerun reuses them)."""
-    ok = sorted((r for r in records if r["status"] == "ok"), key=lambda r: (-r["score"], r["trial"]))
-    top = ok[: config.finalists]
-    if config.finalist_limit == config.limit:
-        return [{"trial": r["trial"], "weights": r["weights"], "score": r["score"], "final_score": r["score"], "metrics": r["metrics"]} for r in top]
-    path = out / "finalists.jsonl"
-    done = {(r["trial"], r["limit"]): r for r in _read_jsonl(path)}
-    finalists = []
-    for r in top:
-        key = (r["trial"], config.finalist_limit)
-        if key not in done:
-            log(f"finalist: trial {r['trial']} at limit {config.finalist_limit}")
-            outcome = score(r["weights"], config.finalist_limit)
-            done[key] = {"trial": r["trial"], "limit": config.finalist_limit, **outcome}
-            _append_jsonl(path, done[key])
-        f = done[key]
-        finalists.append({"trial": r["trial"], "weights": r["weights"], "score": r["score"], "final_score": f["score"], "metrics": f["metrics"], "status": f["status"], "reason": f.get("reason")})
-    return finalists
-
-
-def _summarize(config: SearchConfig, sources: dict, records: list[dict], finalists: list[dict], out: Path) -> dict:
+def _summarize(config: SearchConfig, sources: dict, missing: list[str], records: list[dict], finalists: list[dict], out: Path) -> dict:
+    from optimer_merge.io.checkpoints import saved_dtype
     from optimer_merge.search.plots import plot_trace, plot_weights
 
     ok = [r for r in records if r["status"] == "ok"]
@@ -299,13 +320,12 @@ def _summarize(config: SearchConfig, sources: dict, records: list[dict], finalis
     weights = best["weights"]
     total = sum(weights.values())
     ratios = {n: w / total for n, w in weights.items()} if abs(total) > 1e-12 else None
-    write_yaml(out / "best.yaml", trial_recipe(config, sources, weights, config.out_dtype))
+    header = "\n".join(
+        f"WARNING: the model behind vector {n} ({sources[n]}) no longer exists; restore it before merging this recipe."
+        for n in missing
+    )
+    write_yaml(out / "best.yaml", trial_recipe(config, sources, weights, config.out_dtype or saved_dtype(config.base)), header or None)
     uniform = next((r for r in records if r["status"] == "ok" and _is_uniform(r["weights"], config)), None)
-    best_so_far, trace = -math.inf, []
-    for r in records:
-        if r["status"] == "ok":
-            best_so_far = max(best_so_far, r["score"])
-        trace.append(best_so_far)
     seconds = {k: sum(r["seconds"].get(k, 0.0) for r in records) for k in ("merge", "eval", "optimizer")}
     summary = {
         "best": {"trial": best["trial"], "weights": weights, "mixture_ratios": ratios, "score": best["score"], "final_score": best["final_score"], "metrics": best.get("metrics")},
@@ -322,9 +342,10 @@ def _summarize(config: SearchConfig, sources: dict, records: list[dict], finalis
         "seed": config.seed,
         "objective": config.load_objective().model_dump(mode="json"),
         "vectors": sources,
+        "missing_models": {n: sources[n] for n in missing},
         "best_recipe": "best.yaml",
     }
-    (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    write_json(out / "summary.json", summary)
     plot_trace(records, out / "trace.png")
     plot_weights(weights, ratios, out / "weights.png")
     return summary
@@ -346,12 +367,3 @@ def _trials_to_fraction(records: list[dict], fraction: float) -> int | None:
     best, worst = max(s for _, s in scores), min(s for _, s in scores)
     target = worst + fraction * (best - worst)
     return next(t for t, s in scores if s >= target)
-
-
-def write_yaml(path: Path, data: dict) -> None:
-    """Write YAML atomically: a partial file renamed into place."""
-    import yaml
-
-    partial = path.with_name(path.name + ".partial")
-    partial.write_text(yaml.safe_dump(data, sort_keys=False))
-    os.replace(partial, path)

@@ -11,9 +11,9 @@ _TARGET = "mergekit.merge_methods"
 
 
 def _register() -> None:
-    if "optimer_merge.merge_method" in sys.modules:
+    if "optimer_merge.merge.mergekit_method" in sys.modules:
         return  # being imported right now: it registers itself when it finishes
-    from optimer_merge.merge_method import register
+    from optimer_merge.merge.mergekit_method import register
 
     register()
 

@@ -7,7 +7,6 @@ accept them.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Iterable, Literal
 
@@ -130,6 +129,8 @@ def save_model(model, tokenizer, out_dir: str | Path) -> Path:
     """save_pretrained, then rewrite the multimodal vision tower to the hub's key layout."""
     from transformers.utils import logging as hf_logging
 
+    from optimer_merge.io.hub_layout import to_hub_layout
+
     out_dir = Path(out_dir)
     hf_logging.disable_progress_bar()
     model.save_pretrained(out_dir)
@@ -137,45 +138,6 @@ def save_model(model, tokenizer, out_dir: str | Path) -> Path:
         tokenizer.save_pretrained(out_dir)
     to_hub_layout(out_dir)
     return out_dir
-
-
-VISION_PREFIX, HUB_VISION_PREFIX = "vision_tower.", "vision_tower.vision_model."
-
-
-def to_hub_layout(model_dir: str | Path) -> bool:
-    """Rename ``vision_tower.*`` to ``vision_tower.vision_model.*`` in place; True if anything changed.
-
-    transformers 5.x writes the SigLIP tower of Gemma3ForConditionalGeneration without the
-    ``vision_model.`` level, which mergekit's gemma3vl definition requires (and which transformers
-    itself still loads). Text-only checkpoints are left untouched.
-    """
-    from safetensors import safe_open
-    from safetensors.torch import save_file
-
-    model_dir = Path(model_dir)
-    files = sorted(model_dir.glob("*.safetensors"))
-    index_path = model_dir / "model.safetensors.index.json"
-    renamed = False
-
-    def hub_name(key: str) -> str:
-        if key.startswith(VISION_PREFIX) and not key.startswith(HUB_VISION_PREFIX):
-            return HUB_VISION_PREFIX + key[len(VISION_PREFIX):]
-        return key
-
-    for path in files:
-        with safe_open(str(path), "pt") as reader:
-            keys = list(reader.keys())
-            if all(hub_name(k) == k for k in keys):
-                continue
-            metadata = reader.metadata() or {"format": "pt"}
-            tensors = {hub_name(k): reader.get_tensor(k) for k in keys}
-        save_file(tensors, str(path), metadata=metadata)
-        renamed = True
-    if renamed and index_path.exists():
-        index = json.loads(index_path.read_text())
-        index["weight_map"] = {hub_name(k): v for k, v in index["weight_map"].items()}
-        index_path.write_text(json.dumps(index, indent=2))
-    return renamed
 
 
 def perturbed_copy(

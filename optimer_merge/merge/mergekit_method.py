@@ -3,6 +3,8 @@
 Recipe parameters: per model `weight` (required, any sign); global `scale` (default 1.0) and
 `normalize` (default false: true divides by the sum of weights). The result is returned in float32
 (float64 for float64 inputs) and mergekit casts it to the recipe's `out_dtype` when one is set.
+Non-finite `weight` or `scale` values are refused when mergekit resolves the parameters, before it
+merges any tensor.
 """
 
 from __future__ import annotations
@@ -17,9 +19,10 @@ from mergekit.merge_methods import (
     TensorBatch,
     merge_method,
 )
+from pydantic import FiniteFloat
 from typing_extensions import Annotated
 
-from optimer_merge.merge_rule import merge_tensor
+from optimer_merge.merge.rule import merge_tensor
 
 METHOD_NAME = "optimer"
 
@@ -32,8 +35,8 @@ METHOD_NAME = "optimer"
 )
 def optimer_merge(
     batch: TensorBatch,
-    weight: Annotated[torch.Tensor, BatchParameter(float, ParameterScope.NON_BASE)],
-    scale: float = 1.0,
+    weight: Annotated[torch.Tensor, BatchParameter(FiniteFloat, ParameterScope.NON_BASE)],
+    scale: FiniteFloat = 1.0,
     normalize: bool = False,
 ) -> torch.Tensor:
     if batch.base_index is None:

@@ -1,0 +1,30 @@
+"""The errors a user can meet: each says what was wrong and what to do, in one line.
+
+The command line prints exactly these as ``optimer-merge CMD: error: ...`` and exits 2; every other
+exception is a bug (or an environment failure) and keeps its traceback.
+"""
+
+from __future__ import annotations
+
+
+class UserError(Exception):
+    """A problem with the user's input or run folder, reported as one line without a traceback."""
+
+    def __str__(self) -> str:  # one line, whatever the message was built from
+        return " ".join(line.strip() for line in super().__str__().splitlines() if line.strip())
+
+
+class ConfigError(UserError, ValueError):
+    """A setting, config file or command-line value is invalid."""
+
+
+class InputNotFound(UserError, FileNotFoundError):
+    """A file or folder the user named does not exist (or is the wrong kind of path)."""
+
+
+class RunFolderError(UserError):
+    """An output folder holds another run, is in use, or cannot be written."""
+
+
+class DataError(UserError, ValueError):
+    """A dataset cannot be read as text documents."""

@@ -1,0 +1,110 @@
+"""Reading safetensors checkpoints lazily (headers via ``safe_open``), and cheap fingerprints."""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from optimer_merge.errors import InputNotFound, UserError
+
+FLOAT_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
+DTYPE_NAMES = {v: k for k, v in FLOAT_DTYPES.items()}
+
+
+class CheckpointError(UserError, ValueError):
+    """A checkpoint is missing, unreadable, or does not match what it is used with."""
+
+
+def shards(path: str | Path) -> list[Path]:
+    """The safetensors files of a model folder, or the file itself."""
+    path = Path(path)
+    if path.is_file():
+        return [path]
+    if not path.exists():
+        raise InputNotFound(f"{path} does not exist")
+    found = sorted(path.glob("*.safetensors"))
+    if not found:
+        raise CheckpointError(f"{path}: no *.safetensors files (expected a model folder or a .safetensors file)")
+    return found
+
+
+def _open(shard: Path):
+    from safetensors import safe_open
+
+    try:
+        return safe_open(str(shard), "pt")
+    except Exception as error:  # SafetensorError: truncated, not safetensors at all
+        raise CheckpointError(f"{shard} is not a readable safetensors file ({error}); re-create or re-download it") from None
+
+
+@dataclass
+class Checkpoint:
+    """The tensors of a safetensors model folder (single file or sharded) or a vector file, read lazily."""
+
+    path: Path
+    files: dict[str, Path] = field(default_factory=dict)  # tensor name -> shard
+    meta: dict[str, tuple[str, tuple[int, ...]]] = field(default_factory=dict)  # name -> (dtype, shape)
+    metadata: dict[str, str] = field(default_factory=dict)  # the first shard's __metadata__
+
+    @classmethod
+    def open(cls, path: str | Path) -> "Checkpoint":
+        path = Path(path)
+        ckpt = cls(path)
+        for i, shard in enumerate(shards(path)):
+            with _open(shard) as reader:
+                if i == 0:
+                    ckpt.metadata = dict(reader.metadata() or {})
+                for name in reader.keys():
+                    view = reader.get_slice(name)
+                    ckpt.files[name], ckpt.meta[name] = shard, (view.get_dtype(), tuple(view.get_shape()))
+        return ckpt
+
+    def names(self) -> list[str]:
+        return list(self.meta)
+
+    def is_float(self, name: str) -> bool:
+        return self.meta[name][0] in FLOAT_DTYPES
+
+    def get(self, name: str) -> torch.Tensor:
+        with _open(self.files[name]) as reader:
+            return reader.get_tensor(name)
+
+
+def check_model_folder(path: str | Path, what: str = "model", *, config: bool = True) -> Path:
+    """A model folder with readable safetensors (and config.json unless ``config`` is false, for
+    uses that need only the tensors); returns the path."""
+    path = Path(path)
+    if not path.exists():
+        raise InputNotFound(f"{what} {path} does not exist")
+    if not path.is_dir():
+        raise InputNotFound(f"{what} {path} is a file; expected a Hugging Face model folder (config.json, *.safetensors)")
+    if config and not (path / "config.json").is_file():
+        raise InputNotFound(f"{what} {path} has no config.json; expected a Hugging Face model folder")
+    Checkpoint.open(path)  # every shard's header must parse
+    return path
+
+
+def fingerprint(model: str | Path) -> str:
+    """A cheap identity of a checkpoint's weights: its headers, sizes and the first and last MiB of
+    each shard (enough to tell two trainings apart without hashing tens of GB)."""
+    digest = hashlib.sha256()
+    for shard in shards(model):
+        size = shard.stat().st_size
+        digest.update(f"{shard.name}:{size}".encode())
+        with open(shard, "rb") as f:
+            digest.update(f.read(1 << 20))
+            f.seek(max(0, size - (1 << 20)))
+            digest.update(f.read())
+    return digest.hexdigest()[:16]
+
+
+def saved_dtype(model_dir: str | Path) -> str:
+    """The dtype a Hugging Face model folder declares in config.json (float32 when it says none)."""
+    import json
+
+    config = json.loads((Path(model_dir) / "config.json").read_text())
+    name = config.get("dtype") or config.get("torch_dtype") or config.get("text_config", {}).get("dtype") or "float32"
+    return str(name).replace("torch.", "")

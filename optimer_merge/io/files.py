@@ -1,0 +1,67 @@
+"""Atomic writes (a partial file renamed into place) and checks of paths the user names."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+from optimer_merge.errors import InputNotFound, RunFolderError
+
+
+def atomic_write_text(path: str | Path, text: str) -> None:
+    """Write ``text`` to a partial file, then rename it into place: readers never see half a file."""
+    path = Path(path)
+    partial = path.with_name(f"{path.name}.{os.getpid()}.partial")
+    partial.write_text(text, encoding="utf-8")
+    os.replace(partial, path)
+
+
+def write_json(path: str | Path, data: Any) -> None:
+    atomic_write_text(path, json.dumps(data, indent=2, ensure_ascii=False) + "\n")
+
+
+def write_yaml(path: str | Path, data: dict, header: str | None = None) -> None:
+    """YAML (keys in insertion order), with an optional ``# comment`` header, written atomically."""
+    import yaml
+
+    text = yaml.safe_dump(data, sort_keys=False, allow_unicode=True)
+    if header:
+        text = "".join(f"# {line}\n" for line in header.splitlines()) + text
+    atomic_write_text(path, text)
+
+
+def check_input_file(path: str | Path, what: str) -> Path:
+    """An existing file (not a folder)."""
+    path = Path(path).expanduser()
+    if not path.exists():
+        raise InputNotFound(f"{what} {path} does not exist")
+    if path.is_dir():
+        raise InputNotFound(f"{what} {path} is a folder; expected a file")
+    return path
+
+
+def check_output_dir(path: str | Path, what: str = "output folder") -> Path:
+    """A folder that exists or can be created and written: refused if it, or a parent, is a file,
+    or if it is not writable. Nothing is created."""
+    path = Path(path).expanduser()
+    if path.exists() and not path.is_dir():
+        raise RunFolderError(f"{what} {path} is a file; give a folder")
+    probe = path
+    while not probe.exists():
+        probe = probe.parent
+    if not probe.is_dir():
+        raise RunFolderError(f"{what} {path} cannot be created: {probe} is a file")
+    if not os.access(probe, os.W_OK | os.X_OK):
+        raise RunFolderError(f"{what} {path} cannot be written: no write permission on {probe}")
+    return path
+
+
+def check_output_file(path: str | Path, what: str = "output file") -> Path:
+    """A file path whose folder can be created and written, and that is not itself a folder."""
+    path = Path(path).expanduser()
+    if path.is_dir():
+        raise RunFolderError(f"{what} {path} is a folder; give a file name")
+    check_output_dir(path.parent, f"folder of {what}")
+    return path

@@ -1,0 +1,51 @@
+"""Gemma 3 checkpoint names as the hub has them, against the names transformers 5 gives live modules.
+
+transformers 5.x saves the SigLIP tower of Gemma3ForConditionalGeneration as ``vision_tower.*``;
+the released checkpoints (and mergekit's ``gemma3vl`` definition) use ``vision_tower.vision_model.*``.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+VISION_PREFIX, HUB_VISION_PREFIX = "vision_tower.", "vision_tower.vision_model."
+
+
+def hub_name(key: str) -> str:
+    """The released checkpoints' name of a tensor saved by transformers 5."""
+    if key.startswith(VISION_PREFIX) and not key.startswith(HUB_VISION_PREFIX):
+        return HUB_VISION_PREFIX + key[len(VISION_PREFIX):]
+    return key
+
+
+def live_name(key: str) -> str:
+    """The transformers 5 name of a tensor named as in the released checkpoints."""
+    return VISION_PREFIX + key[len(HUB_VISION_PREFIX):] if key.startswith(HUB_VISION_PREFIX) else key
+
+
+def to_hub_layout(model_dir: str | Path) -> bool:
+    """Rename ``vision_tower.*`` to ``vision_tower.vision_model.*`` in place; True if anything changed.
+
+    Text-only checkpoints are left untouched; transformers still loads the renamed ones.
+    """
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    model_dir = Path(model_dir)
+    index_path = model_dir / "model.safetensors.index.json"
+    renamed = False
+    for path in sorted(model_dir.glob("*.safetensors")):
+        with safe_open(str(path), "pt") as reader:
+            keys = list(reader.keys())
+            if all(hub_name(k) == k for k in keys):
+                continue
+            metadata = reader.metadata() or {"format": "pt"}
+            tensors = {hub_name(k): reader.get_tensor(k) for k in keys}
+        save_file(tensors, str(path), metadata=metadata)
+        renamed = True
+    if renamed and index_path.exists():
+        index = json.loads(index_path.read_text())
+        index["weight_map"] = {hub_name(k): v for k, v in index["weight_map"].items()}
+        index_path.write_text(json.dumps(index, indent=2))
+    return renamed

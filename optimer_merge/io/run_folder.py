@@ -1,0 +1,86 @@
+"""Run folders: one process at a time (a lock), the identity of the run they hold, and a clean
+refusal: a folder this process created is removed again if the run is refused before any work."""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import shutil
+from pathlib import Path
+
+from optimer_merge.errors import RunFolderError, UserError
+from optimer_merge.io.files import check_output_dir, write_json
+
+LOCK = ".lock"
+
+
+class RunFolder:
+    """``with RunFolder(path, "search") as folder:`` creates and locks ``path``.
+
+    ``folder.check(record, identity)`` refuses a folder that holds another run; ``folder.keep()``
+    marks the start of real work. A UserError raised before ``keep()`` removes the folders this
+    call created, so a corrected rerun starts clean."""
+
+    def __init__(self, path: str | Path, what: str, *, fix: str = "choose another output folder or delete this one"):
+        self.path, self.what, self.fix = Path(path), what, fix
+        self.created: Path | None = None
+        self.kept = False
+        self._lock = None
+
+    def __enter__(self) -> "RunFolder":
+        check_output_dir(self.path, f"{self.what} folder")
+        missing = self.path.absolute()
+        while not missing.parent.exists():
+            missing = missing.parent
+        self.created = None if self.path.exists() else missing
+        self.path.mkdir(parents=True, exist_ok=True)
+        lock = open(self.path / LOCK, "a+")
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            lock.seek(0)
+            holder = lock.read().strip()
+            lock.close()
+            raise RunFolderError(
+                f"{self.path} is in use by another {self.what}{f' (process {holder})' if holder else ''}; "
+                "wait for it to finish or choose another output folder"
+            ) from None
+        lock.seek(0)
+        lock.truncate()
+        lock.write(str(os.getpid()))
+        lock.flush()
+        self._lock = lock
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if self._lock is not None:
+            self._lock.close()  # releases the lock
+            self._lock = None
+        refused = exc_type is not None and issubclass(exc_type, UserError) and not self.kept
+        if refused and self.created is not None:
+            shutil.rmtree(self.created, ignore_errors=True)
+
+    def keep(self) -> None:
+        """Real work starts: from here on the folder stays, whatever happens."""
+        self.kept = True
+
+    def check(self, record: str, identity: dict, ignore: tuple[str, ...] = ()) -> bool:
+        """Refuse a folder that holds another run, or files but no run; True if it holds this one.
+
+        Keys in ``ignore`` (settings that may change between runs) are left out of the comparison."""
+        path = self.path / record
+        if path.exists():
+            stored = json.loads(path.read_text())
+            stored = {k: v for k, v in stored.get("identity", stored).items() if k not in ignore}
+            identity = {k: v for k, v in identity.items() if k not in ignore}
+            if stored != identity:
+                changed = sorted(k for k in set(stored) | set(identity) if stored.get(k) != identity.get(k))
+                raise RunFolderError(f"{self.path} holds a different {self.what} (settings differ: {', '.join(changed)}); {self.fix}")
+            return True
+        if any(p.name != LOCK for p in self.path.iterdir()):
+            raise RunFolderError(f"{self.path} is not empty and holds no {self.what}; {self.fix}")
+        return False
+
+    def record(self, record: str, identity: dict, **extra) -> None:
+        write_json(self.path / record, {"identity": identity, **extra})

@@ -1,0 +1,71 @@
+"""YAML files with errors that name the file and line, and typed configs validated on load."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, TypeVar
+
+from optimer_merge.errors import ConfigError
+from optimer_merge.io.files import check_input_file
+
+T = TypeVar("T")
+
+
+def load_yaml(path: str | Path, what: str = "YAML file") -> Any:
+    """Parse a YAML file; a missing file, a folder, bad UTF-8 or bad YAML is one clear error."""
+    import yaml
+
+    path = check_input_file(path, what)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as error:
+        raise ConfigError(f"{path}: not UTF-8 text (byte {error.start}); save it as UTF-8") from None
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as error:
+        mark = getattr(error, "problem_mark", None) or getattr(error, "context_mark", None)
+        where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark else str(path)
+        problem = getattr(error, "problem", None) or str(error).splitlines()[0]
+        raise ConfigError(f"{where}: malformed YAML: {problem}") from None
+
+
+def validation_message(error, what: str) -> str:
+    """A pydantic ValidationError as one line: each problem names its field and the value given."""
+    problems = []
+    for item in error.errors():
+        where = ".".join(str(p) for p in item["loc"]) or "config"
+        message = item["msg"].removeprefix("Value error, ")
+        value = item.get("input")
+        if item["type"] not in ("missing",) and not isinstance(value, dict) and value is not None:
+            message += f" (got {value!r})"
+        problems.append(f"{where}: {message}")
+    return f"invalid {what}: " + "; ".join(problems)
+
+
+def load_yaml_config(cls: type[T], path: str | Path | None, overrides: dict[str, Any] | None, what: str) -> T:
+    """Read a YAML config (optional), apply ``overrides`` (dotted keys allowed), validate as ``cls``.
+
+    Paths inside stay relative to the working directory, as in mergekit recipes.
+    """
+    from pydantic import ValidationError
+
+    raw: dict[str, Any] = {}
+    if path is not None:
+        loaded = load_yaml(path, what)
+        if loaded is None:
+            loaded = {}
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"{path}: expected a mapping of settings at the top level, got {type(loaded).__name__}")
+        raw = loaded
+    for key, value in (overrides or {}).items():
+        target = raw
+        *parents, leaf = key.split(".")
+        for parent in parents:
+            target = target.setdefault(parent, {})
+            if not isinstance(target, dict):
+                raise ConfigError(f"cannot set {key}: {parent} is not a group of settings")
+        target[leaf] = value
+    try:
+        return cls.model_validate(raw)
+    except ValidationError as error:
+        raise ConfigError(validation_message(error, what)) from None

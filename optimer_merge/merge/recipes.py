@@ -1,0 +1,171 @@
+"""Load, check and run mergekit YAML recipes with the `optimer` method registered.
+
+``load_recipe`` refuses what stock mergekit would silently ignore or fail on late: unknown keys at
+the top level and unknown parameter names for the recipe's method (typos such as ``normalise``),
+parameter values the method's own types reject (``weight: .nan``), and local models that do not
+exist.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+from typing import Any, Iterator
+
+from optimer_merge.errors import ConfigError, InputNotFound
+
+MERGE_MARKER = "mergekit_config.yml"  # mergekit writes the recipe it ran here
+
+
+class RecipeError(ConfigError):
+    """A recipe that mergekit would reject, ignore in part, or fail on midway."""
+
+
+def _parameter_blocks(raw: dict) -> Iterator[tuple[str, dict]]:
+    """(where, parameters mapping) for every `parameters:` block of a recipe."""
+
+    def blocks(node: Any, where: str) -> Iterator[tuple[str, dict]]:
+        if not isinstance(node, dict):
+            return
+        if isinstance(node.get("parameters"), dict):
+            yield f"{where}parameters", node["parameters"]
+        for key in ("models", "slices", "sources"):
+            children = node.get(key)
+            if isinstance(children, list):
+                for i, child in enumerate(children):
+                    yield from blocks(child, f"{where}{key}[{i}].")
+        if isinstance(node.get("modules"), dict):
+            for name, module in node["modules"].items():
+                yield from blocks(module, f"{where}modules.{name}.")
+
+    yield from blocks(raw, "")
+
+
+def _scalars(setting: Any) -> Iterator[Any]:
+    """The plain values of a parameter setting (a value, a gradient list, or filtered entries)."""
+    if isinstance(setting, dict):
+        yield from _scalars(setting.get("value"))
+    elif isinstance(setting, list):
+        for item in setting:
+            yield from _scalars(item)
+    elif setting is not None:
+        yield setting
+
+
+def check_recipe(raw: Any, path: str | Path) -> None:
+    """Refuse unknown keys, unknown or invalid parameters and missing local models (see module doc)."""
+    from mergekit import merge_methods
+    from mergekit.config import MergeConfiguration
+    from pydantic import ValidationError
+
+    from optimer_merge.merge.mergekit_method import register
+
+    register()
+    if not isinstance(raw, dict):
+        raise RecipeError(f"{path}: expected a mapping (merge_method, base_model, models, ...) at the top level")
+    unknown = sorted(set(raw) - set(MergeConfiguration.model_fields))
+    if unknown:
+        raise RecipeError(f"{path}: unknown top-level key(s) {', '.join(unknown)}; mergekit knows {', '.join(MergeConfiguration.model_fields)}")
+    name = raw.get("merge_method")
+    methods = sorted(m.spec.name for m in merge_methods.registered_methods())
+    if name not in methods:
+        raise RecipeError(f"{path}: unknown merge_method {name!r}; choose one of {', '.join(methods)}")
+    specs = {p.name: p for p in merge_methods.get(name).spec.parameters}
+    for where, block in _parameter_blocks(raw):
+        for key, setting in block.items():
+            if key not in specs:
+                raise RecipeError(f"{path}: {where}: unknown parameter {key!r} for {name}; it takes {', '.join(specs) or 'none'}")
+            for value in _scalars(setting):
+                try:
+                    specs[key].validate(value)
+                except ValidationError as error:
+                    raise RecipeError(f"{path}: {where}.{key}: {error.errors()[0]['msg']} (got {value!r})") from None
+
+
+def load_recipe(path: str | Path):
+    """Parse and check a mergekit recipe file; returns (MergeConfiguration, its text)."""
+    from mergekit.config import MergeConfiguration
+    from pydantic import ValidationError
+
+    from optimer_merge.io.yaml_config import load_yaml, validation_message
+
+    raw = load_yaml(path, "recipe")
+    check_recipe(raw, path)
+    try:
+        config = MergeConfiguration.model_validate(raw)
+    except ValidationError as error:
+        raise RecipeError(f"{path}: " + validation_message(error, "mergekit recipe")) from None
+    except RuntimeError as error:  # mergekit's own validators raise RuntimeError
+        raise RecipeError(f"{path}: invalid mergekit recipe: {error}") from None
+    offline = os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False")
+    for ref in config.referenced_models():
+        model = str(ref.model.path)
+        local = model.startswith((".", "/", "~")) or model.count("/") > 1
+        if not Path(model).expanduser().exists() and (local or offline):
+            raise InputNotFound(f"{path}: model {model} does not exist" + ("" if local else " locally (HF_HUB_OFFLINE is set)"))
+    return config, Path(path).read_text(encoding="utf-8")
+
+
+def check_merge_target(out_dir: str | Path) -> Path:
+    """A merge writes into a new or empty folder, or replaces an earlier merge's (never other files)."""
+    from optimer_merge.errors import RunFolderError
+    from optimer_merge.io.files import check_output_dir
+
+    out = check_output_dir(out_dir, "merge output folder")
+    if out.exists() and any(out.iterdir()) and not (out / MERGE_MARKER).exists():
+        raise RunFolderError(f"merge output folder {out} is not empty and holds no earlier merge; choose a new or empty folder")
+    return out
+
+
+def run_recipe(
+    recipe: str | Path,
+    out_dir: str | Path,
+    *,
+    device: str = "cpu",
+    lazy_unpickle: bool = False,
+    copy_tokenizer: bool = True,
+    write_model_card: bool = True,
+    threads: int | None = None,
+    quiet: bool = False,
+    **options: Any,
+) -> dict:
+    """Merge with mergekit's own `run_merge`, exactly as `mergekit-yaml RECIPE OUT` does, into
+    ``OUT.partial`` renamed into place when complete (an earlier merge there is replaced).
+
+    Returns a summary (method, inputs, seconds) for logging.
+    """
+    import shutil
+
+    from mergekit.merge import run_merge
+    from mergekit.options import MergeOptions
+
+    from optimer_merge.io.quiet import drop_messages
+
+    config, source = load_recipe(recipe)
+    out = check_merge_target(out_dir)
+    partial = out.with_name(out.name + ".partial")
+    shutil.rmtree(partial, ignore_errors=True)
+    merge_options = MergeOptions(
+        device=device,
+        lazy_unpickle=lazy_unpickle,
+        copy_tokenizer=copy_tokenizer,
+        write_model_card=write_model_card,
+        num_threads=threads,
+        quiet=quiet,
+        **options,
+    )
+    merge_options.apply_global_options()
+    start = time.perf_counter()
+    # mergekit sets the deprecated `torch_dtype` on the configs it writes; transformers says so
+    with drop_messages(("transformers.configuration_utils", "transformers.modeling_utils"), ("`torch_dtype` is deprecated",)):
+        run_merge(config, str(partial), options=merge_options, config_source=source)
+    if out.exists():
+        shutil.rmtree(out)
+    os.replace(partial, out)
+    return {
+        "method": config.merge_method,
+        "models": [str(m.model.path) for m in config.referenced_models()],
+        "out": str(out_dir),
+        "seconds": round(time.perf_counter() - start, 3),
+    }

@@ -1,0 +1,69 @@
+"""What makes checkpoints usable as distribution vectors of one base: tensors, shapes, provenance."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import torch
+
+from optimer_merge.errors import UserError
+from optimer_merge.io.checkpoints import Checkpoint
+
+MANIFEST = "vectors.json"
+NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]*$")
+
+
+class VectorError(UserError, ValueError):
+    """Inputs that cannot form distribution vectors of one base (shapes, bases, non-finite values)."""
+
+
+def check_name(name: str, what: str = "vector") -> str:
+    """A vector name doubles as a file name: letters, digits, ``_ . -``, not starting with a dot."""
+    if not NAME.match(name):
+        raise VectorError(f"{what} name {name!r} must be a plain file name (letters, digits, _ . -; not starting with a dot)")
+    return name
+
+
+def check_compatible(base: Checkpoint, other: Checkpoint, what: str) -> None:
+    """``other`` has exactly the base's tensors, in the base's shapes."""
+    missing = sorted(set(base.meta) - set(other.meta))
+    extra = sorted(set(other.meta) - set(base.meta))
+    if missing or extra:
+        raise VectorError(
+            f"{what} does not have the base's tensors: "
+            + (f"missing {', '.join(missing[:3])}{' ...' if len(missing) > 3 else ''} " if missing else "")
+            + (f"unexpected {', '.join(extra[:3])}{' ...' if len(extra) > 3 else ''}" if extra else "")
+        )
+    for name, (_, shape) in base.meta.items():
+        if other.meta[name][1] != shape:
+            raise VectorError(f"{what}: tensor {name} has shape {list(other.meta[name][1])}, the base has {list(shape)}")
+
+
+def recorded_base(model: str | Path) -> str | None:
+    """The base fingerprint a CPT model's train_meta.json records (None when nothing records it)."""
+    path = Path(model) / "train_meta.json"
+    if not path.is_file():
+        return None
+    return json.loads(path.read_text()).get("base_fingerprint")
+
+
+def check_trained_from(base_fp: str, model: str | Path, what: str) -> None:
+    """Refuse a CPT model whose train_meta.json says it was trained from another base."""
+    recorded = recorded_base(model)
+    if recorded and recorded != base_fp:
+        raise VectorError(f"{what} ({model}) was trained from a different base (its train_meta.json records {recorded}, this base is {base_fp})")
+
+
+def check_finite(tensor: torch.Tensor, what: str, key: str) -> None:
+    if not bool(torch.isfinite(tensor).all()):
+        raise VectorError(f"{what}: tensor {key} has NaN/Inf values")
+
+
+def read_manifest(vector_dir: str | Path) -> dict:
+    path = Path(vector_dir) / MANIFEST
+    if not path.is_file():
+        raise VectorError(f"{vector_dir}: no {MANIFEST} (extract vectors with `optimer-merge vectors extract`)")
+    return json.loads(path.read_text())
+

@@ -1,0 +1,118 @@
+"""Statistics of distribution vectors: L2 norms and pairwise cosines, overall and per layer."""
+
+from __future__ import annotations
+
+import math
+import re
+from pathlib import Path
+from typing import Mapping
+
+import torch
+
+from optimer_merge.io.checkpoints import Checkpoint
+from optimer_merge.io.files import check_output_dir, write_json
+from optimer_merge.vectors.checks import VectorError, check_finite
+
+_LAYER = re.compile(r"layers\.(\d+)\.")
+
+
+def layer_of(name: str) -> str:
+    """``layer 12`` for decoder-layer tensors, ``embed``/``other`` for the rest."""
+    match = _LAYER.search(name)
+    if match and "vision" not in name:
+        return f"layer {int(match.group(1))}"
+    return "embed" if "embed" in name else "other"
+
+
+def open_vector(name: str, path: str | Path) -> Checkpoint:
+    """A vector file written by `vectors extract` (not a model folder, not another safetensors)."""
+    path = Path(path)
+    if path.is_dir():
+        hint = " (a model folder: extract its vector with `optimer-merge vectors extract`)" if (path / "config.json").exists() else ""
+        raise VectorError(f"vector {name}: {path} is a folder{hint}; expected a .safetensors vector file")
+    ckpt = Checkpoint.open(path)
+    if "base_fingerprint" not in ckpt.metadata:
+        raise VectorError(f"vector {name}: {path} is not a vector written by `optimer-merge vectors extract` (no base fingerprint)")
+    return ckpt
+
+
+def stats(vectors: Mapping[str, str | Path], out_dir: str | Path | None = None) -> dict:
+    """L2 norms and pairwise cosine similarities of vector files, overall and per layer.
+
+    Streams tensor by tensor; with ``out_dir`` writes stats.json and cosine.png there.
+    """
+    if out_dir is not None:
+        check_output_dir(out_dir, "stats folder")
+    ckpts = {name: open_vector(name, path) for name, path in vectors.items()}
+    names = list(ckpts)
+    first = ckpts[names[0]]
+    for name in names[1:]:
+        if ckpts[name].metadata.get("base_fingerprint") != first.metadata.get("base_fingerprint"):
+            raise VectorError(f"vectors {names[0]} and {name} were extracted from different bases")
+    keys = sorted(set().union(*(c.meta for c in ckpts.values())))
+    k = len(names)
+    grams: dict[str, torch.Tensor] = {}
+    for key in keys:
+        rows = []
+        shape = next(c.meta[key][1] for c in ckpts.values() if key in c.meta)
+        for name in names:
+            if key in ckpts[name].meta:
+                row = ckpts[name].get(key).double().reshape(-1)
+                check_finite(row, f"vector {name}", key)
+            else:
+                row = torch.zeros(math.prod(shape), dtype=torch.float64)
+            rows.append(row)
+        stack = torch.stack(rows)
+        group = layer_of(key)
+        grams[group] = grams.get(group, torch.zeros(k, k, dtype=torch.float64)) + stack @ stack.T
+    total = sum(grams.values(), torch.zeros(k, k, dtype=torch.float64))
+
+    def cosine(g: torch.Tensor) -> list[list[float]]:
+        d = g.diagonal().sqrt().clamp_min(1e-30)
+        return (g / d[:, None] / d[None, :]).tolist()
+
+    order = sorted(grams, key=lambda g: (g != "embed", int(g.split()[1]) if g.startswith("layer") else 10**9, g))
+    result = {
+        "vectors": names,
+        "l2_norm": dict(zip(names, total.diagonal().sqrt().tolist())),
+        "cosine": cosine(total),
+        "per_layer": {g: {"l2_norm": dict(zip(names, grams[g].diagonal().sqrt().tolist())), "cosine": cosine(grams[g])} for g in order},
+    }
+    off = [result["cosine"][i][j] for i in range(k) for j in range(i + 1, k)]
+    result["off_diagonal_cosine"] = {"min": min(off), "max": max(off), "mean": sum(off) / len(off)} if off else None
+    if out_dir is not None:
+        out_dir = Path(out_dir)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        write_json(out_dir / "stats.json", result)
+        plot_cosines(result, out_dir / "cosine.png")
+    return result
+
+
+def plot_cosines(result: dict, path: Path) -> None:
+    """Heatmap of the overall cosine matrix, and each pair's cosine per layer."""
+    from optimer_merge.report.plots import pyplot
+
+    plt = pyplot()
+    names, k = result["vectors"], len(result["vectors"])
+    pairs = [(i, j) for i in range(k) for j in range(i + 1, k)]
+    fig, axes = plt.subplots(1, 2 if pairs else 1, figsize=(11 if pairs else 5, 4.2), squeeze=False)
+    ax = axes[0][0]
+    image = ax.imshow(result["cosine"], vmin=-1, vmax=1, cmap="RdBu_r")
+    ax.set_xticks(range(k), names, rotation=45)
+    ax.set_yticks(range(k), names)
+    for i in range(k):
+        for j in range(k):
+            ax.text(j, i, f"{result['cosine'][i][j]:.2f}", ha="center", va="center", fontsize=8)
+    ax.set_title("cosine similarity of distribution vectors")
+    fig.colorbar(image, ax=ax, fraction=0.046)
+    if pairs:
+        layers = list(result["per_layer"])
+        grid = [[result["per_layer"][g]["cosine"][i][j] for g in layers] for i, j in pairs]
+        ax = axes[0][1]
+        ax.imshow(grid, vmin=-1, vmax=1, cmap="RdBu_r", aspect="auto")
+        ax.set_yticks(range(len(pairs)), [f"{names[i]}/{names[j]}" for i, j in pairs])
+        ax.set_xticks(range(len(layers)), layers, rotation=90, fontsize=7)
+        ax.set_title("per layer")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

@@ -1,0 +1,233 @@
+"""Bad input, as a new user types it: one line naming the offending value, exit code 2, no
+traceback, and nothing left behind, before any work starts. One table over every subcommand."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+from conftest import REPO
+
+from optimer_merge import cli
+
+OBJECTIVE = str(REPO / "recipes/objectives/dev-bpb.yaml")
+
+
+@dataclass
+class Case:
+    id: str
+    argv: list[str]  # formatted with the fields of `paths` below
+    expect: list[str]  # substrings of the one-line message (the offending value among them)
+    leaves_no: list[str] = field(default_factory=lambda: ["{out}"])  # paths that must not exist afterwards
+
+
+RECIPE = """merge_method: optimer
+base_model: {zoo}/tiny-text/base
+models:
+  - model: {zoo}/tiny-text/ja
+    parameters: {{weight: {weight}}}
+  - model: {zoo}/tiny-text/zh
+    parameters: {{weight: 0.5}}
+parameters: {{{parameters}}}
+dtype: float32
+{extra}"""
+
+
+def search(*extra: str) -> list[str]:
+    return ["search", "--base", "{base}", "--objective", OBJECTIVE, "--output", "{out}", "--trials", "2", "--limit", "2",
+            "--vector", "ja={zoo}/tiny-text/ja", "--vector", "zh={zoo}/tiny-text/zh", *extra]  # fmt: skip
+
+
+def train(*extra: str) -> list[str]:
+    return ["train", "--base", "{base}", "--output", "{out}", "--dataset", "ja", "--max-steps", "2", "--seq-len", "32", "--no-progress", *extra]
+
+
+def extract(*models: str, out: str = "{out}") -> list[str]:
+    argv = ["vectors", "extract", "--base", "{base}", "--out", out]
+    for model in models:
+        argv += ["--model", model]
+    return argv
+
+
+def evaluate(*extra: str) -> list[str]:
+    return ["eval", "{base}", "--tasks", "optimer_ja_dev_bpb", "--limit", "2", "--output", "{out}", *extra]
+
+
+CASES = [
+    # merge: recipes are checked in full before mergekit starts
+    Case("merge-unknown-parameter", ["merge", "{recipe_normalise}", "{out}"], ["unknown parameter 'normalise'", "optimer"]),
+    Case("merge-misspelt-scale", ["merge", "{recipe_scael}", "{out}"], ["unknown parameter 'scael'"]),
+    Case("merge-unknown-top-level-key", ["merge", "{recipe_outdtype}", "{out}"], ["unknown top-level key(s) outdtype"]),
+    Case("merge-misspelt-models", ["merge", "{recipe_modles}", "{out}"], ["unknown top-level key(s) modles"]),
+    Case("merge-nan-weight", ["merge", "{recipe_nan}", "{out}"], ["weight", "finite", "nan"]),
+    Case("merge-inf-scale", ["merge", "{recipe_inf}", "{out}"], ["scale", "finite", "inf"]),
+    Case("merge-unknown-method", ["merge", "{recipe_method}", "{out}"], ["unknown merge_method 'optimr'"]),
+    Case("merge-missing-model", ["merge", "{recipe_missing}", "{out}"], ["tiny-text/nope does not exist"]),
+    Case("merge-malformed-yaml", ["merge", "{bad_yaml}", "{out}"], ["bad.yaml:3:", "malformed YAML"]),
+    Case("merge-recipe-missing", ["merge", "{tmp}/none.yml", "{out}"], ["none.yml does not exist"]),
+    Case("merge-recipe-is-folder", ["merge", "{zoo}", "{out}"], ["is a folder"]),
+    Case("merge-out-is-file", ["merge", "{recipe_ok}", "{file}"], ["a-file.txt is a file"], []),
+    Case("merge-out-not-empty", ["merge", "{recipe_ok}", "{zoo}/tiny-text"], ["tiny-text is not empty"], []),
+    Case("merge-threads-zero", ["merge", "{recipe_ok}", "{out}", "--threads", "0"], ["--threads", "got 0"]),
+    Case("merge-shard-size", ["merge", "{recipe_ok}", "{out}", "--out-shard-size", "lots"], ["'lots'"]),
+    # vectors
+    Case("extract-repeated-name", extract("ja={zoo}/tiny-text/ja", "ja={zoo}/tiny-text/zh"), ["'ja' is given twice"]),
+    Case("extract-path-in-name", extract("../evil={zoo}/tiny-text/ja"), ["'../evil'", "plain file name"]),
+    Case("extract-other-base", extract("ja={foreign}"), ["trained from a different base", "0123456789abcdef"]),
+    Case("extract-truncated", extract("ja={truncated}"), ["truncated/model.safetensors is not a readable safetensors file"]),
+    Case("extract-base-is-file", ["vectors", "extract", "--base", "{file}", "--out", "{out}", "--model", "ja={zoo}/tiny-text/ja"], ["a-file.txt is a file"]),
+    Case("extract-out-is-file", extract("ja={zoo}/tiny-text/ja", out="{file}"), ["a-file.txt is a file"], []),
+    Case("extract-no-equals", extract("{zoo}/tiny-text/ja"), ["expects NAME=PATH"]),
+    Case("stats-nan", ["vectors", "stats", "nan={nan_vector}", "--out", "{out}"], ["vector nan", "NaN/Inf"]),
+    Case("stats-model-folder", ["vectors", "stats", "ja={zoo}/tiny-text/ja", "--out", "{out}"], ["tiny-text/ja is a folder", "model folder"]),
+    Case("stats-plain-file", ["vectors", "stats", "{nan_vector}"], ["nan.safetensors is a file"], []),
+    # search: the config, the objective, the vectors and the folder before any trial
+    Case("search-nan-bounds", search("--set", "bounds=[.nan, 1]"), ["bounds.0", "finite", "nan"]),
+    Case("search-inf-bounds", search("--set", "bounds=[0, .inf]"), ["bounds.1", "finite", "inf"]),
+    Case("search-zero-trials", search("--trials", "0"), ["--trials", "got 0"]),
+    Case("search-batch-size", search("--set", "batch_size=0"), ["batch_size", "greater than 0", "got 0"]),
+    Case("search-unknown-dtype", search("--set", "dtype=float8"), ["dtype", "'float8'"]),
+    Case("search-negative-limit", search("--set", "limit=-1"), ["limit", "got -1"]),
+    Case("search-unknown-key", search("--set", "trails=5"), ["trails", "not permitted"]),
+    Case("search-unknown-metric", search("--objective", "{objective_accuracy}"), ["no metric 'accuracy'", "bits_per_byte"]),
+    Case("search-config-folder", ["search", "--config", "{zoo}"], ["is a folder"], []),
+    Case("search-out-is-file", search("--output", "{file}"), ["a-file.txt is a file"], []),
+    Case("search-repeated-vector", search("--vector", "ja={zoo}/tiny-text/zh"), ["'ja' is given twice"]),
+    Case("search-other-base", search("--vector", "x={foreign}"), ["trained from a different base"]),
+    Case("search-export-missing-model", search("--export", "--vector", "gone={orphan_vector}"), ["--export", "no longer exist", "gone-model"]),
+    # train
+    Case("train-inf-ratio", train("--dataset", "zh:inf"), ["ratio", "finite", "inf"]),
+    Case("train-inf-lr", train("--lr", "inf"), ["lr", "finite", "inf"]),
+    Case("train-inf-weight-decay", train("--set", "weight_decay=.inf"), ["weight_decay", "finite"]),
+    Case("train-betas", train("--set", "betas=[0.9, 1.0]"), ["betas", "[0.9, 1.0]"]),
+    Case("train-threads-zero", train("--threads", "0"), ["--threads", "got 0"]),
+    Case("train-precision", train("--precision", "bf99"), ["precision", "'bf99'"]),
+    Case("train-not-utf8", train("--dataset", "{latin1}"), ["latin1.jsonl:2: not UTF-8"]),
+    Case("train-non-string-text", train("--dataset", "{numbers}"), ["numbers.jsonl:1: 'text' is a int"]),
+    Case("train-unknown-source", train("--dataset", "jp"), ["unknown dataset source 'jp'"]),
+    Case("train-base-missing", ["train", "--base", "{tmp}/nobase", "--output", "{out}", "--dataset", "ja", "--max-steps", "2"], ["nobase does not exist"]),
+    Case("train-seq-len", train("--seq-len", "100000"), ["seq_len=100000", "maximum"]),
+    Case("train-malformed-config", ["train", "--config", "{bad_yaml}"], ["bad.yaml:3:", "malformed YAML"], []),
+    # eval
+    Case("eval-url-without-server", evaluate("--url", "http://127.0.0.1:9"), ["--url http://127.0.0.1:9 needs --backend server"]),
+    Case("eval-empty-tasks", ["eval", "{base}", "--tasks", "", "--output", "{out}"], ["--tasks ''"]),
+    Case("eval-zero-limit", evaluate("--limit", "0"), ["--limit", "got 0"]),
+    Case("eval-unknown-task", ["eval", "{base}", "--tasks", "optimer_jp_dev", "--output", "{out}"], ["optimer_jp_dev"]),
+    Case("eval-unknown-dtype", evaluate("--dtype", "float8"), ["'float8'"]),
+    Case("eval-out-is-file", evaluate("--output", "{file}"), ["a-file.txt is a file"], []),
+    Case("eval-truncated-model", ["eval", "{truncated}", "--tasks", "optimer_ja_dev_bpb", "--output", "{out}"], ["truncated/model.safetensors is not a readable"]),
+    Case("eval-not-a-model", ["eval", "{tmp}", "--tasks", "optimer_ja_dev_bpb", "--output", "{out}"], ["has no config.json"]),
+    # data, demo, leaderboard
+    Case("data-unknown-domain", ["data", "check", "--domains", "ja", "xx", "--sources", "{out}"], ["unknown domain(s) 'xx'"]),
+    Case("data-tokenizer-missing", ["data", "sizes", "--tokenizer", "{tmp}/no-tokenizer"], ["no-tokenizer does not exist"], []),
+    Case("demo-zero-workers", ["demo", "--run-dir", "{out}", "--workers", "0"], ["--workers", "got 0"]),
+    Case("demo-inf-lr", ["demo", "--run-dir", "{out}", "--lr", "inf"], ["--lr", "inf"]),
+    Case("demo-run-dir-is-file", ["demo", "--run-dir", "{file}"], ["a-file.txt is a file"], []),
+    Case("leaderboard-missing", ["leaderboard", "{tmp}/none.json", "--output", "{out}"], ["none.json: no such file"]),
+    Case("leaderboard-not-json", ["leaderboard", "{file}", "--output", "{out}"], ["a-file.txt: not a JSON file"]),
+    Case("leaderboard-unknown-metric", ["leaderboard", "{results}", "--output", "{out}", "--metrics", "accuracy"], ["--metrics: accuracy not in the results"]),
+]
+
+
+@pytest.fixture(scope="module")
+def paths(tmp_path_factory, tiny_zoo) -> dict[str, str]:
+    """Bad inputs on disk, built once: recipes, broken checkpoints, bad datasets."""
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    root = tmp_path_factory.mktemp("bad")
+    zoo = str(tiny_zoo)
+    p = {"zoo": zoo, "base": f"{zoo}/tiny-text/base", "tmp": str(root)}
+    (root / "a-file.txt").write_text("not a folder, not JSON\n")
+    p["file"] = str(root / "a-file.txt")
+    recipes = {
+        "ok": {},
+        "normalise": {"parameters": "normalise: true"},
+        "scael": {"parameters": "scael: 1.0"},
+        "outdtype": {"extra": "outdtype: bfloat16\n"},
+        "nan": {"weight": ".nan"},
+        "inf": {"parameters": "scale: .inf"},
+        "method": {"extra": ""},
+        "missing": {},
+        "modles": {},
+    }
+    for name, parts in recipes.items():
+        text = RECIPE.format(zoo=zoo, weight=parts.get("weight", "0.5"), parameters=parts.get("parameters", ""), extra=parts.get("extra", ""))
+        if name == "method":
+            text = text.replace("merge_method: optimer", "merge_method: optimr")
+        if name == "missing":
+            text = text.replace("tiny-text/zh", "tiny-text/nope")
+        if name == "modles":
+            text = text.replace("models:", "modles:")
+        (root / f"recipe-{name}.yml").write_text(text)
+        p[f"recipe_{name}"] = str(root / f"recipe-{name}.yml")
+    (root / "bad.yaml").write_text("merge_method: optimer\nbase_model: x\n  models: y\n")
+    p["bad_yaml"] = str(root / "bad.yaml")
+    # a CPT model whose train_meta.json records another base
+    shutil.copytree(tiny_zoo / "tiny-text/ja", root / "foreign")
+    (root / "foreign/train_meta.json").write_text(json.dumps({"base_fingerprint": "0123456789abcdef"}))
+    p["foreign"] = str(root / "foreign")
+    # a model folder with a truncated checkpoint
+    shutil.copytree(tiny_zoo / "tiny-text/ja", root / "truncated")
+    data = (root / "truncated/model.safetensors").read_bytes()
+    (root / "truncated/model.safetensors").write_bytes(data[: len(data) // 2])
+    p["truncated"] = str(root / "truncated")
+    # vectors: one with a NaN, one whose source model is gone
+    assert cli.main([a.format(**p) for a in extract("ja={zoo}/tiny-text/ja", out=str(root / "vectors"))]) == 0
+    vector = load_file(str(root / "vectors/ja.safetensors"))
+    from safetensors import safe_open
+
+    with safe_open(str(root / "vectors/ja.safetensors"), "pt") as reader:
+        metadata = reader.metadata()
+    bad = {k: v.clone() for k, v in vector.items()}
+    next(iter(bad.values())).view(-1)[0] = float("nan")
+    save_file(bad, str(root / "nan.safetensors"), metadata=metadata)
+    p["nan_vector"] = str(root / "nan.safetensors")
+    shutil.copytree(tiny_zoo / "tiny-text/zh", root / "gone-model")
+    assert cli.main([a.format(**p) for a in extract(f"gone={root / 'gone-model'}", out=str(root / "orphan"))]) == 0
+    shutil.rmtree(root / "gone-model")
+    p["orphan_vector"] = str(root / "orphan/gone.safetensors")
+    assert torch.isnan(load_file(p["nan_vector"])[next(iter(bad))]).any()
+    # objectives
+    (root / "objective-accuracy.yaml").write_text("tasks:\n- {task: optimer_ja_dev_bpb, metric: accuracy}\n")
+    p["objective_accuracy"] = str(root / "objective-accuracy.yaml")
+    # datasets
+    (root / "latin1.jsonl").write_bytes(b'{"text": "fine"}\n{"text": "caf\xe9"}\n')
+    p["latin1"] = str(root / "latin1.jsonl")
+    (root / "numbers.jsonl").write_text('{"text": 42}\n')
+    p["numbers"] = str(root / "numbers.jsonl")
+    # an lm-eval results file
+    (root / "results.json").write_text(json.dumps({"results": {"t": {"acc,none": 0.5, "sample_len": 3}}, "higher_is_better": {"t": {"acc": True}}}))
+    p["results"] = str(root / "results.json")
+    return p
+
+
+def run(argv: list[str]) -> int:
+    try:
+        return cli.main(argv)
+    except SystemExit as done:  # argparse's own refusals
+        return int(done.code)
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c.id for c in CASES])
+def test_bad_input_is_one_line_before_any_work(case, paths, capfd, tmp_path):
+    fields = {**paths, "out": str(tmp_path / "out" / "run")}
+    argv = [a.format(**fields) for a in case.argv]
+    code = run(argv)
+    err = capfd.readouterr().err
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert code == 2, err
+    assert len(lines) == 1 and lines[0].startswith(f"optimer-merge {argv[0]}"), err
+    for text in case.expect:
+        assert text.format(**fields) in lines[0]
+    for path in case.leaves_no:
+        assert not Path(path.format(**fields)).exists(), f"{path} left behind"
+    assert not (tmp_path / "out").exists(), "the refused run left its folder behind"
+
+
+def test_the_table_covers_every_subcommand():
+    assert len(CASES) >= 40
+    assert {c.argv[0] for c in CASES} == set(cli.COMMANDS)

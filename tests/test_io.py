@@ -1,0 +1,88 @@
+"""Shared plumbing: jsonl logs, run folders (lock, identity, clean refusal), YAML errors, checkpoints."""
+
+from __future__ import annotations
+
+import pytest
+
+from optimer_merge.errors import ConfigError, RunFolderError, UserError
+from optimer_merge.io.checkpoints import Checkpoint, CheckpointError
+from optimer_merge.io.jsonl import CorruptLog, append_jsonl, read_jsonl
+from optimer_merge.io.run_folder import RunFolder
+from optimer_merge.io.yaml_config import load_yaml
+
+
+def test_torn_last_line_is_cut_and_a_damaged_middle_line_keeps_what_follows(tmp_path):
+    log = tmp_path / "log.jsonl"
+    for i in range(4):
+        append_jsonl(log, {"i": i})
+    lines = log.read_text().splitlines()
+    # killed while writing a fifth line
+    log.write_text("\n".join(lines) + '\n{"i": 4, "wei')
+    assert read_jsonl(log) == [{"i": i} for i in range(4)]
+    assert log.read_text() == "".join(line + "\n" for line in lines)
+    append_jsonl(log, {"i": 4})
+    assert [r["i"] for r in read_jsonl(log)] == [0, 1, 2, 3, 4]
+    # a damaged line in the middle: the records after it are kept, never truncated
+    damaged = lines[:1] + ["{not json"] + lines[2:] + ['{"i": 4}']
+    log.write_text("\n".join(damaged) + "\n")
+    with pytest.raises(CorruptLog, match=r"log.jsonl:2: not a JSON record"):
+        read_jsonl(log)
+    assert read_jsonl(log, holes=True) == [{"i": 0}, None, {"i": 2}, {"i": 3}, {"i": 4}]
+    assert log.read_text().count("\n") == 5
+    # a complete last record without its newline gets it back, so the next append stays apart
+    log.write_text('{"i": 0}\n{"i": 1}')
+    assert read_jsonl(log) == [{"i": 0}, {"i": 1}]
+    append_jsonl(log, {"i": 2})
+    assert read_jsonl(log) == [{"i": 0}, {"i": 1}, {"i": 2}]
+
+
+def test_run_folder_locks_checks_identity_and_removes_what_a_refusal_created(tmp_path):
+    out = tmp_path / "a" / "b"
+    with pytest.raises(ConfigError):
+        with RunFolder(out, "search"):
+            assert out.is_dir()
+            raise ConfigError("refused")
+    assert not (tmp_path / "a").exists()  # the parents it created go too
+
+    with RunFolder(out, "search") as folder:
+        assert folder.check("record.json", {"seed": 0}) is False
+        folder.record("record.json", {"seed": 0, "threads": 1})
+        with pytest.raises(RunFolderError, match=r"is in use by another search \(process \d+\)"):
+            with RunFolder(out, "search"):
+                pass
+        folder.keep()
+    with RunFolder(out, "search") as folder:
+        assert folder.check("record.json", {"seed": 0, "threads": 2}, ignore=("threads",)) is True
+        with pytest.raises(RunFolderError, match=r"holds a different search \(settings differ: seed\)"):
+            folder.check("record.json", {"seed": 1, "threads": 1})
+    assert (out / "record.json").exists()  # an existing folder is never removed
+
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "notes.txt").write_text("mine")
+    with pytest.raises(RunFolderError, match="is not empty and holds no search"):
+        with RunFolder(other, "search") as folder:
+            folder.check("record.json", {})
+    assert (other / "notes.txt").read_text() == "mine"
+
+
+def test_yaml_errors_name_file_and_line(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("a: 1\nb: 2\n  c: 3\n")
+    with pytest.raises(ConfigError, match=r"c.yaml:3:\d+: malformed YAML"):
+        load_yaml(path)
+    path.write_bytes(b"a: caf\xe9\n")
+    with pytest.raises(ConfigError, match="c.yaml: not UTF-8"):
+        load_yaml(path)
+    with pytest.raises(UserError, match="is a folder"):
+        load_yaml(tmp_path)
+
+
+def test_truncated_checkpoint_is_named(tmp_path, tiny_zoo):
+    data = (tiny_zoo / "tiny-text/base/model.safetensors").read_bytes()
+    (tmp_path / "model.safetensors").write_bytes(data[:-100])
+    with pytest.raises(CheckpointError, match=r"model.safetensors is not a readable safetensors file"):
+        Checkpoint.open(tmp_path)
+    ckpt = Checkpoint.open(tiny_zoo / "tiny-text/base")
+    assert ckpt.meta["model.norm.weight"] == ("F32", (64,)) and ckpt.metadata == {"format": "pt"}
+    assert "model.embed_tokens.weight" in ckpt.names()

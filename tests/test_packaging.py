@@ -1,0 +1,54 @@
+"""The package declares what it imports, and its Python floor fits the standard library it uses."""
+
+from __future__ import annotations
+
+import ast
+import importlib.metadata as metadata
+import re
+import sys
+
+import tomllib
+from conftest import REPO
+
+
+def _normal(name: str) -> str:
+    return re.sub(r"[-_.]+", "-", name).lower()
+
+
+def _declared() -> set[str]:
+    project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
+    specs = project["dependencies"] + [s for extra in project["optional-dependencies"].values() for s in extra]
+    return {_normal(re.split(r"[\s<>=!~\[;]", spec, maxsplit=1)[0]) for spec in specs}
+
+
+def _imports() -> dict[str, set[str]]:
+    found: dict[str, set[str]] = {}
+    for path in (REPO / "optimer_merge").rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else [node.module] if isinstance(node, ast.ImportFrom) and node.level == 0 and node.module else []
+            for name in names:
+                found.setdefault(name.split(".")[0], set()).add(path.name)
+    return found
+
+
+def test_every_third_party_import_is_a_declared_dependency():
+    declared, owners = _declared(), metadata.packages_distributions()
+    missing = {}
+    for module, files in _imports().items():
+        if module in sys.stdlib_module_names or module in ("optimer_merge", "__future__"):
+            continue
+        candidates = {_normal(module), *(_normal(d) for d in owners.get(module, []))}
+        candidates |= {c.removesuffix("-cpu") for c in candidates}  # vLLM's CPU build provides `vllm`
+        if not candidates & declared:
+            missing[module] = sorted(files)
+    assert not missing, f"imported but not declared in pyproject.toml: {missing}"
+
+
+def test_pins_the_code_relies_on():
+    project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
+    smac = next(s for s in project["dependencies"] if s.startswith("smac"))
+    assert "<" in smac  # SMAC internals (initial design, local search) are patched by the search
+    assert "mergekit==0.1.5" in project["dependencies"]
+    # tarfile's extraction filters arrived in 3.10.12 and 3.11.4; the floor excludes what lacks them
+    floor = project["requires-python"]
+    assert ">=3.10.12" in floor and all(f"!=3.11.{i}" in floor for i in range(4))
