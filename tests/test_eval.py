@@ -18,7 +18,7 @@ from optimer_merge import cli, data
 sys.path.insert(0, str(REPO / "eval_tasks" / "optimer"))
 import utils as task_utils  # noqa: E402  (eval_tasks/optimer/utils.py, as lm-eval loads it)
 
-from optimer_merge.evaluation.evaluator import Evaluator  # noqa: E402
+from optimer_merge.evaluation.evaluator import open_evaluator  # noqa: E402
 from optimer_merge.evaluation.objective import Objective  # noqa: E402
 
 HAS_VLLM = importlib.util.find_spec("vllm") is not None
@@ -54,10 +54,10 @@ def other_model(tmp_path_factory, small_base) -> Path:
 
 @pytest.fixture(scope="session")
 def hf_results(small_base, other_model) -> dict:
-    base = Evaluator(small_base, "hf", log=lambda _m: None)
+    base = open_evaluator("hf", small_base, log=lambda _m: None)
     return {
         "base": base.evaluate(LL_TASKS, LIMIT),
-        "other": Evaluator(other_model, "hf").evaluate(LL_TASKS, LIMIT),
+        "other": open_evaluator("hf", other_model).evaluate(LL_TASKS, LIMIT),
         "evaluator": base,
     }
 
@@ -123,22 +123,32 @@ def test_upstream_groups_name_real_lm_eval_tasks():
 def test_trained_model_beats_untrained_on_every_domain(small_base):
     untrained = small_base.parents[1] / "init"
     tasks = [f"optimer_{d}_dev_bpb" for d in DOMAINS]
-    trained = metrics(Evaluator(small_base, "hf").evaluate(tasks, 40))
-    fresh = metrics(Evaluator(untrained, "hf").evaluate(tasks, 40))
+    trained = metrics(open_evaluator("hf", small_base).evaluate(tasks, 40))
+    fresh = metrics(open_evaluator("hf", untrained).evaluate(tasks, 40))
     for domain in DOMAINS:
         key = f"optimer_{domain}_dev_bpb/bits_per_byte,none"
         assert trained[key] < 0.92 * fresh[key], (domain, trained[key], fresh[key])
+
+
+def test_objective_needs_a_direction_where_lm_eval_gives_none():
+    results = {"results": {"t": {"loss,none": 2.0}}, "higher_is_better": {"t": {}}}
+    with pytest.raises(ValueError, match="direction: maximize"):
+        Objective.model_validate({"tasks": [{"task": "t", "metric": "loss"}]}).score(results)
+    score, parts = Objective.model_validate({"tasks": [{"task": "t", "metric": "loss", "direction": "minimize"}]}).score(results)
+    assert score == -2.0 and parts["t/loss"]["higher_is_better"] is False
+    maximised, _ = Objective.model_validate({"tasks": [{"task": "t", "metric": "loss", "direction": "maximize"}]}).score(results)
+    assert maximised == 2.0
 
 
 def test_live_hf_update_equals_fresh_load(hf_results, other_model):
     from safetensors.torch import load_file
 
     evaluator = hf_results["evaluator"]
-    evaluator.update_weights(load_file(str(other_model / "model.safetensors")))
+    evaluator.load_state_dict(load_file(str(other_model / "model.safetensors")))
     try:
         assert_close(metrics(evaluator.evaluate(LL_TASKS, LIMIT)), metrics(hf_results["other"]), 1e-6)
     finally:
-        evaluator.update_weights(load_file(str(Path(evaluator.model_path) / "model.safetensors")))
+        evaluator.load_state_dict(load_file(str(Path(evaluator.model_path) / "model.safetensors")))
     assert_close(metrics(evaluator.evaluate(LL_TASKS, LIMIT)), metrics(hf_results["base"]), 1e-6)
 
 
@@ -183,11 +193,11 @@ def test_eval_cli_writes_results_table_and_objective(small_base, tmp_path, capsy
 def test_vllm_and_server_match_hf_and_vllm_updates_live(hf_results, small_base, other_model):
     from safetensors.torch import load_file
 
-    with Evaluator(small_base, "vllm") as engine:
+    with open_evaluator("vllm", small_base, weight_update="push") as engine:
         assert_close(metrics(engine.evaluate(LL_TASKS, LIMIT)), metrics(hf_results["base"]), 1e-4)
-        engine.update_weights(load_file(str(other_model / "model.safetensors")))
+        engine.load_state_dict(load_file(str(other_model / "model.safetensors")))  # the push fallback
         assert_close(metrics(engine.evaluate(LL_TASKS, LIMIT)), metrics(hf_results["other"]), 1e-4)
-    with Evaluator(small_base, "server") as server:
+    with open_evaluator("server", small_base) as server:
         assert server._server is not None
         assert_close(metrics(server.evaluate(LL_TASKS, LIMIT)), metrics(hf_results["base"]), 1e-4)
         process = server._server

@@ -21,7 +21,7 @@ from safetensors.torch import load_file, save_file
 
 from optimer_merge import cli
 from optimer_merge.search.optimizers import make_optimizer, uniform_point
-from optimer_merge.search.pool import load_pool
+from optimer_merge.search.pool import build_host_pool, build_module_pool, check_sources
 
 CLI = [sys.executable, "-m", "optimer_merge.cli"]
 OBJECTIVE = str(REPO / "recipes/objectives/dev-bpb.yaml")
@@ -87,8 +87,8 @@ def test_tensors_equal_in_all_models_are_skipped_and_recorded(tmp_path, small_ba
     manifest = json.loads((tmp_path / "v/vectors.json").read_text())
     assert manifest["skipped"]["equal_in_all_models"] == [frozen]
     assert frozen not in load_file(str(tmp_path / "v/ja.safetensors"))
-    pool = load_pool(small_base, {d: {"vector": str(tmp_path / f"v/{d}.safetensors")} for d in ("ja", "zh")}, log=lambda _m: None)
-    assert frozen in pool.skipped and frozen not in pool.deltas
+    pool = build_host_pool(check_sources(small_base, {d: {"vector": str(tmp_path / f"v/{d}.safetensors")} for d in ("ja", "zh")}), log=lambda _m: None)
+    assert frozen in pool.skipped and frozen not in {e.name for e in pool.entries}
 
 
 def test_vector_stats_match_direct_cosines(vectors_dir, tmp_path):
@@ -129,7 +129,7 @@ def test_search_writes_every_artefact(search_run, small_base):
     finalists = [json.loads(line) for line in (search_run / "finalists.jsonl").read_text().splitlines()]
     assert {f["limit"] for f in finalists} == {12}
     # --export: stock mergekit on best.yaml gives the in-memory merge of the best weights.
-    pool = load_pool(small_base, {d: {"model": summary["vectors"][d]} for d in DOMAINS}, log=lambda _m: None)
+    pool = build_host_pool(check_sources(small_base, {d: {"model": summary["vectors"][d]} for d in DOMAINS}), log=lambda _m: None)
     exported = load_weights(search_run / "best-model")
     merged = dict(pool.merged(best["weights"]))
     assert max((exported[k] - merged[k]).abs().max().item() for k in merged) < 1e-6
@@ -144,10 +144,11 @@ def test_trial_recipe_through_stock_mergekit_equals_in_memory_merge(search_run, 
     assert done.returncode == 0, done.stderr[-2000:]
     on_disk = load_weights(tmp_path / "out")
     config = yaml.safe_load(recipe.read_text())
-    pool = load_pool(small_base, {Path(m["model"]).parent.name: {"model": m["model"]} for m in config["models"]}, log=lambda _m: None)
+    spec = check_sources(small_base, {Path(m["model"]).parent.name: {"model": m["model"]} for m in config["models"]})
     # the in-memory trial merge writes straight into a live model's parameters
     model = AutoModelForCausalLM.from_pretrained(small_base, dtype=torch.float32)
-    pool.write_into(model, record["weights"])
+    build_module_pool(model, spec, log=lambda _m: None).apply(record["weights"])
+    pool = build_host_pool(spec, log=lambda _m: None)
     live = {k: v for k, v in model.state_dict().items() if k in on_disk}
     assert max_abs_diff(live, on_disk) < 1e-6
     assert max((on_disk[k] - t).abs().max().item() for k, t in pool.merged(record["weights"])) < 1e-6

@@ -21,7 +21,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--output", required=True, help="folder for results.json and results.md")
     parser.add_argument("--objective", help="objective spec YAML: also compute its score")
     parser.add_argument("--batch-size", type=positive_int, default=16)
-    parser.add_argument("--dtype", choices=DTYPES, default="float32")
+    parser.add_argument("--dtype", choices=DTYPES, default=None, help="default: the model's own")
     parser.add_argument("--threads", type=threads, default="auto", help="CPU threads (default auto: 1 for tiny models)")
     parser.add_argument("--tensor-parallel-size", type=positive_int, default=1, help="vllm/server: GPUs per model")
     parser.add_argument("--url", help="with --backend server: use this running OpenAI-compatible server instead of starting vllm serve")
@@ -36,7 +36,7 @@ def run(args: argparse.Namespace) -> int:
     from lm_eval.utils import handle_non_serializable, make_table
 
     from optimer_merge.errors import ConfigError
-    from optimer_merge.evaluation.evaluator import Evaluator
+    from optimer_merge.evaluation.evaluator import open_evaluator
     from optimer_merge.evaluation.objective import Objective
     from optimer_merge.evaluation.tasks import resolve
     from optimer_merge.io.files import atomic_write_text, check_output_dir, write_json
@@ -57,15 +57,12 @@ def run(args: argparse.Namespace) -> int:
         if missing:
             raise ConfigError(f"--objective scores {', '.join(missing)}, which --tasks leaves out")
     out = check_output_dir(args.output, "--output")
-    with Evaluator(
-        args.model,
-        args.backend,
-        batch_size=args.batch_size,
-        dtype=args.dtype,
-        threads=args.threads,
-        tensor_parallel_size=args.tensor_parallel_size,
-        url=args.url,
-    ) as evaluator:
+    settings = {"batch_size": args.batch_size, "dtype": args.dtype, "threads": args.threads}
+    if args.backend != "hf":
+        settings["tensor_parallel_size"] = args.tensor_parallel_size
+    if args.backend == "server":
+        settings["url"] = args.url
+    with open_evaluator(args.backend, args.model, **settings) as evaluator:
         results = evaluator.evaluate(tasks, args.limit, confirm_run_unsafe_code=args.confirm_run_unsafe_code, log_samples=args.log_samples)
     results["config"]["model"] = f"optimer-merge/{args.backend}"
     results["config"]["model_args"] = f"pretrained={Path(args.model).resolve()}"

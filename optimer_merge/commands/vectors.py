@@ -13,7 +13,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     extract.add_argument("--base", required=True, help="base model folder")
     extract.add_argument("--model", action="append", required=True, metavar="NAME=DIR", help="a model trained from the base; repeatable (NAME becomes the file name)")
     extract.add_argument("--out", required=True, help="output folder")
-    extract.add_argument("--dtype", default="float32", choices=STORE_DTYPES, help="stored dtype (default float32: exact)")
+    extract.add_argument("--dtype", default=None, choices=STORE_DTYPES, help="stored dtype (default: the base's)")
     stats = sub.add_parser("stats", help="L2 norms and pairwise cosine similarities, overall and per layer (JSON + PNG)")
     stats.add_argument("vectors", nargs="+", help="a folder from `vectors extract`, or NAME=FILE.safetensors entries")
     stats.add_argument("--out", help="folder for stats.json and cosine.png (default: the vectors folder)")

@@ -241,12 +241,12 @@ def _average(ctx: _Context) -> dict:
 def _test(ctx: _Context, candidate: str) -> dict:
     from lm_eval.utils import handle_non_serializable
 
-    from optimer_merge.evaluation.evaluator import Evaluator
+    from optimer_merge.evaluation.evaluator import open_evaluator
 
     job = next(c.job for c in CANDIDATES if c.name == candidate)
     model = ctx.result(job)["model"]
     start = time.perf_counter()
-    with Evaluator(model, "hf", threads=1) as evaluator:
+    with open_evaluator("hf", model, threads=1) as evaluator:
         results = evaluator.evaluate(TEST_TASKS, ctx.s.test_limit, quiet=True)
     results["config"]["model_args"] = f"pretrained={Path(model).resolve()}"
     out = ctx.run / "eval" / candidate

@@ -68,6 +68,11 @@ class Checkpoint:
     def is_float(self, name: str) -> bool:
         return self.meta[name][0] in FLOAT_DTYPES
 
+    def float_dtype(self) -> str:
+        """The tensors' floating-point dtype (float32 where float32 mixes with others)."""
+        names = {str(FLOAT_DTYPES[dtype]).removeprefix("torch.") for dtype, _ in self.meta.values() if dtype in FLOAT_DTYPES}
+        return "float32" if "float32" in names or not names else sorted(names)[0]
+
     def get(self, name: str) -> torch.Tensor:
         with _open(self.files[name]) as reader:
             return reader.get_tensor(name)

@@ -49,3 +49,28 @@ def to_hub_layout(model_dir: str | Path) -> bool:
         index["weight_map"] = {hub_name(k): v for k, v in index["weight_map"].items()}
         index_path.write_text(json.dumps(index, indent=2))
     return renamed
+
+
+def live_names(model, keys) -> dict[str, str]:
+    """The live parameter name transformers gives each checkpoint tensor name of ``model``.
+
+    transformers 5 renames checkpoint keys while loading (a multimodal Gemma 3's
+    ``language_model.model.*`` lives at ``model.language_model.*``); this applies the model's own
+    renaming rules. A key that a weight *converter* (not a plain renaming) transforms has no
+    single live tensor and is left out, as is a key that names no live parameter.
+    """
+    from transformers.conversion_mapping import get_model_conversion_mapping
+    from transformers.core_model_loading import WeightConverter, rename_source_key
+
+    transforms = get_model_conversion_mapping(model)
+    converters = [t for t in transforms if isinstance(t, WeightConverter)]
+    renamings = [t for t in transforms if not isinstance(t, WeightConverter)]
+    live = dict(model.named_parameters(remove_duplicate=False))
+    names = {}
+    for key in keys:
+        name, converted = rename_source_key(key, renamings, converters, model.base_model_prefix, live)
+        if converted is None and name in live:
+            names[key] = name
+        elif live_name(key) in live:
+            names[key] = live_name(key)
+    return names

@@ -51,9 +51,15 @@ class SearchConfig(BaseModel):
     initial_points: int | None = Field(None, ge=0)  # smac: Sobol points before the model (default 2K)
     backend: Literal["hf", "vllm"] = "hf"
     batch_size: PositiveInt = 16
-    dtype: Dtype = "float32"  # of the evaluated model
+    dtype: Dtype | None = None  # of the evaluated model (default: the base's)
     threads: PositiveInt | Literal["auto"] = "auto"
     tensor_parallel_size: PositiveInt = 1
+    device_map: str | None = None  # hf: spread the model over several GPUs (e.g. "auto"); the pool follows
+    executor: Literal["auto", "mp", "ray"] = "auto"  # vllm: the engine's executor (ray: multi-node engines)
+    gpu_memory_utilization: float = Field(0.9, gt=0, le=1)  # vllm: the engine's share of each GPU, pool included
+    pool_dtype: Dtype | None = None  # rows of the pool (default: each source's own dtype; exact)
+    pool_device: Literal["auto", "device", "host"] = "auto"  # with the live weights, or in host memory
+    weight_update: Literal["pool", "push"] = "pool"  # push: the fallback sending whole merged tensors per trial
     max_length: PositiveInt | None = None
     confirm_run_unsafe_code: bool = False
     max_consecutive_failures: PositiveInt = 5
@@ -91,7 +97,8 @@ class SearchConfig(BaseModel):
     # trials at the end of the log.
     OPERATIONAL: ClassVar[tuple[str, ...]] = (
         "output", "threads", "batch_size", "dtype", "tensor_parallel_size", "max_length", "trials", "finalists",
-        "finalist_limit", "max_consecutive_failures", "out_dtype", "confirm_run_unsafe_code",
+        "finalist_limit", "max_consecutive_failures", "out_dtype", "confirm_run_unsafe_code", "executor",
+        "gpu_memory_utilization", "pool_dtype", "pool_device", "weight_update", "device_map",
     )  # fmt: skip
 
     def identity(self) -> dict:
@@ -107,7 +114,20 @@ class SearchConfig(BaseModel):
 
     def operational(self) -> dict:
         """The settings a trial ran with that may change between runs of one search."""
-        return {k: getattr(self, k) for k in ("threads", "batch_size", "dtype", "tensor_parallel_size", "max_length", "confirm_run_unsafe_code")}
+        keys = ("threads", "batch_size", "dtype", "tensor_parallel_size", "max_length", "confirm_run_unsafe_code",
+                "executor", "gpu_memory_utilization", "pool_dtype", "pool_device", "weight_update", "device_map")  # fmt: skip
+        return {k: getattr(self, k) for k in keys}
+
+    def evaluator_settings(self) -> dict:
+        """Settings of the evaluator the trials run on."""
+        settings = {"dtype": self.dtype, "batch_size": self.batch_size, "threads": self.threads, "max_length": self.max_length}
+        if self.backend == "hf" and self.device_map:
+            settings["device_map"] = self.device_map
+        if self.backend == "vllm":
+            settings.update(tensor_parallel_size=self.tensor_parallel_size, gpu_memory_utilization=self.gpu_memory_utilization,
+                            distributed_executor_backend=None if self.executor == "auto" else self.executor,
+                            weight_update=self.weight_update)  # fmt: skip
+        return settings
 
 
 def load_search_config(path: str | Path | None, overrides: dict | None = None) -> SearchConfig:

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import json
 import math
+import statistics
 import time
 from pathlib import Path
 from typing import Callable
@@ -90,36 +91,50 @@ def search(config: SearchConfig, *, export: bool = False, log: Callable[[str], N
             if export:
                 raise SearchError(f"--export needs the models behind the vectors, and these no longer exist: {gone}")
             log(f"warning: the models behind {gone} no longer exist; best.yaml names them and cannot be merged until they are back")
-        from optimer_merge.search.pool import load_pool
+        from optimer_merge.search.pool import check_sources
 
-        pool = load_pool(config.base, {v.name: ({"model": v.model} if v.model else {"vector": v.vector}) for v in config.vectors}, log=log)
+        spec = check_sources(config.base, {v.name: ({"model": v.model} if v.model else {"vector": v.vector}) for v in config.vectors},
+                             pool_dtype=config.pool_dtype, placement=config.pool_device)  # fmt: skip
         folder.record(RECORD, config.identity(), config=config.model_dump(mode="json"))
         (out / "recipes").mkdir(exist_ok=True)
-        return _Search(config, objective, pool, sources, missing, out, log, folder).run(export)
+        return _Search(config, objective, spec, sources, missing, out, log, folder).run(export)
 
 
 class _Search:
     """One search in its locked folder: the replay, the trials, the finalists, the summary."""
 
-    def __init__(self, config: SearchConfig, objective, pool, sources, missing, out: Path, log, folder: RunFolder):
-        self.config, self.objective, self.pool, self.sources, self.missing = config, objective, pool, sources, missing
+    def __init__(self, config: SearchConfig, objective, spec, sources, missing, out: Path, log, folder: RunFolder):
+        self.config, self.objective, self.spec, self.sources, self.missing = config, objective, spec, sources, missing
         self.out, self.log, self.folder = out, log, folder
         self.trials_path = out / "trials.jsonl"
         self.evaluator = None
-        self.started = time.perf_counter()
-        self.ran = 0
+        self.host_pool = None  # the push fallback's pool, in this process
+        self.durations: list[float] = []  # seconds of each trial run by this process
 
     # -- evaluation ---------------------------------------------------------------------------
     def get_evaluator(self):
+        """The evaluator with the pool loaded (once; its refusals come before the first trial)."""
         if self.evaluator is None:
-            from optimer_merge.evaluation.evaluator import Evaluator
+            from optimer_merge.evaluation.evaluator import open_evaluator
+            from optimer_merge.search.pool import build_host_pool
 
             c = self.config
             self.log(f"loading {c.base} on {c.backend}")
-            self.evaluator = Evaluator(
-                c.base, c.backend, batch_size=c.batch_size, dtype=c.dtype, threads=c.threads,
-                max_length=c.max_length, tensor_parallel_size=c.tensor_parallel_size, log=self.log,
-            )  # fmt: skip
+            settings = c.evaluator_settings()
+            if c.backend == "vllm":
+                settings["pool"] = self.spec
+            self.evaluator = open_evaluator(c.backend, c.base, log=self.log, **settings)
+            if c.weight_update == "push":
+                self.host_pool = build_host_pool(self.spec, log=self.log)
+            else:
+                info = self.evaluator.build_pool(self.spec)
+                if info.get("nonfinite"):
+                    from optimer_merge.vectors.checks import VectorError
+
+                    raise VectorError(f"NaN/Inf values in {', '.join(info['nonfinite'][:3])}")
+            pool = self.host_pool or getattr(self.evaluator, "pool", None)
+            if pool is not None and pool.relative_norms:
+                self.log("||v|| / ||base||: " + ", ".join(f"{n} {v:.3g}" for n, v in pool.relative_norms.items()))
             self.folder.keep()
         return self.evaluator
 
@@ -130,10 +145,11 @@ class _Search:
         result = {"status": "ok", "reason": None, "score": None, "metrics": {}, "seconds": {}, "settings": c.operational()}
         start = time.perf_counter()
         try:
-            if c.backend == "hf":
-                ev.update_weights(lambda model: self.pool.write_into(model, weights))
+            if self.host_pool is not None:  # the explicit fallback: whole merged tensors
+                ev.load_state_dict(dict(self.host_pool.merged(weights)))
             else:
-                ev.update_weights(dict(self.pool.merged(weights)))
+                ev.set_weights(weights)
+            result["bytes_sent"] = getattr(ev, "bytes_sent", 0)
         except Exception as error:  # noqa: BLE001 - recorded, the search goes on
             result.update(status="failed", reason=f"merge failed: {type(error).__name__}: {error}")
             result["seconds"]["merge"] = time.perf_counter() - start
@@ -163,7 +179,7 @@ class _Search:
         start = time.perf_counter()
         optimizer.tell(weights, told)
         outcome["seconds"]["optimizer"] = asked + time.perf_counter() - start
-        self.ran += 1
+        self.durations.append(sum(outcome["seconds"].values()))
         return {"trial": number, "weights": weights, **outcome, "told": told, "limit": self.config.limit, "recipe": str(recipe_path.relative_to(self.out))}
 
     # -- the loop -----------------------------------------------------------------------------
@@ -250,7 +266,7 @@ class _Search:
         s = record["seconds"]
         timing = f"merge {s.get('merge', 0):.2f}s eval {s.get('eval', 0):.1f}s opt {s.get('optimizer', 0):.2f}s"
         left = self.config.trials - record["trial"]
-        eta = f", ETA {_duration(left * (time.perf_counter() - self.started) / self.ran)}" if left and self.ran else ""
+        eta = f", ETA {_duration(left * statistics.median(self.durations))}" if left and self.durations else ""
         head = f"trial {record['trial']}/{self.config.trials}"
         if record["status"] != "ok":
             return f"{head} FAILED: {record['reason']} [{weights}] {timing}{eta}"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import re
 from pathlib import Path
 
@@ -56,8 +57,36 @@ def check_trained_from(base_fp: str, model: str | Path, what: str) -> None:
         raise VectorError(f"{what} ({model}) was trained from a different base (its train_meta.json records {recorded}, this base is {base_fp})")
 
 
-def check_finite(tensor: torch.Tensor, what: str, key: str) -> None:
-    if not bool(torch.isfinite(tensor).all()):
+def sum_of_squares(tensor: torch.Tensor, minus: torch.Tensor | None = None, buffer: torch.Tensor | None = None) -> float:
+    """sum((tensor - minus)^2) in float64, piece by piece through one reused buffer: no temporary
+    the size of the tensor (on CPUs such temporaries, freed one after another, were seen to grow
+    the process by gigabytes). NaN or Inf anywhere makes it non-finite."""
+    from optimer_merge.merge.rule import CHUNK, pieces
+
+    step = CHUNK.get(tensor.device.type, CHUNK["cuda"])
+    if buffer is None or buffer.numel() < 2 * min(tensor.numel(), step):
+        buffer = torch.empty(2 * min(tensor.numel(), step), dtype=torch.float64, device=tensor.device)
+    total = 0.0
+    others = pieces(minus) if minus is not None else None
+    for piece in pieces(tensor):
+        n = piece.numel()
+        view = buffer[:n]
+        view.copy_(piece)  # the cast happens in the copy: no temporary
+        if others is not None:
+            other = buffer[step : step + n]
+            other.copy_(next(others))
+            view.sub_(other)
+        total += float(torch.dot(view, view))
+    return total
+
+
+def is_finite(tensor: torch.Tensor, buffer: torch.Tensor | None = None) -> bool:
+    """No NaN or Inf anywhere."""
+    return math.isfinite(sum_of_squares(tensor, buffer=buffer))
+
+
+def check_finite(tensor: torch.Tensor, what: str, key: str, buffer: torch.Tensor | None = None) -> None:
+    if not is_finite(tensor, buffer):
         raise VectorError(f"{what}: tensor {key} has NaN/Inf values")
 
 

@@ -27,17 +27,19 @@ def extract(
     models: Mapping[str, str | Path],
     out_dir: str | Path,
     *,
-    dtype: str = "float32",
+    dtype: str | None = None,
     log: Callable[[str], None] = print,
 ) -> dict:
     """Write ``out_dir/<name>.safetensors`` = model - base for each model, and ``vectors.json``.
 
-    Everything is checked first (names, folders, tensors, shapes, the base each model records);
+    ``dtype`` is the vectors' stored dtype (default: the base's; a bf16 delta keeps 2^-9 of its
+    own size, whatever the weights' size). Everything is checked first (names, folders, tensors,
+    shapes, the base each model records);
     files appear under their names only when complete. Tensors equal in the base and every model
     (e.g. a frozen vision tower) and non-float tensors are left out of every vector and listed in
     the manifest. Returns the manifest.
     """
-    if dtype not in STORE_DTYPES:
+    if dtype is not None and dtype not in STORE_DTYPES:
         raise VectorError(f"unknown vector dtype {dtype!r}; choose {', '.join(STORE_DTYPES)}")
     if not models:
         raise VectorError("no models given: name at least one NAME=MODEL_FOLDER")
@@ -53,6 +55,8 @@ def extract(
         if Path(path).resolve() == Path(base).resolve():
             log(f"warning: model {name} is the base itself ({path}); its vector is all zeros")
         ckpts[name] = ckpt
+    if dtype is None:
+        dtype = base_ckpt.float_dtype() if base_ckpt.float_dtype() in STORE_DTYPES else "float32"
     store = getattr(torch, dtype)
     names = [n for n in base_ckpt.names() if base_ckpt.is_float(n)]
     skipped_non_float = [n for n in base_ckpt.names() if n not in names]

@@ -1,0 +1,157 @@
+"""GPU paths on one CUDA GPU, in a few minutes, with a JSON summary (`make gpu-check`).
+
+A random Gemma 3 of about 1 B parameters in bf16 and four bf16 "CPT" models make the pool.
+- hf: the pool next to the live parameters on the GPU; merge milliseconds per trial (median of
+  10), GPU memory against one model copy, and every merged tensor against a float64 reference.
+- vllm (where vLLM is installed): the pool in the engine's worker; merge milliseconds, bytes per
+  trial, and prompt log-probabilities after a trial against a fresh engine loaded from stock
+  mergekit-yaml's output (or from the same merge written to disk when mergekit is missing).
+Without a GPU it says so and exits 0.
+
+    python benchmarks/gpu_check.py --out runs/gpu-check.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+K = 4
+MODEL = dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=8,
+             num_key_value_heads=4, head_dim=256, max_position_embeddings=2048, sliding_window=512)  # fmt: skip
+WEIGHTS = {f"v{i}": w for i, w in enumerate((0.7, -0.4, 0.25, 1.1))}
+
+
+def build(root: Path):
+    import inspect
+
+    import torch
+
+    from optimer_merge.testing import tiny
+
+    base = root / "base"
+    if not (base / "model.safetensors").exists():
+        tokenizer = tiny.train_tokenizer([inspect.getsource(json), inspect.getsource(argparse)], vocab_size=4096)
+        tiny.build_model(base, tokenizer, dtype=torch.bfloat16, **MODEL)
+    models = {}
+    for i in range(K):
+        models[f"v{i}"] = root / f"cpt-{i}"
+        if not (models[f"v{i}"] / "model.safetensors").exists():
+            tiny.perturbed_copy(base, models[f"v{i}"], relative_scale=0.02, seed=i + 1)
+    return base, models
+
+
+def check_hf(base: Path, models: dict[str, Path]) -> dict:
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from optimer_merge.search.pool import build_host_pool, build_module_pool, check_sources
+
+    spec = check_sources(base, {n: {"model": str(p)} for n, p in models.items()})
+    model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.bfloat16).cuda().eval()
+    copy = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    pool = build_module_pool(model, spec, log=lambda _m: None)
+    times = []
+    for _ in range(10):
+        start = time.perf_counter()
+        pool.apply(WEIGHTS)
+        torch.cuda.synchronize()
+        times.append(time.perf_counter() - start)
+    host = build_host_pool(spec, log=lambda _m: None)
+    live = dict(zip([e.name for e in pool.entries], [e.target for e in pool.entries]))
+    worst = 0.0
+    for name, merged in host.merged(WEIGHTS):  # the rule on the CPU, float32, cast as the GPU casts
+        worst = max(worst, (live[name].float().cpu() - merged.to(torch.bfloat16).float()).abs().max().item())
+    return {
+        "params": spec.params,
+        "merge_ms_median": 1000 * statistics.median(times),
+        "gpu_memory_model_copies": torch.cuda.max_memory_allocated() / copy,
+        "pool_bytes": pool.nbytes,
+        "max_abs_diff_vs_cpu_rule_bf16": worst,
+    }
+
+
+def check_vllm(base: Path, models: dict[str, Path], root: Path) -> dict:
+    try:
+        from vllm import LLM, SamplingParams
+    except ImportError:
+        return {"skipped": "vLLM is not installed here"}
+    import pickle
+
+    from optimer_merge.search.pool import build_host_pool, check_sources
+
+    spec = check_sources(base, {n: {"model": str(p)} for n, p in models.items()}, placement="device")
+    prompts = [{"prompt_token_ids": list(range(10, 400))}]
+    params = SamplingParams(max_tokens=1, prompt_logprobs=0, temperature=0)
+
+    def logprobs(llm) -> list[float]:
+        out = llm.generate(prompts, params, use_tqdm=False)[0]
+        return [next(iter(d.values())).logprob for d in out.prompt_logprobs[1:]]
+
+    engine = dict(dtype="bfloat16", max_model_len=1024, gpu_memory_utilization=0.6, enforce_eager=True, seed=0)
+    llm = LLM(model=str(base), worker_extension_cls="optimer_merge.evaluation.vllm_worker.OptimerWorkerExtension", **engine)
+    build_info = llm.collective_rpc("optimer_build_pool", args=(spec.to_rpc(),))[0]
+    coeffs = [WEIGHTS[n] for n in spec.names]
+    times = [llm.collective_rpc("optimer_set_weights", args=(coeffs,))[0]["seconds"] for _ in range(10)]
+    llm.reset_prefix_cache()
+    in_engine = logprobs(llm)
+    llm.llm_engine.engine_core.shutdown()
+    del llm
+    merged_dir = root / "merged"
+    _write_merged(base, build_host_pool(spec, log=lambda _m: None), merged_dir)
+    fresh = LLM(model=str(merged_dir), **engine)
+    reference = logprobs(fresh)
+    return {
+        "pool_build_seconds": build_info["seconds"],
+        "pool_bytes": build_info["bytes"],
+        "merge_ms_median": 1000 * statistics.median(times),
+        "bytes_sent_per_trial": len(pickle.dumps(("optimer_set_weights", (coeffs,)))),
+        "max_abs_logprob_diff_vs_fresh_load": max(abs(a - b) for a, b in zip(in_engine, reference)),
+    }
+
+
+def _write_merged(base: Path, pool, out: Path) -> None:
+    """The merge as a bf16 checkpoint (what stock mergekit-yaml writes with out_dtype bfloat16)."""
+    import shutil
+
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    shutil.copytree(base, out, dirs_exist_ok=True)
+    tensors = load_file(str(base / "model.safetensors"))
+    tensors.update({name: merged.to(torch.bfloat16) for name, merged in pool.merged(WEIGHTS)})
+    save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt"})
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", default="runs/gpu-check.json")
+    parser.add_argument("--workdir", default=None)
+    args = parser.parse_args()
+    import torch
+
+    if not torch.cuda.is_available():
+        print("gpu-check: no CUDA GPU here; skipped")
+        return
+    root = Path(args.workdir or tempfile.mkdtemp(prefix="optimer-gpu-check-"))
+    start = time.perf_counter()
+    base, models = build(root)
+    summary = {"device": torch.cuda.get_device_name(0), "torch": torch.__version__, "hf": check_hf(base, models)}
+    torch.cuda.empty_cache()
+    summary["vllm"] = check_vllm(base, models, root)
+    summary["seconds"] = time.perf_counter() - start
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(summary, indent=2))
+    print(json.dumps(summary, indent=2))
+
+
+if __name__ == "__main__":
+    main()
