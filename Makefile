@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.setup-done
 HAS_CUDA := $(shell nvidia-smi -L >/dev/null 2>&1 && echo yes)
 CONSTRAINTS := $(if $(HAS_CUDA),,-c constraints/cpu.txt)
-EXTRAS ?= dev,tpe
+EXTRAS ?= dev,tpe,ray
 RUN_DIR ?= runs/demo
 
 export OMP_NUM_THREADS ?= 1

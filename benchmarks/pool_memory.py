@@ -22,9 +22,10 @@ import os
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
+
+from procs import PeakSampler
 
 REPO = Path(__file__).resolve().parents[1]
 K = 4
@@ -53,30 +54,6 @@ def build(root: Path, **model) -> tuple[Path, list[Path], int]:
     return base, models, (base / "model.safetensors").stat().st_size
 
 
-def tree(pid: int) -> list[int]:
-    found = [pid]
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                parent = int(Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()[1])
-            except (OSError, ValueError, IndexError):
-                continue
-            if parent == pid:
-                found += tree(int(entry))
-    return found
-
-
-def pss(pid: int) -> int:
-    total = 0
-    for member in tree(pid):
-        try:
-            text = Path(f"/proc/{member}/smaps_rollup").read_text()
-        except OSError:
-            continue
-        total += next((int(line.split()[1]) * 1024 for line in text.splitlines() if line.startswith("Pss:")), 0)
-    return total
-
-
 def run_search(code: Path, backend: str, base: Path, models: list[Path], out: Path) -> dict:
     """One 2-trial search in a subprocess; returns its peak PSS and per-trial seconds."""
     import shutil
@@ -92,25 +69,15 @@ def run_search(code: Path, backend: str, base: Path, models: list[Path], out: Pa
     env = {**os.environ, "PYTHONPATH": str(code), "OMP_NUM_THREADS": "2"}
     log = open(out.parent / f"{out.name}.log", "w")
     process = subprocess.Popen(cmd, cwd=code, env=env, stdout=log, stderr=subprocess.STDOUT)
-    peak, stop = [0], threading.Event()
-
-    def sample():
-        while not stop.is_set():
-            peak[0] = max(peak[0], pss(process.pid))
-            time.sleep(0.1)
-
-    sampler = threading.Thread(target=sample, daemon=True)
     start = time.perf_counter()
-    sampler.start()
-    code_ = process.wait(timeout=3600)
-    stop.set()
-    sampler.join()
+    with PeakSampler(process.pid) as sampler:
+        code_ = process.wait(timeout=3600)
     if code_ != 0:
         raise RuntimeError(f"search failed ({code_}); see {log.name}")
     trials = [json.loads(line) for line in (out / "trials.jsonl").read_text().splitlines()]
     last = trials[-1]  # the second trial: no warm-up
     return {
-        "peak_pss_bytes": peak[0],
+        "peak_pss_bytes": sampler.tree_pss,
         "wall_seconds": time.perf_counter() - start,
         "merge_seconds": last["seconds"]["merge"],
         "eval_seconds": last["seconds"]["eval"],

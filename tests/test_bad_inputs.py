@@ -110,6 +110,9 @@ CASES = [
     Case("train-unknown-source", train("--dataset", "jp"), ["unknown dataset source 'jp'"]),
     Case("train-base-missing", ["train", "--base", "{tmp}/nobase", "--output", "{out}", "--dataset", "ja", "--max-steps", "2"], ["nobase does not exist"]),
     Case("train-seq-len", train("--seq-len", "100000"), ["seq_len=100000", "maximum"]),
+    Case("train-unknown-strategy", train("--strategy", "fdsp"), ["unknown strategy 'fdsp'", "choose fsdp"]),
+    Case("train-zero3", train("--strategy", "deepspeed_stage_3"), ["'deepspeed_stage_3'", "ZeRO stage 3", "use strategy fsdp"]),
+    Case("train-fsdp-devices", train("--strategy", "fsdp", "--devices", "auto"), ["strategy fsdp", "'auto'"]),
     Case("train-malformed-config", ["train", "--config", "{bad_yaml}"], ["bad.yaml:3:", "malformed YAML"], []),
     # eval
     Case("eval-url-without-server", evaluate("--url", "http://127.0.0.1:9"), ["--url http://127.0.0.1:9 needs --backend server"]),

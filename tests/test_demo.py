@@ -114,6 +114,10 @@ def test_report_numbers_come_from_the_run(demo_run):
     cpt = sum(json.loads((run_dir / "cpt" / d / "train_meta.json").read_text())["wall_seconds"] for d in DOMAINS)
     assert summary["cost_ratio_with_training"] == pytest.approx(expected / (cpt + optimer))
     assert f"**{summary['cost_ratio_with_training']:.1f}x** counting" in report
+    # the regime: each vector's norm relative to the base, from vectors/stats.json
+    stats = json.loads((run_dir / "vectors" / "stats.json").read_text())
+    assert 0 < stats["relative_norm"]["ja"] < 1
+    assert "||v|| / ||theta_base|| = " + ", ".join(f"{d} {stats['relative_norm'][d]:.3f}" for d in DOMAINS) in report
     # each verdict matches its numbers
     claims = summary["claims"]
     assert claims["beats_model_averaging"] == (means["optimer"] < means["average"])

@@ -55,6 +55,10 @@ def test_run_folder_locks_checks_identity_and_removes_what_a_refusal_created(tmp
         assert folder.check("record.json", {"seed": 0, "threads": 2}, ignore=("threads",)) is True
         with pytest.raises(RunFolderError, match=r"holds a different search \(settings differ: seed\)"):
             folder.check("record.json", {"seed": 1, "threads": 1})
+        # a setting that joined the identity later: the recorded run had its old value
+        assert folder.check("record.json", {"seed": 0, "threads": 1, "parallel": 1}, added={"parallel": 1}) is True
+        with pytest.raises(RunFolderError, match=r"settings differ: parallel\)"):
+            folder.check("record.json", {"seed": 0, "threads": 1, "parallel": 2}, added={"parallel": 1})
     assert (out / "record.json").exists()  # an existing folder is never removed
 
     other = tmp_path / "other"

@@ -102,6 +102,17 @@ def test_vector_stats_match_direct_cosines(vectors_dir, tmp_path):
             expected = float(flat[a] @ flat[b] / flat[a].norm() / flat[b].norm())
             assert result["cosine"][i][j] == pytest.approx(expected, abs=1e-9)
     assert set(result["per_layer"]) == {"embed", "layer 0", "layer 1", "other"}
+    # per kind of tensor, and relative to the base that vectors.json records
+    assert set(result["per_kind"]) == {"embeddings", "attention", "mlp", "norms"}
+    base = {k: v.double() for k, v in load_weights(json.loads((vectors_dir / "vectors.json").read_text())["base"]).items()}
+    base_norm = math.sqrt(sum(float(t.pow(2).sum()) for t in base.values()))
+    for d in DOMAINS:
+        assert result["relative_norm"][d] == pytest.approx(float(flat[d].norm()) / base_norm, rel=1e-9)
+    mlp = [k for k in sorted(load_file(str(vectors_dir / "ja.safetensors"))) if ".mlp." in k]
+    ja, zh = (torch.cat([load_file(str(vectors_dir / f"{d}.safetensors"))[k].double().reshape(-1) for k in mlp]) for d in ("ja", "zh"))
+    assert result["per_kind"]["mlp"]["cosine"][0][1] == pytest.approx(float(ja @ zh / ja.norm() / zh.norm()), abs=1e-9)
+    mlp_base = math.sqrt(sum(float(base[k].pow(2).sum()) for k in mlp))
+    assert result["per_kind"]["mlp"]["relative_norm"]["ja"] == pytest.approx(float(ja.norm()) / mlp_base, rel=1e-9)
     # Distinct domains give distinct directions: no pair is nearly parallel.
     assert result["off_diagonal_cosine"]["max"] < 0.9
 
@@ -338,7 +349,7 @@ def test_a_damaged_line_inside_the_log_is_run_again_in_place(search_run, small_b
     lines[4] = lines[4][: len(lines[4]) // 2]  # trial 5, cut in half
     (out / "trials.jsonl").write_text("\n".join(lines) + "\n")
     assert cli.main(search_args(small_base, cpt_runs, out)) == 0
-    assert f"trial 5: its line in {out / 'trials.jsonl'} is damaged; running it again" in capsys.readouterr().out
+    assert f"trials 5: damaged lines in {out / 'trials.jsonl'}; running them again" in capsys.readouterr().out
     repaired = trials(out)
     assert [r["weights"] for r in repaired] == [r["weights"] for r in reference]
     assert max(abs(a["score"] - b["score"]) for a, b in zip(repaired, reference)) < 1e-9

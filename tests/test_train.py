@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 from conftest import CPT_SETTINGS, DOMAINS, REPO
 
 from optimer_merge import cli
@@ -152,15 +153,28 @@ def test_velocitune_fits_targets_on_a_proxy_run(small_base, tmp_path):
     assert set(info["fits"]) == {"zh", "code"} and info["proxy"]["steps"] == 10
     for name, target in info["targets"].items():
         assert 0 < target < m["initial_eval_loss"][name]
+        # the cosine run decays: its targets sit below the constant-lr law by what the proxy's decay gained
+        fit = info["fits"][name]
+        law = fit["E"] + fit["B"] / fit["tokens"] ** fit["beta"]
+        assert fit["decay_gain"] >= 0 and target == pytest.approx(law - fit["decay_gain"])
 
 
-def test_multimodal_trains_text_only_and_merges_with_stock_mergekit(tiny_zoo, tmp_path):
+@pytest.mark.parametrize("strategy", ["one process", "fsdp"])
+def test_multimodal_trains_text_only_and_merges_with_stock_mergekit(tiny_zoo, tmp_path, strategy):
+    """Also sharded: FSDP wraps the vision encoder layers too, and the export keeps the hub names."""
     import yaml
     from helpers import load_weights
 
     base = tiny_zoo / "tiny-multimodal" / "base"
-    config = TrainConfig(base=str(base), output=str(tmp_path / "mm"), datasets=[{"name": "zh", "source": "zh"}], **{**CPT_SETTINGS, "max_steps": 5, "seq_len": 64})
-    m = train(config, log=QUIET)
+    if strategy == "fsdp":
+        cmd = [sys.executable, "-m", "optimer_merge.cli", "train", "--base", str(base), "--output", str(tmp_path / "mm"), "--dataset", "zh",
+               "--max-steps", "5", "--seq-len", "64", "--micro-batch-size", "4", "--accelerator", "cpu", "--strategy", "fsdp", "--devices", "2",
+               "--no-progress"]  # fmt: skip
+        subprocess.run(cmd, check=True, env={**os.environ, "PYTHONPATH": str(REPO)}, capture_output=True, timeout=600)
+        m = meta(tmp_path / "mm")
+    else:
+        config = TrainConfig(base=str(base), output=str(tmp_path / "mm"), datasets=[{"name": "zh", "source": "zh"}], **{**CPT_SETTINGS, "max_steps": 5, "seq_len": 64})
+        m = train(config, log=QUIET)
     before, after = load_weights(base), load_weights(tmp_path / "mm" / "model")
     assert sorted(before) == sorted(after)
     frozen = [k for k in before if not k.startswith("language_model.")]  # checkpoint (hub) key layout
@@ -274,19 +288,53 @@ def test_rerun_with_different_settings_is_refused(tmp_path, small_base, capsys):
     assert _bad_run(tmp_path, small_base, "--dataset", "ja")[0] == 0
     code, _ = _bad_run(tmp_path, small_base, "--dataset", "zh")
     assert code == 2 and "holds a different training run (settings differ: datasets)" in capsys.readouterr().err
+    # a static mixture does not use the velocitune settings: changing them reuses the run
+    assert _bad_run(tmp_path, small_base, "--dataset", "ja", "--set", "velocitune.update_every=3")[0] == 0
+    assert "already trained, reused" in capsys.readouterr().out
 
 
 @pytest.mark.slow
-def test_ddp_two_cpu_processes(small_base, tmp_path):
-    out = tmp_path / "ddp"
-    cmd = [
-        sys.executable, "-m", "optimer_merge.cli", "train", "--base", str(small_base), "--output", str(out),
-        "--dataset", "ja", "--max-steps", "4", "--seq-len", "64", "--micro-batch-size", "4",
-        "--accelerator", "cpu", "--strategy", "ddp", "--devices", "2", "--no-progress",
-    ]  # fmt: skip
-    subprocess.run(cmd, check=True, capture_output=True, env={**os.environ, "PYTHONPATH": str(REPO)}, timeout=600)
-    m = meta(out)
-    assert m["world_size"] == 2 and m["tokens"] == 4 * 4 * 64 * 2
+def test_fsdp_two_ranks_shard_resume_exactly_and_export_what_ddp_trains(small_base, tmp_path):
+    """``--strategy fsdp --devices 2`` on CPU (gloo): each rank saves its own shard of a distributed
+    checkpoint; a run whose whole process group is SIGKILLed resumes from it and ends with the
+    weights 2-process DDP trains, exported as sharded safetensors with an index."""
+    from helpers import load_weights, max_abs_diff
+    from transformers import AutoModelForCausalLM
+
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    shard = (small_base / "model.safetensors").stat().st_size // 3
+
+    def cmd(out: Path, strategy: str) -> list[str]:
+        return [
+            sys.executable, "-m", "optimer_merge.cli", "train", "--base", str(small_base), "--output", str(out),
+            "--dataset", "ja:1", "--dataset", "math:1", "--max-steps", "8", "--seq-len", "64", "--micro-batch-size", "2",
+            "--accelerator", "cpu", "--strategy", strategy, "--devices", "2", "--no-progress",
+            "--set", "checkpoint_every=3", "--set", "eval_every=4", "--set", f"export_shard_bytes={shard}",
+        ]  # fmt: skip
+
+    ddp, fsdp = tmp_path / "ddp", tmp_path / "fsdp"
+    subprocess.run(cmd(ddp, "ddp"), check=True, env=env, capture_output=True, timeout=600)
+    proc = subprocess.Popen(cmd(fsdp, "fsdp"), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    checkpoint = fsdp / "checkpoints" / "step-00000003.ckpt"
+    deadline = time.time() + 300
+    while not checkpoint.exists():
+        assert proc.poll() is None and time.time() < deadline, "training ended before it could be killed"
+        time.sleep(0.02)
+    os.killpg(proc.pid, signal.SIGKILL)  # both ranks, as when a node fails
+    proc.wait()
+    assert sorted(p.name for p in checkpoint.glob("*.distcp")) == ["__0_0.distcp", "__1_0.distcp"]  # one shard per rank
+    assert not (fsdp / "model").exists()
+    done = subprocess.run(cmd(fsdp, "fsdp"), check=True, env=env, capture_output=True, text=True, timeout=600)
+    assert "resuming" in done.stdout
+
+    weights = load_weights(fsdp / "model")
+    assert max_abs_diff(load_weights(ddp / "model"), weights) <= 1e-6
+    assert meta(fsdp)["tokens_per_dataset"] == meta(ddp)["tokens_per_dataset"]
+    assert meta(fsdp)["world_size"] == 2 and meta(fsdp)["strategy"]["name"] == "fsdp"
+    index = json.loads((fsdp / "model" / "model.safetensors.index.json").read_text())
+    assert len(set(index["weight_map"].values())) >= 3 and set(index["weight_map"]) == set(weights)
+    loaded = AutoModelForCausalLM.from_pretrained(fsdp / "model").state_dict()
+    assert all(torch.equal(loaded[k], v.to(loaded[k].dtype)) for k, v in weights.items())
 
 
 @pytest.mark.parametrize("path", sorted((REPO / "recipes" / "train").glob("*.yaml")), ids=lambda p: p.name)
@@ -313,3 +361,24 @@ def test_metrics_rows_do_not_depend_on_checkpoints(small_base, tmp_path):
     assert [r["step"] for r in plain] == ["0", "4", "8", "12"]
     assert [r["train_loss"] for r in checkpointed] == [r["train_loss"] for r in plain]
     assert all(float(r["tokens_per_s"]) > 0 for r in checkpointed[1:])
+
+
+def test_linearity_of_a_cpt_run_reproduces_its_own_losses(small_base, tmp_path):
+    """Along theta_base + t v, t = 0 and t = 1 give the run's own initial and final held-out
+    losses; the mid-run checkpoint projects onto v between them."""
+    from optimer_merge.vectors.linearity import linearity
+
+    config = TrainConfig(
+        base=str(small_base), output=str(tmp_path / "run"), datasets=[{"name": "ja", "source": "ja"}],
+        eval_datasets=[{"name": "code", "source": "code"}],
+        **{**CPT_SETTINGS, "max_steps": 12, "seq_len": 64, "micro_batch_size": 4, "eval_blocks": 4, "checkpoint_every": 6},
+    )  # fmt: skip
+    meta = train(config, log=QUIET)
+    result = linearity(tmp_path / "run")
+    for name in ("ja", "code"):
+        assert result["line"]["0.0"][name] == pytest.approx(meta["initial_eval_loss"][name], rel=1e-5)
+        assert result["line"]["1.0"][name] == pytest.approx(meta["final_eval_loss"][name], rel=1e-5)
+    assert result["line"]["1.0"]["ja"] < result["line"]["0.5"]["ja"] < result["line"]["0.0"]["ja"]
+    mid = result["mid"]
+    assert mid["step"] == 6 and 0.2 < mid["t"] < 1.0 and 0.5 < mid["cosine_with_final"] <= 1.0
+    assert set(mid["loss"]) == {"ja", "code"} and 0 < result["relative_norm"] < 1

@@ -35,6 +35,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--run-dir", default="runs/demo", help="run folder (a rerun resumes it)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--workers", type=positive_int, help="worker processes, one CPU thread each (default: min(2, cores))")
+    parser.add_argument("--search-workers", type=positive_int, help="Ray workers of each search (default: 2 where the cores allow "
+                        "2 per demo worker, else 1; a resumed run keeps its own)")  # fmt: skip
     parser.add_argument("--optimizer", choices=["smac", "tpe", "random"], help="search optimizer (default smac)")
     parser.add_argument("--lr", type=float, help="peak learning rate of the CPT and mixture runs (default 1e-3)")
     sizes = parser.add_argument_group("sizes (defaults fit a 2-core CPU in about ten minutes)")
@@ -42,8 +44,23 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         sizes.add_argument("--" + field.replace("_", "-"), type=int, help=f"{text} (default {DemoSettings.model_fields[field].default})")
 
 
+def _recorded(run_dir, field: str):
+    """A setting recorded by the demo in ``run_dir`` (a resumed run keeps its own), or None."""
+    import json
+
+    from optimer_merge.demo.pipeline import SETTINGS_RECORD, DemoSettings
+
+    try:
+        identity = json.loads((run_dir / SETTINGS_RECORD).read_text()).get("identity", {})
+    except (OSError, ValueError):  # no run there yet (a damaged record is refused by the run itself)
+        return None
+    return identity.get(field, DemoSettings.ADDED.get(field))
+
+
 def run(args: argparse.Namespace) -> int:
+    import importlib.util
     import os
+    from pathlib import Path
 
     from pydantic import ValidationError
 
@@ -54,6 +71,9 @@ def run(args: argparse.Namespace) -> int:
 
     values = {f: getattr(args, f) for f in (*SIZES, "optimizer", "lr") if getattr(args, f) is not None}
     values["workers"] = args.workers if args.workers is not None else min(2, os.cpu_count() or 1)
+    values["search_workers"] = args.search_workers or _recorded(Path(args.run_dir), "search_workers") or (
+        2 if (os.cpu_count() or 1) >= 2 * values["workers"] and importlib.util.find_spec("ray") else 1
+    )
     try:
         settings = DemoSettings(seed=args.seed, **values)
     except ValidationError as error:

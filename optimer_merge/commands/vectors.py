@@ -17,6 +17,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     stats = sub.add_parser("stats", help="L2 norms and pairwise cosine similarities, overall and per layer (JSON + PNG)")
     stats.add_argument("vectors", nargs="+", help="a folder from `vectors extract`, or NAME=FILE.safetensors entries")
     stats.add_argument("--out", help="folder for stats.json and cosine.png (default: the vectors folder)")
+    stats.add_argument("--base", help="the base the vectors came from, for ||v|| / ||base|| (default: the one vectors.json records)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -39,17 +40,27 @@ def run(args: argparse.Namespace) -> int:
         folder = Path(args.vectors[0])
         if folder.is_file():
             raise ConfigError(f"{folder} is a file: give a folder from `vectors extract`, or NAME=FILE.safetensors entries")
-        files = {name: str(folder / e["file"]) for name, e in read_manifest(folder)["vectors"].items()}
+        manifest = read_manifest(folder)
+        files = {name: str(folder / e["file"]) for name, e in manifest["vectors"].items()}
         out = args.out or folder
+        base = args.base or (manifest["base"] if Path(manifest["base"]).is_dir() else None)
     else:
         files = pairs(args.vectors, "stats")
         out = args.out or "."
-    result = stats(files, out)
+        base = args.base
+    result = stats(files, out, base=base)
     names = result["vectors"]
     width = max(len(n) for n in names) + 2
     print("cosine similarity".ljust(width) + "".join(n.rjust(8) for n in names))
     for name, row in zip(names, result["cosine"]):
         print(name.ljust(width) + "".join(f"{v:8.3f}" for v in row))
     print("L2 norm".ljust(width) + "".join(f"{result['l2_norm'][n]:8.3g}" for n in names))
+    if "relative_norm" in result:
+        print("/ ||base||".ljust(width) + "".join(f"{result['relative_norm'][n]:8.3f}" for n in names))
+    if len(names) > 1:
+        pairs_of = [(i, j) for i in range(len(names)) for j in range(i + 1, len(names))]
+        for kind, entry in result["per_kind"].items():
+            cosines = [entry["cosine"][i][j] for i, j in pairs_of]
+            print(f"  {kind}: cosines {min(cosines):+.3f} .. {max(cosines):+.3f}")
     print(f"wrote {Path(out) / 'stats.json'} and {Path(out) / 'cosine.png'}")
     return 0

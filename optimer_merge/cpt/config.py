@@ -42,12 +42,27 @@ class VelocituneConfig(_Frozen):
 
     Target losses come from ``targets`` (per dataset name) or, for the datasets without one, from
     a scaling-law fit L(D) = E + B / D^beta on a short proxy run of ``proxy_fraction`` of the budget.
+    The law is fitted on the proxy's constant-lr phase; where the full run's learning rate decays,
+    the proxy decays too over its last ``proxy_decay_fraction`` and the loss that decay gains is
+    taken off the targets (a decaying run ends below the constant-lr curve, and targets without
+    that gain are reached early, after which every velocity is 0 and the weights stop moving).
     """
 
     update_every: int = Field(20, ge=1)
     targets: dict[str, float] = {}
     proxy_fraction: float = Field(0.2, gt=0, le=1)
     proxy_evals: int = Field(8, ge=4)
+    proxy_decay_fraction: float = Field(0.25, gt=0, lt=1)
+
+
+class StrategyConfig(_Frozen):
+    """A distributed strategy with its settings. ``fsdp`` is this project's FSDP2 path (meta-device
+    creation, sharding by layer, distributed checkpoints; optimer_merge.cpt.sharding); any other
+    name is a Lightning Fabric strategy (``ddp``, ``deepspeed``, ...) built with ``options``."""
+
+    name: str = "auto"
+    activation_checkpointing: bool = False  # fsdp: recompute each layer's activations in backward
+    options: dict[str, Any] = {}  # keyword arguments of the Lightning strategy
 
 
 class TrainConfig(_Frozen):
@@ -77,12 +92,13 @@ class TrainConfig(_Frozen):
     grad_clip: float | None = Field(1.0, gt=0)
 
     accelerator: str = "auto"
-    strategy: str = "auto"
+    strategy: str | StrategyConfig = "auto"
     devices: int | str = 1
     num_nodes: int = Field(1, ge=1)
     precision: Literal[PRECISIONS] = "32-true"  # type: ignore[valid-type]
     threads: PositiveInt | Literal["auto"] | None = "auto"
     save_dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    export_shard_bytes: int = Field(4 << 30, ge=1)  # safetensors files of the exported model, at most this large
 
     seed: int = 0
     eval_every: int = Field(50, ge=1)
@@ -109,6 +125,10 @@ class TrainConfig(_Frozen):
         if unknown:
             raise ValueError(f"velocitune.targets names unknown datasets: {', '.join(sorted(unknown))}")
         return self
+
+    @property
+    def strategy_config(self) -> StrategyConfig:
+        return self.strategy if isinstance(self.strategy, StrategyConfig) else StrategyConfig(name=self.strategy)
 
     def ratios(self) -> dict[str, float]:
         """Dataset ratios normalised to sum to 1."""

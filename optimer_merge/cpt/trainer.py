@@ -20,7 +20,7 @@ import math
 import os
 import shutil
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
@@ -30,14 +30,14 @@ import torch
 from optimer_merge.cpt import datasets as ds
 from optimer_merge.cpt import velocitune as vt
 from optimer_merge.cpt.config import TrainConfig
-from optimer_merge.errors import ConfigError
+from optimer_merge.errors import ConfigError, UserError
 from optimer_merge.io.checkpoints import check_model_folder, fingerprint, saved_dtype
 from optimer_merge.io.files import write_json
 from optimer_merge.io.run_folder import RunFolder
 from optimer_merge.threads import default_threads
 
 # Fields that may change between a run and its resumption without changing the result.
-RESUMABLE_FIELDS = {"progress", "threads", "checkpoint_every", "keep_checkpoints"}
+RESUMABLE_FIELDS = {"progress", "threads", "checkpoint_every", "keep_checkpoints", "export_shard_bytes"}
 TOKENS_DIR, CHECKPOINTS_DIR, MODEL_DIR, RUN_RECORD = "tokens", "checkpoints", "model", "run_config.json"
 
 
@@ -59,12 +59,9 @@ def lr_at(step: int, total_steps: int, config: TrainConfig) -> float:
     return config.lr + (floor - config.lr) * min(progress, 1.0)
 
 
-def load_base(base: str | Path):
-    """Load a base HF model for training in fp32: Gemma3ForCausalLM-like, or an image-text model.
-
-    For image-text models (a ``vision_config`` in config.json) only the language model trains;
-    the vision tower and projector are frozen. Returns (model, tokenizer, text_config).
-    """
+def open_base(base: str | Path):
+    """A base HF model's config, tokenizer and class: Gemma3ForCausalLM-like, or an image-text
+    model whose language model alone trains. Returns (config, tokenizer, text_config, model class)."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForImageTextToText, AutoTokenizer
     from transformers.utils import logging as hf_logging
 
@@ -73,14 +70,16 @@ def load_base(base: str | Path):
     config = AutoConfig.from_pretrained(base)
     tokenizer = AutoTokenizer.from_pretrained(base)
     if getattr(config, "vision_config", None) is not None:
-        model = AutoModelForImageTextToText.from_pretrained(base, dtype=torch.float32)
-        for name, param in model.named_parameters():
-            param.requires_grad_(".language_model." in f".{name}" or name.startswith("lm_head"))
-        text_config = config.text_config
-    else:
-        model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
-        text_config = config
-    return model, tokenizer, text_config
+        return config, tokenizer, config.text_config, AutoModelForImageTextToText
+    return config, tokenizer, config, AutoModelForCausalLM
+
+
+def freeze_vision(model: torch.nn.Module) -> None:
+    """Only the language model of an image-text model trains; the vision tower and projector stay."""
+    if getattr(model.config, "vision_config", None) is None:
+        return
+    for name, param in model.named_parameters():
+        param.requires_grad_(".language_model." in f".{name}" or name.startswith("lm_head"))
 
 
 def _flops_per_token(model, text_config, seq_len: int) -> float:
@@ -137,28 +136,34 @@ def _evaluate(fabric, model, sets: dict[str, ds.TokenBlocks], blocks: int, batch
     losses = {}
     with torch.no_grad():
         for name, data in sets.items():
-            indices = list(range(min(blocks, data.num_blocks)))[fabric.global_rank :: fabric.world_size]
+            count = min(blocks, data.num_blocks)
+            indices = list(range(count))[fabric.global_rank :: fabric.world_size]
+            chunks = [indices[start : start + batch] for start in range(0, len(indices), batch)]
+            # every rank runs as many forward passes (a sharded model gathers its layers in each):
+            # a rank with fewer blocks runs block 0 more times and does not count it
+            per_rank = -(-count // fabric.world_size)
+            passes = -(-per_rank // batch)
             total = torch.zeros(2, dtype=torch.float64, device=fabric.device)
-            for start in range(0, len(indices), batch):
-                chunk = indices[start : start + batch]
-                x = torch.from_numpy(np.stack([data.block(i) for i in chunk])).to(fabric.device)
+            for chunk in chunks + [[]] * (passes - len(chunks)):
+                x = torch.from_numpy(np.stack([data.block(i) for i in chunk or [0]])).to(fabric.device)
                 loss = model(input_ids=x, labels=x).loss
-                total += torch.tensor([loss.item() * len(chunk), len(chunk)], dtype=torch.float64, device=fabric.device)
+                if chunk:
+                    total += torch.tensor([loss.item() * len(chunk), len(chunk)], dtype=torch.float64, device=fabric.device)
             total = fabric.all_reduce(total, reduce_op="sum")
             losses[name] = float(total[0] / total[1])
     model.train()
     return losses
 
 
-def _full_state_dict(fabric, model) -> dict:
-    """The whole model's state dict on CPU (gathered from shards under FSDP)."""
-    from lightning.fabric.strategies import FSDPStrategy
+def _peak_memory(device: torch.device) -> dict:
+    """Rank 0's peak memory in this process (a resumed run: since the resume): host RSS, and the
+    GPU's allocated bytes on CUDA."""
+    import resource
 
-    if isinstance(fabric.strategy, FSDPStrategy):
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-
-        return get_model_state_dict(model._forward_module, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-    return {k: v.detach().cpu() for k, v in model.module.state_dict().items()}
+    peak = {"host_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}
+    if device.type == "cuda":
+        peak["gpu_allocated"] = torch.cuda.max_memory_allocated(device)
+    return peak
 
 
 def _versions() -> dict:
@@ -180,34 +185,51 @@ def velocitune_targets(config: TrainConfig, log: Callable[[str], None] = print) 
     missing = [n for n in names if n not in config.velocitune.targets]
     result = {"targets": dict(config.velocitune.targets), "fits": {}, "proxy": None}
     if missing:
-        proxy_steps = max(config.velocitune.proxy_evals, math.ceil(config.velocitune.proxy_fraction * _total_steps(config)))
+        settings = config.velocitune
+        proxy_steps = max(settings.proxy_evals, math.ceil(settings.proxy_fraction * _total_steps(config)))
+        decays = config.schedule != "constant" and config.min_lr_ratio < 1
+        every = max(1, proxy_steps // settings.proxy_evals)
+        if decays:  # enough evaluations in the constant phase for the fit, and one at the end of the decay
+            every = max(1, round(proxy_steps * (1 - settings.proxy_decay_fraction)) // settings.proxy_evals)
         proxy = config.model_copy(
             update={
                 "output": str(out / "velocitune-proxy"),
                 "mixture": "static",
-                "schedule": "constant",  # the loss-vs-data curve without the decay's late drop
+                # the loss-vs-data curve at constant lr, then (where the run decays) the decay's gain
+                "schedule": "wsd" if decays else "constant",
+                "decay_fraction": settings.proxy_decay_fraction,
                 "max_tokens": None,
                 "max_steps": proxy_steps,
                 "eval_datasets": [],
-                "eval_every": max(1, proxy_steps // config.velocitune.proxy_evals),
+                "eval_every": every,
                 "checkpoint_every": proxy_steps,
             }
         )
+        warmup = proxy.warmup_steps or round(proxy.warmup_fraction * proxy_steps)
+        decay_start = proxy_steps - round(settings.proxy_decay_fraction * proxy_steps) if decays else proxy_steps
+        fitted = [step for step in range(every, proxy_steps + 1, every) if warmup < step <= decay_start]
+        if len(fitted) < 3:
+            raise ConfigError(
+                f"velocitune: the proxy run would have {len(fitted)} evaluations in its constant-lr phase, 3 are needed; "
+                "raise velocitune.proxy_fraction or velocitune.proxy_evals"
+            )
         log(f"velocitune: proxy run of {proxy_steps} steps to fit per-dataset scaling laws")
         meta = train(proxy, log=log, export=False)
         with open(Path(proxy.output) / "metrics.csv", newline="") as handle:
-            warmup = proxy.warmup_steps or round(proxy.warmup_fraction * proxy_steps)
-            rows = [r for r in csv.DictReader(handle) if int(r["step"]) > warmup]
+            rows = list(csv.DictReader(handle))
+        stable = [r for r in rows if warmup < int(r["step"]) <= decay_start]
+        last = rows[-1]
         full_tokens = _total_steps(config) * _tokens_per_step(config, meta["world_size"])
         for spec in config.datasets:
             if spec.name not in missing:
                 continue
-            law = vt.fit_scaling_law(
-                [float(r[f"tokens/{spec.name}"]) for r in rows], [float(r[f"eval_loss/{spec.name}"]) for r in rows]
-            )
+            column = f"eval_loss/{spec.name}"
+            law = vt.fit_scaling_law([float(r[f"tokens/{spec.name}"]) for r in stable], [float(r[column]) for r in stable])
+            # what the decay gained over the constant-lr curve at the proxy's end
+            gain = max(0.0, law(float(last[f"tokens/{spec.name}"])) - float(last[column])) if decays else 0.0
             planned = config.ratios()[spec.name] * full_tokens
-            result["targets"][spec.name] = law(planned)
-            result["fits"][spec.name] = {"E": law.E, "B": law.B, "beta": law.beta, "tokens": planned}
+            result["targets"][spec.name] = law(planned) - gain
+            result["fits"][spec.name] = {"E": law.E, "B": law.B, "beta": law.beta, "tokens": planned, "decay_gain": gain}
         result["proxy"] = {k: meta[k] for k in ("steps", "tokens", "wall_seconds", "cpu_seconds", "flops_estimate")}
     out.mkdir(parents=True, exist_ok=True)
     write_json(path, result)
@@ -253,7 +275,9 @@ def train(
     folder = RunFolder(out, "training run", fix="choose another output folder or pass --overwrite") if primary else None
     with folder or contextlib.nullcontext():
         if folder is not None:
-            folder.check(RUN_RECORD, identity(config), ignore=tuple(RESUMABLE_FIELDS))
+            # a static mixture does not use the velocitune settings: they may differ (or gain fields)
+            ignored = tuple(RESUMABLE_FIELDS) + (("velocitune",) if config.mixture != "velocitune" else ())
+            folder.check(RUN_RECORD, identity(config), ignore=ignored)
         meta_path = out / "train_meta.json"
         if meta_path.exists() and (not export or (out / MODEL_DIR).exists()):
             log(f"{out}: already trained, reused (pass --overwrite to retrain)")
@@ -288,6 +312,8 @@ class Run:
     n_params: int
     n_trainable: int
     say: Callable[[str], None]
+    sharded: bool = False
+    checkpoint_names: dict[str, str] = field(default_factory=dict)  # live parameter -> the base checkpoint's name
 
     @property
     def names(self) -> list[str]:
@@ -300,7 +326,7 @@ def prepare(config: TrainConfig, log: Callable[[str], None] = print) -> Run:
 
     out = Path(config.output)
     base = Path(config.base)
-    model, tokenizer, text_config = load_base(base)
+    hf_config, tokenizer, text_config, model_class = open_base(base)
     max_len = getattr(text_config, "max_position_embeddings", None)
     if max_len is not None and config.seq_len > max_len:
         raise ConfigError(f"seq_len={config.seq_len} is above the model's maximum of {max_len} positions")
@@ -312,22 +338,35 @@ def prepare(config: TrainConfig, log: Callable[[str], None] = print) -> Run:
         lacking = [d.name for d in config.datasets if ds.eval_source(d) is None]
         if lacking:
             raise ConfigError(f"velocitune needs held-out data for every dataset; set eval_source for: {', '.join(lacking)}")
+    sharded = config.strategy_config.name == "fsdp"
     try:
         fabric = Fabric(
             accelerator=config.accelerator,
-            strategy=config.strategy,
+            strategy=_strategy(config),
             devices=config.devices,
             num_nodes=config.num_nodes,
             precision=config.precision,
         )
-    except (ValueError, RuntimeError) as error:  # Lightning's checks of these settings
+    except UserError:
+        raise
+    except (ValueError, RuntimeError, ImportError) as error:  # Lightning's checks of these settings
         raise ConfigError(
-            f"accelerator={config.accelerator!r}, strategy={config.strategy!r}, devices={config.devices!r}, "
+            f"accelerator={config.accelerator!r}, strategy={config.strategy_config.name!r}, devices={config.devices!r}, "
             f"precision={config.precision!r}: {error}"
         ) from None
     fabric.launch()
     say = log if fabric.is_global_zero else (lambda _msg: None)
-    n_params = sum(p.numel() for p in model.parameters())
+    if sharded:  # created on the meta device, sharded by layer, loaded once from rank 0's memory map
+        from optimer_merge.cpt import sharding
+
+        model, saved_names = sharding.build(fabric, base, model_class, hf_config, freeze_vision)
+    else:
+        from optimer_merge.cpt.sharding import checkpoint_names
+
+        model = model_class.from_pretrained(base, dtype=torch.float32)
+        freeze_vision(model)
+        saved_names = checkpoint_names(model, base)
+    n_params = sum(p.numel() for p in model.parameters())  # a DTensor's numel is its global size
     if config.threads == "auto":
         if fabric.device.type == "cpu":
             torch.set_num_threads(default_threads(n_params))
@@ -353,7 +392,10 @@ def prepare(config: TrainConfig, log: Callable[[str], None] = print) -> Run:
         lr=config.lr,
         betas=config.betas,
     )
-    model, optimizer = fabric.setup(model, optimizer)
+    if sharded:
+        optimizer = fabric.setup_optimizers(optimizer)
+    else:
+        model, optimizer = fabric.setup(model, optimizer)
     model.train()
     ratios = config.ratios()
     names = [d.name for d in config.datasets]
@@ -363,8 +405,39 @@ def prepare(config: TrainConfig, log: Callable[[str], None] = print) -> Run:
         train_sets=train_sets, eval_sets=eval_sets,
         sampler=ds.MixtureSampler([d.num_blocks for d in train_sets], [ratios[n] for n in names], config.seed),
         ratios=ratios, targets=targets, total_steps=_total_steps(config, world), tokens_per_step=_tokens_per_step(config, world),
-        n_params=n_params, n_trainable=sum(p.numel() for p in trainable), say=say,
+        n_params=n_params, n_trainable=sum(p.numel() for p in trainable), say=say, sharded=sharded, checkpoint_names=saved_names,
     )  # fmt: skip
+
+
+def _strategy(config: TrainConfig):
+    """Lightning's strategy object for the config (fsdp: this project's FSDP2 path)."""
+    chosen = config.strategy_config
+    if chosen.name == "fsdp":
+        from optimer_merge.cpt import sharding
+
+        if not isinstance(config.devices, int):
+            raise ConfigError(f"strategy fsdp needs devices as a number (per node), got {config.devices!r}")
+        param_dtype = torch.bfloat16 if config.precision.startswith("bf16") else torch.float16 if config.precision.startswith("16") else None
+        device_type = "cuda" if config.accelerator in ("cuda", "gpu") or (config.accelerator == "auto" and torch.cuda.is_available()) else "cpu"
+        return sharding.strategy(config.devices, config.num_nodes, activation_checkpointing=chosen.activation_checkpointing,
+                                 param_dtype=param_dtype, device_type=device_type)  # fmt: skip
+    from lightning.fabric.strategies import STRATEGY_REGISTRY
+
+    if chosen.name not in STRATEGY_REGISTRY and (chosen.name != "auto" or chosen.options):  # options need a named strategy
+        raise ConfigError(f"unknown strategy {chosen.name!r}; choose fsdp, auto or one of Lightning's: {', '.join(sorted(STRATEGY_REGISTRY))}")
+    if not chosen.options and not chosen.name.startswith("deepspeed"):
+        return chosen.name  # Lightning picks the accelerator's variant
+    entry = STRATEGY_REGISTRY[chosen.name]
+    settings = {**entry["init_params"], **chosen.options}
+    if chosen.name.startswith("deepspeed") and settings.get("stage") == 3:
+        raise ConfigError(
+            f"strategy {chosen.name!r} (ZeRO stage 3) is not supported: its partitioned parameters would export "
+            "empty; use strategy fsdp, which shards the same state and exports it"
+        )
+    strategy = entry["strategy"](**settings)
+    if chosen.name.startswith("deepspeed") and config.grad_clip is not None:
+        strategy.config["gradient_clipping"] = config.grad_clip  # DeepSpeed clips itself; Fabric's clipping raises under it
+    return strategy
 
 
 def fit(run: Run) -> dict:
@@ -460,11 +533,12 @@ def fit(run: Run) -> dict:
         for micro in range(config.grad_accum):
             picks = sampler.take(slots)[fabric.global_rank * config.micro_batch_size : (fabric.global_rank + 1) * config.micro_batch_size]
             x = torch.from_numpy(np.stack([run.train_sets[d].block(b) for d, b in picks])).to(fabric.device)
-            with fabric.no_backward_sync(model, enabled=micro < config.grad_accum - 1):
+            # FSDP would keep whole unsharded gradients across the skipped syncs: it syncs every micro-step
+            with fabric.no_backward_sync(model, enabled=micro < config.grad_accum - 1 and not run.sharded):
                 loss = model(input_ids=x, labels=x).loss
                 fabric.backward(loss / config.grad_accum)
             step_loss += loss.item() / config.grad_accum
-        if config.grad_clip is not None:
+        if config.grad_clip is not None and not config.strategy_config.name.startswith("deepspeed"):
             fabric.clip_gradients(model, optimizer, max_norm=config.grad_clip)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
@@ -527,21 +601,23 @@ def finalize(run: Run, state: dict, export: bool = True) -> dict:
         "trainable_parameters": run.n_trainable,
         "world_size": fabric.world_size,
         "accelerator": fabric.device.type,
-        "strategy": config.strategy,
+        "strategy": config.strategy_config.model_dump(),
         "precision": config.precision,
+        "peak_memory_bytes": _peak_memory(fabric.device),
         "initial_eval_loss": state["initial_eval"],
         "final_eval_loss": final_eval,
         "versions": _versions(),
     }
     if run.targets is not None:
         meta["velocitune"] = {**run.targets, "trajectory": state["trajectory"]}
+    if fabric.is_global_zero and run.targets is not None:
+        write_json(run.out / "velocitune.json", meta["velocitune"])
     if export:
-        weights_sd = _full_state_dict(fabric, run.model)
+        from optimer_merge.cpt import sharding
+
+        dtype = getattr(torch, saved_dtype(base) if config.save_dtype == "auto" else config.save_dtype)
+        sharding.export(fabric, run.model.module, run.tokenizer, run.out / MODEL_DIR, dtype, meta, config.export_shard_bytes, run.checkpoint_names)
     if fabric.is_global_zero:
-        if run.targets is not None:
-            write_json(run.out / "velocitune.json", meta["velocitune"])
-        if export:
-            _export(run.model.module, run.tokenizer, weights_sd, run.out / MODEL_DIR, config.save_dtype, base, meta)
         write_json(run.out / "train_meta.json", meta)
     fabric.barrier()
     run.say(
@@ -550,22 +626,3 @@ def finalize(run: Run, state: dict, export: bool = True) -> dict:
         + ", ".join(f"{n} {state['initial_eval'][n]:.3f}->{v:.3f}" for n, v in final_eval.items())
     )
     return meta
-
-
-def _export(hf_model, tokenizer, state_dict: dict, target: Path, save_dtype: str, base: Path, meta: dict) -> None:
-    """Write the final HF model to ``target.partial`` and rename it into place when complete."""
-    from optimer_merge.io.hub_layout import to_hub_layout
-
-    dtype = getattr(torch, saved_dtype(base) if save_dtype == "auto" else save_dtype)
-    partial = target.with_name(target.name + ".partial")
-    if partial.exists():
-        shutil.rmtree(partial)
-    state_dict = {k: (v.to(dtype) if v.is_floating_point() else v) for k, v in state_dict.items()}
-    hf_model.config.dtype = dtype
-    hf_model.save_pretrained(partial, state_dict=state_dict)
-    tokenizer.save_pretrained(partial)
-    to_hub_layout(partial)
-    write_json(partial / "train_meta.json", meta)
-    if target.exists():
-        shutil.rmtree(target)
-    os.replace(partial, target)

@@ -63,8 +63,10 @@ class DemoSettings(BaseModel):
     test_limit: int | None = Field(40, gt=0)  # test items per task (None: all)
     optimizer: Literal["smac", "tpe", "random"] = "smac"
     workers: int = Field(2, ge=1)  # worker processes, one CPU thread each
+    search_workers: int = Field(1, ge=1)  # Ray workers of each search (trials side by side)
 
     OPERATIONAL: ClassVar[tuple[str, ...]] = ("workers",)
+    ADDED: ClassVar[dict] = {"search_workers": 1}  # settings a run recorded before they existed ran with
 
     def identity(self) -> dict:
         return self.model_dump(exclude=set(self.OPERATIONAL))
@@ -157,9 +159,10 @@ def _base(ctx: _Context) -> dict:
 def _cpt(ctx: _Context, domain: str) -> dict:
     from optimer_merge.cpt import TrainConfig, train
 
-    config = TrainConfig(
+    steps = -(-ctx.s.cpt_tokens // (TRAIN["seq_len"] * TRAIN["micro_batch_size"]))
+    config = TrainConfig(  # a checkpoint at mid-run is kept for the linearity measurement
         base=ctx.base, output=str(ctx.run / "cpt" / domain), datasets=[{"name": domain, "source": domain}],
-        max_tokens=ctx.s.cpt_tokens, lr=ctx.s.lr, seed=ctx.s.seed, progress=False, **TRAIN,
+        max_tokens=ctx.s.cpt_tokens, lr=ctx.s.lr, seed=ctx.s.seed, progress=False, **{**TRAIN, "checkpoint_every": max(1, steps // 2)},
     )  # fmt: skip
     return _train_summary(train(config, log=ctx.log))
 
@@ -194,12 +197,22 @@ def _mixture(ctx: _Context, kind: str) -> dict:
 
 def _vectors(ctx: _Context) -> dict:
     from optimer_merge import vectors
+    from optimer_merge.vectors.linearity import linearity
 
     out = ctx.run / "vectors"
     models = {d: ctx.result(f"cpt-{d}")["model"] for d in DOMAINS}
     manifest = vectors.extract(ctx.base, models, out, log=ctx.log)
-    result = vectors.stats({d: out / manifest["vectors"][d]["file"] for d in DOMAINS}, out)
-    return {"l2_norm": result["l2_norm"], "off_diagonal_cosine": result["off_diagonal_cosine"]}  # the rest: stats.json
+    result = vectors.stats({d: out / manifest["vectors"][d]["file"] for d in DOMAINS}, out, base=ctx.base)
+    pairs = [(i, j) for i in range(len(DOMAINS)) for j in range(i + 1, len(DOMAINS))]
+    return {  # the rest: stats.json
+        "l2_norm": result["l2_norm"],
+        "relative_norm": result["relative_norm"],
+        "off_diagonal_cosine": result["off_diagonal_cosine"],
+        "cosine_range_per_kind": {
+            kind: [min(e["cosine"][i][j] for i, j in pairs), max(e["cosine"][i][j] for i, j in pairs)] for kind, e in result["per_kind"].items()
+        },
+        "linearity": {d: linearity(ctx.run / "cpt" / d) for d in DOMAINS},
+    }
 
 
 def search_config(ctx: _Context, objective: str):
@@ -212,7 +225,7 @@ def search_config(ctx: _Context, objective: str):
         objective={"tasks": [{"task": f"optimer_{d}_dev_bpb", "metric": "bits_per_byte"} for d in OBJECTIVES[objective]]},
         limit=s.limit, trials=s.trials if objective == "all" else s.reopt_trials,
         finalists=s.finalists, finalist_limit=s.finalist_limit, seed=s.seed, optimizer=s.optimizer,
-        threads=1, output=str(ctx.run / "search" / objective),
+        threads=1, parallel=s.search_workers, output=str(ctx.run / "search" / objective),
     )  # fmt: skip
 
 
@@ -356,7 +369,7 @@ def run_demo(run_dir: str | Path, settings: DemoSettings, log: Callable[[str], N
 
     run = Path(run_dir).resolve()
     with RunFolder(run, "demo", fix="choose another --run-dir or delete this one") as folder:
-        folder.check(SETTINGS_RECORD, settings.identity())
+        folder.check(SETTINGS_RECORD, settings.identity(), added=DemoSettings.ADDED)
         folder.record(SETTINGS_RECORD, settings.identity(), settings=settings.model_dump())
         folder.keep()
         start, ran = time.perf_counter(), []

@@ -32,6 +32,27 @@ def plot_velocitune(trajectory: list[dict], path: Path) -> None:
     plt.close(fig)
 
 
+def plot_linearity(linearity: dict[str, dict], path: Path) -> None:
+    """Each domain's dev loss along theta_base + t v, and its CPT run's own mid-run checkpoint."""
+    plt = pyplot()
+    fig, ax = plt.subplots(figsize=(7, 3.8))
+    for i, d in enumerate(DOMAINS):
+        line = linearity[d]["line"]
+        ts = sorted(line, key=float)
+        ax.plot([float(t) for t in ts], [line[t][d] for t in ts], marker="o", ms=3, color=f"C{i}", label=f"{d}: base + t v")
+        mid = linearity[d]["mid"]
+        if mid:
+            ax.plot([mid["t"]], [mid["loss"][d]], marker="x", ms=9, mew=2, color=f"C{i}", linestyle="none")
+    ax.set_xlabel("t (x: the run's own mid-run checkpoint, at its projection onto v)")
+    ax.set_ylabel("dev loss (own domain)")
+    ax.set_title("linearity of each CPT run")
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 def plot_reoptimization(weights: dict[str, dict[str, float]], path: Path) -> None:
     plt = pyplot()
     fig, ax = plt.subplots(figsize=(7, 3.8))
@@ -176,6 +197,27 @@ def render(n: dict) -> str:
         + f". Pairwise cosine similarity between {off['min']:.3f} and {off['max']:.3f} (mean {off['mean']:.3f}); "
         "[vectors/stats.json](vectors/stats.json) has them per layer.\n"
     )
+    if "relative_norm" in vec:  # runs recorded before these measurements lack them
+        add(
+            "Regime (the paper: small updates, cosines between its vectors of +0.03 to +0.31): each CPT moved the "
+            "weights by ||v|| / ||theta_base|| = " + ", ".join(f"{d} {vec['relative_norm'][d]:.3f}" for d in DOMAINS)
+            + "; pairwise cosines per kind of tensor: "
+            + ", ".join(f"{kind} {lo:+.2f} to {hi:+.2f}" for kind, (lo, hi) in vec["cosine_range_per_kind"].items()) + ".\n"
+        )
+    if "linearity" in vec:
+        lin = vec["linearity"]
+        add(
+            "Linearity of each CPT run: cosine between its vector at the mid-run checkpoint and at the end "
+            + ", ".join(f"{d} {lin[d]['mid']['cosine_with_final']:.3f}" for d in DOMAINS if lin[d]["mid"])
+            + "; own-domain dev loss along theta_base + t v (t = " + ", ".join(sorted(lin[DOMAINS[0]]["line"], key=float)) + "):\n"
+        )
+        add("| domain | " + " | ".join(f"t={t}" for t in sorted(lin[DOMAINS[0]]["line"], key=float)) + " | mid-run checkpoint (t, loss) |")
+        add("|---" * (len(lin[DOMAINS[0]]["line"]) + 2) + "|")
+        for d in DOMAINS:
+            line, mid = lin[d]["line"], lin[d]["mid"]
+            cells = " | ".join(f"{line[t][d]:.3f}" for t in sorted(line, key=float))
+            add(f"| {d} | {cells} | " + (f"{mid['t']:.2f}, {mid['loss'][d]:.3f}" if mid else "none kept") + " |")
+        add("\n![linearity](plots/linearity.png)\n")
     add("![cosine heatmap](vectors/cosine.png)\n")
 
     vt = n["velocitune"]
@@ -302,6 +344,8 @@ def write_report(run: str | Path, settings: DemoSettings, states: dict) -> dict:
     result = numbers(settings, states, costs, invocations)
     plot_reoptimization(result["best_weights"], plots / "reoptimization.png")
     plot_velocitune(states["mix-velocitune"]["result"]["trajectory"], plots / "velocitune.png")
+    if "linearity" in states["vectors"]["result"]:
+        plot_linearity(states["vectors"]["result"]["linearity"], plots / "linearity.png")
     atomic_write_text(run / "report.md", render(result))
     write_json(run / "summary.json", {k: v for k, v in result.items() if k != "costs"})
     return result

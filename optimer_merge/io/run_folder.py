@@ -65,14 +65,17 @@ class RunFolder:
         """Real work starts: from here on the folder stays, whatever happens."""
         self.kept = True
 
-    def check(self, record: str, identity: dict, ignore: tuple[str, ...] = ()) -> bool:
+    def check(self, record: str, identity: dict, ignore: tuple[str, ...] = (), added: dict | None = None) -> bool:
         """Refuse a folder that holds another run, or files but no run; True if it holds this one.
 
-        Keys in ``ignore`` (settings that may change between runs) are left out of the comparison."""
+        Keys in ``ignore`` (settings that may change between runs) are left out of the comparison;
+        ``added`` maps settings that joined the identity later to the value a run recorded without
+        them had, so such a run resumes when that value is asked for again."""
         path = self.path / record
         if path.exists():
             stored = json.loads(path.read_text())
-            stored = {k: v for k, v in stored.get("identity", stored).items() if k not in ignore}
+            stored = {**(added or {}), **stored.get("identity", stored)}
+            stored = {k: v for k, v in stored.items() if k not in ignore}
             identity = {k: v for k, v in identity.items() if k not in ignore}
             if stored != identity:
                 changed = sorted(k for k in set(stored) | set(identity) if stored.get(k) != identity.get(k))

@@ -33,6 +33,20 @@ class VectorSource(BaseModel):
         return self
 
 
+class Acquisition(BaseModel):
+    """How hard SMAC works on each proposal (see optimer_merge.search.optimizers.SMACSearch)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    challengers: PositiveInt = 200
+    local_search_iterations: PositiveInt = 1
+    local_search_steps: PositiveInt | None = 20  # climbing steps of each local search (None: until no neighbour improves)
+    plateau_walk: PositiveInt = 1
+    vectorize: PositiveInt = 64
+    gp_restarts: PositiveInt = 2
+    gp_refit_growth: float = Field(0.1, ge=0)  # refit the GP's kernel once the trials grew by this fraction
+
+
 class SearchConfig(BaseModel):
     """`optimer-merge search --config FILE.yaml`; every field can also be set with --set key=value."""
 
@@ -49,7 +63,10 @@ class SearchConfig(BaseModel):
     seed: int = 0
     optimizer: Literal["smac", "random", "tpe"] = "smac"
     initial_points: int | None = Field(None, ge=0)  # smac: Sobol points before the model (default 2K)
+    acquisition: Acquisition = Acquisition()  # smac: the cost of each proposal
     backend: Literal["hf", "vllm"] = "hf"
+    parallel: PositiveInt = 1  # trials side by side, each worker a Ray actor with its own evaluator and pool
+    ray_address: str | None = None  # join this Ray cluster (multi-node); default: a local Ray, always stopped
     batch_size: PositiveInt = 16
     dtype: Dtype | None = None  # of the evaluated model (default: the base's)
     threads: PositiveInt | Literal["auto"] = "auto"
@@ -98,8 +115,12 @@ class SearchConfig(BaseModel):
     OPERATIONAL: ClassVar[tuple[str, ...]] = (
         "output", "threads", "batch_size", "dtype", "tensor_parallel_size", "max_length", "trials", "finalists",
         "finalist_limit", "max_consecutive_failures", "out_dtype", "confirm_run_unsafe_code", "executor",
-        "gpu_memory_utilization", "pool_dtype", "pool_device", "weight_update", "device_map",
+        "gpu_memory_utilization", "pool_dtype", "pool_device", "weight_update", "device_map", "ray_address",
     )  # fmt: skip
+
+    # Result-changing fields added since searches were first recorded, with the value a search
+    # recorded without them ran with (it resumes under that value).
+    ADDED: ClassVar[dict] = {"parallel": 1}
 
     def identity(self) -> dict:
         """What must match for a run folder to be resumed: every result-changing field, with the
@@ -111,6 +132,11 @@ class SearchConfig(BaseModel):
             {**v, **{k: str(Path(v[k]).resolve()) for k in ("model", "vector") if v.get(k)}} for v in data["vectors"]
         ]
         return data
+
+    def may_differ_on_resume(self) -> tuple[str, ...]:
+        """The fields left out when a run folder's identity is compared: the operational ones, and
+        the acquisition settings where the optimizer is not SMAC (only its proposals use them)."""
+        return self.OPERATIONAL + (("acquisition",) if self.optimizer != "smac" else ())
 
     def operational(self) -> dict:
         """The settings a trial ran with that may change between runs of one search."""

@@ -19,6 +19,11 @@ from typing import Protocol
 import numpy as np
 
 
+# SMAC's own proposal settings. Ours (optimer_merge.search.config.Acquisition) take 0.05-0.08 s per
+# ask + tell at 4-6 weights over 100 trials against these 1.5-2 s (benchmarks/search.py).
+SMAC_DEFAULTS = {"challengers": 1000, "local_search_iterations": 10, "local_search_steps": None, "plateau_walk": 10, "vectorize": 2, "gp_restarts": 10, "gp_refit_growth": 0.0}
+
+
 class Optimizer(Protocol):
     def ask(self) -> dict[str, float]: ...
 
@@ -56,7 +61,8 @@ class TPESearch:
             raise ValueError("optimizer `tpe` needs Optuna: pip install 'optimer-merge[tpe]'") from None
         optuna.logging.set_verbosity(optuna.logging.WARNING)
         self.bounds = bounds
-        self.study = optuna.create_study(direction="maximize", sampler=optuna.samplers.TPESampler(seed=seed))
+        # constant liar: proposals asked together (parallel trials) avoid each other
+        self.study = optuna.create_study(direction="maximize", sampler=optuna.samplers.TPESampler(seed=seed, constant_liar=True))
         self.study.enqueue_trial(uniform_point(bounds))
         self.pending = []
 
@@ -71,11 +77,22 @@ class TPESearch:
 
 
 class SMACSearch:
-    """SMAC3's BlackBoxFacade (GP + EI): uniform averaging, a Sobol design of 2K points, then the model."""
+    """SMAC3's BlackBoxFacade (GP + EI): uniform averaging, a Sobol design of 2K points, then the model.
 
-    def __init__(self, bounds: dict[str, tuple[float, float]], seed: int, workdir, initial_points: int | None = None):
+    ``acquisition`` sets the cost of each proposal: ``challengers`` (random points scored by the
+    acquisition function), ``local_search_iterations``, ``local_search_steps`` and ``plateau_walk``
+    (local search from the best points), ``vectorize`` (neighbours scored per model call), ``gp_restarts`` (restarts of the
+    GP's hyperparameter fit) and ``gp_refit_growth`` (the fraction by which the trials grow between
+    such fits)."""
+
+    def __init__(self, bounds: dict[str, tuple[float, float]], seed: int, workdir, initial_points: int | None = None, acquisition: dict | None = None):
         from ConfigSpace import Configuration, ConfigurationSpace, Constant, Float
         from smac import BlackBoxFacade, Scenario
+        from smac.acquisition.maximizer import LocalAndSortedRandomSearch
+
+        from optimer_merge.search.config import Acquisition
+
+        settings = Acquisition(**(acquisition or {})).model_dump()
 
         space = ConfigurationSpace(seed=seed)
         space.add([Float(n, (lo, hi)) if hi > lo else Constant(n, lo) for n, (lo, hi) in bounds.items()])
@@ -90,11 +107,23 @@ class SMACSearch:
         # so even a search shorter than the initial design scores it.
         design.select_configurations = lambda: [uniform] + [c for c in select() if c != uniform]
         logging.getLogger("smac").setLevel(logging.ERROR)
-        maximizer = BlackBoxFacade.get_acquisition_maximizer(scenario)
-        _make_local_search_deterministic(maximizer._local_search)
+        maximizer = LocalAndSortedRandomSearch(
+            configspace=space, challengers=settings["challengers"], local_search_iterations=settings["local_search_iterations"],
+            n_steps_plateau_walk=settings["plateau_walk"], seed=seed,
+        )  # fmt: skip
+        local = maximizer._local_search
+        local._max_steps = settings["local_search_steps"]
+        _make_local_search_deterministic(local)
+        # neighbours scored per model call: one vectorized call instead of many small ones
+        local._vectorization_min_obtain, local._vectorization_max_obtain = settings["vectorize"], 8 * settings["vectorize"]
+        model = _GrowthRefittedGP(
+            space, BlackBoxFacade.get_kernel(scenario), n_restarts=settings["gp_restarts"], normalize_y=True, seed=seed,
+            refit_growth=settings["gp_refit_growth"],
+        )  # fmt: skip
         self.smac = BlackBoxFacade(
-            scenario, _never_called, initial_design=design, acquisition_maximizer=maximizer, overwrite=True, logging_level=40
+            scenario, _never_called, model=model, initial_design=design, acquisition_maximizer=maximizer, overwrite=True, logging_level=40
         )
+        _vectorize_x_best(self.smac._config_selector)
         self.pending, self.names = [], list(bounds)
 
     def ask(self) -> dict[str, float]:
@@ -107,6 +136,44 @@ class SMACSearch:
         from smac.runhistory.dataclasses import TrialValue
 
         self.smac.tell(self.pending.pop(0), TrialValue(cost=-score))
+
+
+def _growth_refitted_gp():
+    from smac.model.gaussian_process import GaussianProcess
+
+    class GrowthRefittedGP(GaussianProcess):
+        """SMAC's GP, its kernel hyperparameters fitted again only once the data has grown by
+        ``refit_growth`` (0.1: 10%) since the last fit: every trial while there are few (when the
+        fit matters most and is cheap), every tenth at 100 trials. The trainings between condition
+        the GP on the new data with the last hyperparameters (cheap)."""
+
+        def __init__(self, *args, refit_growth: float = 0.0, **kwargs):
+            super().__init__(*args, **kwargs)
+            self._refit_growth, self._fitted_on = refit_growth, 0
+
+        def _train(self, X, y, optimize_hyperparameters: bool = True):
+            refit = optimize_hyperparameters and len(X) >= (1 + self._refit_growth) * self._fitted_on
+            if refit:
+                self._fitted_on = len(X)
+            return super()._train(X, y, optimize_hyperparameters=refit)
+
+    return GrowthRefittedGP
+
+
+def _GrowthRefittedGP(*args, **kwargs):
+    return _growth_refitted_gp()(*args, **kwargs)
+
+
+def _vectorize_x_best(selector) -> None:
+    """SMAC finds the incumbent EI improves on by predicting every earlier trial in its own model
+    call (the cost of a proposal grows with the trials); the same prediction in one call."""
+
+    def x_best(X):
+        mean = selector._model.predict_marginalized(X)[0][:, 0]
+        best = int(np.argmin(mean))
+        return X[best], float(mean[best])
+
+    selector._get_x_best = x_best
 
 
 def _make_local_search_deterministic(local_search) -> None:
@@ -126,9 +193,9 @@ def _never_called(config, seed: int = 0) -> float:
     raise RuntimeError("the search evaluates trials itself (ask/tell)")
 
 
-def make_optimizer(kind: str, bounds: dict[str, tuple[float, float]], seed: int, workdir, initial_points: int | None = None) -> Optimizer:
+def make_optimizer(kind: str, bounds: dict[str, tuple[float, float]], seed: int, workdir, initial_points: int | None = None, acquisition: dict | None = None) -> Optimizer:
     if kind == "smac":
-        return SMACSearch(bounds, seed, workdir, initial_points)
+        return SMACSearch(bounds, seed, workdir, initial_points, acquisition)
     if kind == "tpe":
         return TPESearch(bounds, seed)
     if kind == "random":

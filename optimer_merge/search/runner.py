@@ -26,7 +26,7 @@ import math
 import statistics
 import time
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 from optimer_merge.errors import UserError
 from optimer_merge.io.files import atomic_write_text, write_json, write_yaml
@@ -84,7 +84,7 @@ def search(config: SearchConfig, *, export: bool = False, log: Callable[[str], N
             "such merges move the base many times further than its CPT did")  # fmt: skip
     out = Path(config.output)
     with RunFolder(out, "search") as folder:
-        folder.check(RECORD, config.identity(), ignore=SearchConfig.OPERATIONAL)
+        folder.check(RECORD, config.identity(), ignore=config.may_differ_on_resume(), added=SearchConfig.ADDED)
         sources, missing = model_sources(config)
         if missing:
             gone = ", ".join(f"{n} ({sources[n]})" for n in missing)
@@ -100,118 +100,142 @@ def search(config: SearchConfig, *, export: bool = False, log: Callable[[str], N
         return _Search(config, objective, spec, sources, missing, out, log, folder).run(export)
 
 
+class _Proposer:
+    """The optimizer's proposals, a batch at a time. With several workers (``ahead``) each batch
+    has ``n`` proposals and the next one is asked while the current one runs, before its results
+    are told: asking then costs the workers no time. The order of asks and tells is fixed
+    (ask 1, ask 2, tell 1, ask 3, tell 2, ...), whatever the timing, so a replay repeats it."""
+
+    def __init__(self, optimizer, n: int):
+        self.optimizer, self.n, self.ahead = optimizer, n, n > 1
+        self.next: list[dict] | None = None
+        self.seconds = 0.0  # asking, since it was last read
+
+    def _ask(self, count: int) -> list[dict]:
+        start = time.perf_counter()
+        proposals = [self.optimizer.ask() for _ in range(count)]
+        self.seconds += time.perf_counter() - start
+        return proposals
+
+    def take(self, count: int) -> list[dict]:
+        """The next batch's proposals; ``count`` of them run (fewer than ``n`` only at the end)."""
+        if not self.ahead:
+            return self._ask(count)
+        batch, self.next = (self.next if self.next is not None else self._ask(self.n)), None
+        return batch[:count]
+
+    def look_ahead(self) -> None:
+        """Ask the batch after the one just started (with several workers)."""
+        if self.ahead:
+            self.next = self._ask(self.n)
+
+    def tell(self, weights: dict[str, float], value: float) -> float:
+        start = time.perf_counter()
+        self.optimizer.tell(weights, value)
+        return time.perf_counter() - start
+
+    def spent(self) -> float:
+        seconds, self.seconds = self.seconds, 0.0
+        return seconds
+
+
 class _Search:
-    """One search in its locked folder: the replay, the trials, the finalists, the summary."""
+    """One search in its locked folder: the replay, the trials in batches of ``parallel``, the
+    finalists, the summary."""
 
     def __init__(self, config: SearchConfig, objective, spec, sources, missing, out: Path, log, folder: RunFolder):
         self.config, self.objective, self.spec, self.sources, self.missing = config, objective, spec, sources, missing
         self.out, self.log, self.folder = out, log, folder
         self.trials_path = out / "trials.jsonl"
-        self.evaluator = None
-        self.host_pool = None  # the push fallback's pool, in this process
+        self.workers = None
         self.durations: list[float] = []  # seconds of each trial run by this process
 
     # -- evaluation ---------------------------------------------------------------------------
-    def get_evaluator(self):
-        """The evaluator with the pool loaded (once; its refusals come before the first trial)."""
-        if self.evaluator is None:
-            from optimer_merge.evaluation.evaluator import open_evaluator
-            from optimer_merge.search.pool import build_host_pool
+    def get_workers(self):
+        """The trial workers with their pools loaded (once; their refusals come before the first trial)."""
+        if self.workers is None:
+            from optimer_merge.search.workers import open_workers
 
             c = self.config
-            self.log(f"loading {c.base} on {c.backend}")
-            settings = c.evaluator_settings()
-            if c.backend == "vllm":
-                settings["pool"] = self.spec
-            self.evaluator = open_evaluator(c.backend, c.base, log=self.log, **settings)
-            if c.weight_update == "push":
-                self.host_pool = build_host_pool(self.spec, log=self.log)
-            else:
-                info = self.evaluator.build_pool(self.spec)
-                if info.get("nonfinite"):
-                    from optimer_merge.vectors.checks import VectorError
-
-                    raise VectorError(f"NaN/Inf values in {', '.join(info['nonfinite'][:3])}")
-            pool = self.host_pool or getattr(self.evaluator, "pool", None)
-            if pool is not None and pool.relative_norms:
-                self.log("||v|| / ||base||: " + ", ".join(f"{n} {v:.3g}" for n, v in pool.relative_norms.items()))
+            self.log(f"loading {c.base} on {c.backend}" + (f" in {c.parallel} workers" if c.parallel > 1 else ""))
+            portable = c.model_copy(update={"objective": self.objective, "base": str(Path(c.base).resolve())})
+            self.workers = open_workers(portable, self.spec, log=self.log)
+            if self.workers.relative_norms:
+                self.log("||v|| / ||base||: " + ", ".join(f"{n} {v:.3g}" for n, v in self.workers.relative_norms.items()))
             self.folder.keep()
-        return self.evaluator
+        return self.workers
 
-    def score(self, weights: dict[str, float], limit: int | None) -> dict:
-        """Merge in memory and score; a failure is returned as a reason, never raised."""
+    def run_batch(self, proposer: _Proposer, batch: list[tuple[int, dict]], records: list[dict], fresh: bool) -> Iterator[dict]:
+        """Run a batch of (trial number, weights) on the workers (a ``fresh`` batch: asking for the
+        next meanwhile); tell the optimizer and yield each record in proposal order, as soon as it
+        and those before it are done."""
         c = self.config
-        ev = self.get_evaluator()
-        result = {"status": "ok", "reason": None, "score": None, "metrics": {}, "seconds": {}, "settings": c.operational()}
-        start = time.perf_counter()
-        try:
-            if self.host_pool is not None:  # the explicit fallback: whole merged tensors
-                ev.load_state_dict(dict(self.host_pool.merged(weights)))
-            else:
-                ev.set_weights(weights)
-            result["bytes_sent"] = getattr(ev, "bytes_sent", 0)
-        except Exception as error:  # noqa: BLE001 - recorded, the search goes on
-            result.update(status="failed", reason=f"merge failed: {type(error).__name__}: {error}")
-            result["seconds"]["merge"] = time.perf_counter() - start
-            return result
-        result["seconds"]["merge"] = time.perf_counter() - start
-        start = time.perf_counter()
-        try:
-            results = ev.evaluate(self.objective.task_names(), limit, confirm_run_unsafe_code=c.confirm_run_unsafe_code, quiet=True)
-            value, breakdown = self.objective.score(results)
-            result["metrics"] = {k: v["value"] for k, v in breakdown.items()}
-            if not math.isfinite(value):
-                bad = [k for k, v in result["metrics"].items() if not math.isfinite(v)]
-                result.update(status="failed", reason=f"score is not finite ({', '.join(bad) or value} not finite)")
-            else:
-                result["score"] = value
-        except Exception as error:  # noqa: BLE001
-            result.update(status="failed", reason=f"evaluation failed: {type(error).__name__}: {error}")
-        result["seconds"]["eval"] = time.perf_counter() - start
-        return result
-
-    def trial(self, optimizer, number: int, weights: dict[str, float], records: list[dict], asked: float) -> dict:
-        """Run one trial and tell the optimizer; returns its record (not yet logged)."""
-        recipe_path = self.out / "recipes" / f"trial-{number:04d}.yaml"
-        write_yaml(recipe_path, trial_recipe(self.config, self.sources, weights))
-        outcome = self.score(weights, self.config.limit)
-        told = outcome["score"] if outcome["status"] == "ok" else _crash_value(records)
-        start = time.perf_counter()
-        optimizer.tell(weights, told)
-        outcome["seconds"]["optimizer"] = asked + time.perf_counter() - start
-        self.durations.append(sum(outcome["seconds"].values()))
-        return {"trial": number, "weights": weights, **outcome, "told": told, "limit": self.config.limit, "recipe": str(recipe_path.relative_to(self.out))}
+        recipes = {}
+        for number, weights in batch:
+            recipes[number] = self.out / "recipes" / f"trial-{number:04d}.yaml"
+            write_yaml(recipes[number], trial_recipe(c, self.sources, weights))
+        outcomes = self.get_workers().score([(weights, c.limit) for _, weights in batch])
+        if fresh:
+            proposer.look_ahead()
+        asked = proposer.spent() / len(batch)
+        for (number, weights), outcome in zip(batch, outcomes):
+            told = outcome["score"] if outcome["status"] == "ok" else _crash_value(records)
+            outcome["seconds"]["optimizer"] = asked + proposer.tell(weights, told)
+            self.durations.append(sum(outcome["seconds"].values()))
+            record = {"trial": number, "weights": weights, **outcome, "told": told, "limit": c.limit,
+                      "recipe": str(recipes[number].relative_to(self.out)), "finished_at": time.time()}  # fmt: skip
+            records.append(record)
+            yield record
 
     # -- the loop -----------------------------------------------------------------------------
-    def replay(self, optimizer) -> list[dict]:
-        """Bring the optimizer to where the log ends; damaged lines are run again in place."""
-        c = self.config
-        records = read_jsonl(self.trials_path, holes=True)
-        retry = self._failed_tail(records)
+    def replay(self, proposer: _Proposer) -> tuple[list[dict], list[tuple[int, dict]]]:
+        """Bring the optimizer to where the log ends, batch by batch as the trials were proposed;
+        damaged lines are run again in place. Returns the records and the proposals of the last
+        batch that are still to run."""
+        c, n = self.config, self.config.parallel
+        logged = read_jsonl(self.trials_path, holes=True)
+        retry = self._failed_tail(logged)
         if retry:
-            kept = records[: len(records) - retry]
-            atomic_write_text(self.trials_path, "".join(json.dumps(r) + "\n" for r in kept))
-            records = kept
+            logged = logged[: len(logged) - retry]
+            atomic_write_text(self.trials_path, "".join(json.dumps(r) + "\n" for r in logged))
+        records: list[dict] = []
+        pending: list[tuple[int, dict]] = []
         repaired = False
-        for i, record in enumerate(records):
-            weights = optimizer.ask()
-            if record is None:
-                self.log(f"trial {i + 1}: its line in {self.trials_path} is damaged; running it again")
-                records[i] = self.trial(optimizer, i + 1, weights, records[:i], 0.0)
+        for start in range(0, len(logged), n):
+            group = logged[start : start + n]
+            size = n if proposer.ahead else min(n, max(c.trials, len(logged)) - start)
+            proposals = [(start + i + 1, weights) for i, weights in enumerate(proposer.take(size))]
+            proposer.look_ahead()  # as the run did once this batch had started
+            holes = []
+            for (number, weights), record in zip(proposals, group):
+                if record is None:
+                    holes.append((number, weights))
+                elif any(not math.isclose(weights[k], record["weights"][k], rel_tol=1e-9, abs_tol=1e-12) for k in c.names):
+                    raise SearchError(
+                        f"resume: the optimizer proposed {weights} for trial {record['trial']}, the log has "
+                        f"{record['weights']}; the installed optimizer gives other proposals than the one that "
+                        "wrote this log (a different version?). Start a new output folder."
+                    )
+            rerun = {}
+            if holes:
+                self.log(f"trials {', '.join(str(number) for number, _ in holes)}: damaged lines in {self.trials_path}; running them again")
+                outcomes = self.get_workers().score([(weights, c.limit) for _, weights in holes])
+                rerun = dict(zip((number for number, _ in holes), outcomes))
                 repaired = True
-                continue
-            if any(not math.isclose(weights[n], record["weights"][n], rel_tol=1e-9, abs_tol=1e-12) for n in c.names):
-                raise SearchError(
-                    f"resume: the optimizer proposed {weights} for trial {record['trial']}, the log has "
-                    f"{record['weights']}; the installed optimizer gives other proposals than the one that "
-                    "wrote this log (a different version?). Start a new output folder."
-                )
-            optimizer.tell(weights, record["told"])
+            for (number, weights), record in zip(proposals, group):
+                if record is None:
+                    outcome = rerun[number]
+                    told = outcome["score"] if outcome["status"] == "ok" else _crash_value(records)
+                    record = {"trial": number, "weights": weights, **outcome, "told": told, "limit": c.limit,
+                              "recipe": f"recipes/trial-{number:04d}.yaml"}  # fmt: skip
+                proposer.tell(weights, record["told"])
+                records.append(record)
+            pending = proposals[len(group) :]
         if repaired:
             atomic_write_text(self.trials_path, "".join(json.dumps(r) + "\n" for r in records))
         if records:
             self.log(f"resumed {self.out}: {len(records)} trials already done")
-        return records
+        return records, pending
 
     def _failed_tail(self, records: list[dict | None]) -> int:
         """How many failed trials at the end of the log to run again: all of them, if an
@@ -233,22 +257,27 @@ class _Search:
     def run(self, export: bool) -> dict:
         c, out = self.config, self.out
         bounds = {v.name: c.bounds_of(v) for v in c.vectors}
-        optimizer = make_optimizer(c.optimizer, bounds, c.seed, out / "smac", c.initial_points)
+        optimizer = make_optimizer(c.optimizer, bounds, c.seed, out / "smac", c.initial_points, c.acquisition.model_dump())
         try:
-            records = self.replay(optimizer)
+            proposer = _Proposer(optimizer, c.parallel)
+            records, pending = self.replay(proposer)
+            proposer.spent()
             _check_failures(records, c.max_consecutive_failures)
-            for number in range(len(records) + 1, c.trials + 1):
-                start = time.perf_counter()
-                weights = optimizer.ask()
-                record = self.trial(optimizer, number, weights, records, time.perf_counter() - start)
-                append_jsonl(self.trials_path, record)
-                records.append(record)
-                self.log(self._trial_line(record, records))
+            while len(records) < c.trials:
+                # a new batch (proposals run side by side, told in order), or the rest of one the log ends in
+                fresh = not pending
+                if fresh:
+                    first = len(records) + 1
+                    pending = [(first + i, w) for i, w in enumerate(proposer.take(min(c.parallel, c.trials - len(records))))]
+                batch, pending = pending, []
+                for record in self.run_batch(proposer, batch, records, fresh):
+                    append_jsonl(self.trials_path, record)
+                    self.log(self._trial_line(record, records))
                 _check_failures(records, c.max_consecutive_failures)
             finalists = self.finalists(records)
         finally:
-            if self.evaluator is not None:
-                self.evaluator.close()
+            if self.workers is not None:
+                self.workers.close()
         summary = _summarize(c, self.sources, self.missing, records, finalists, out)
         if export:
             from optimer_merge.merge.recipes import run_recipe
@@ -266,14 +295,18 @@ class _Search:
         s = record["seconds"]
         timing = f"merge {s.get('merge', 0):.2f}s eval {s.get('eval', 0):.1f}s opt {s.get('optimizer', 0):.2f}s"
         left = self.config.trials - record["trial"]
-        eta = f", ETA {_duration(left * statistics.median(self.durations))}" if left and self.durations else ""
+        per_trial = statistics.median(self.durations) / self.config.parallel if self.durations else 0.0
+        eta = f", ETA {_duration(left * per_trial)}" if left and self.durations else ""
+        state = self.workers.state() if self.workers is not None else ""
         head = f"trial {record['trial']}/{self.config.trials}"
+        tail = f" [{weights}] {timing}{eta}" + (f"; {state}" if state else "")
         if record["status"] != "ok":
-            return f"{head} FAILED: {record['reason']} [{weights}] {timing}{eta}"
-        return f"{head} score {record['score']:.5f} (best {max(ok):.5f}) [{weights}] {timing}{eta}"
+            return f"{head} FAILED: {record['reason']}{tail}"
+        return f"{head} score {record['score']:.5f} (best {max(ok):.5f}){tail}"
 
     def finalists(self, records: list[dict]) -> list[dict]:
-        """Re-score the top trials at the finalist limit (each once; logged so a rerun reuses them)."""
+        """Re-score the top trials at the finalist limit, side by side on the workers (each once;
+        logged so a rerun reuses them)."""
         c = self.config
         ok = sorted((r for r in records if r["status"] == "ok"), key=lambda r: (-r["score"], r["trial"]))
         top = ok[: c.finalists]
@@ -281,15 +314,16 @@ class _Search:
             return [{"trial": r["trial"], "weights": r["weights"], "score": r["score"], "final_score": r["score"], "metrics": r["metrics"]} for r in top]
         path = self.out / "finalists.jsonl"
         done = {(r["trial"], r["limit"]): r for r in read_jsonl(path)}
+        todo = [r for r in top if (r["trial"], c.finalist_limit) not in done]
+        if todo:
+            self.log(f"finalists: trials {', '.join(str(r['trial']) for r in todo)} at limit {c.finalist_limit}")
+            outcomes = self.get_workers().score([(r["weights"], c.finalist_limit) for r in todo])
+            for r, outcome in zip(todo, outcomes):
+                done[(r["trial"], c.finalist_limit)] = {"trial": r["trial"], "limit": c.finalist_limit, **outcome}
+                append_jsonl(path, done[(r["trial"], c.finalist_limit)])
         finalists = []
         for r in top:
-            key = (r["trial"], c.finalist_limit)
-            if key not in done:
-                self.log(f"finalist: trial {r['trial']} at limit {c.finalist_limit}")
-                outcome = self.score(r["weights"], c.finalist_limit)
-                done[key] = {"trial": r["trial"], "limit": c.finalist_limit, **outcome}
-                append_jsonl(path, done[key])
-            f = done[key]
+            f = done[(r["trial"], c.finalist_limit)]
             finalists.append({"trial": r["trial"], "weights": r["weights"], "score": r["score"], "final_score": f["score"], "metrics": f["metrics"], "status": f["status"], "reason": f.get("reason")})
         return finalists
 

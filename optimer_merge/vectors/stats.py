@@ -1,4 +1,6 @@
-"""Statistics of distribution vectors: L2 norms and pairwise cosines, overall and per layer."""
+"""Statistics of distribution vectors: L2 norms and pairwise cosines, overall, per layer and per
+kind of tensor, and each vector's size relative to the base (the regime the method assumes: small
+updates, ||v_i|| / ||theta_base|| of a few percent, mildly positive cosines)."""
 
 from __future__ import annotations
 
@@ -24,6 +26,25 @@ def layer_of(name: str) -> str:
     return "embed" if "embed" in name else "other"
 
 
+KINDS = ("embeddings", "attention", "mlp", "norms", "other")
+
+
+def kind_of(name: str) -> str:
+    """The kind of tensor a checkpoint name holds: embeddings (and an untied output head),
+    attention, MLP, normalization, or other (vision tower, projector)."""
+    if "vision" in name or "multi_modal_projector" in name:
+        return "other"
+    if "embed" in name or "lm_head" in name:
+        return "embeddings"
+    if "norm" in name:
+        return "norms"
+    if "attn" in name or "attention" in name:
+        return "attention"
+    if "mlp" in name:
+        return "mlp"
+    return "other"
+
+
 def open_vector(name: str, path: str | Path) -> Checkpoint:
     """A vector file written by `vectors extract` (not a model folder, not another safetensors)."""
     path = Path(path)
@@ -36,11 +57,14 @@ def open_vector(name: str, path: str | Path) -> Checkpoint:
     return ckpt
 
 
-def stats(vectors: Mapping[str, str | Path], out_dir: str | Path | None = None) -> dict:
-    """L2 norms and pairwise cosine similarities of vector files, overall and per layer.
+def stats(vectors: Mapping[str, str | Path], out_dir: str | Path | None = None, base: str | Path | None = None) -> dict:
+    """L2 norms and pairwise cosine similarities of vector files, overall, per layer and per kind
+    of tensor; with the ``base`` they were extracted from, each norm relative to the base's.
 
     Streams tensor by tensor; with ``out_dir`` writes stats.json and cosine.png there.
     """
+    from optimer_merge.io.checkpoints import check_model_folder, fingerprint
+
     if out_dir is not None:
         check_output_dir(out_dir, "stats folder")
     ckpts = {name: open_vector(name, path) for name, path in vectors.items()}
@@ -49,9 +73,16 @@ def stats(vectors: Mapping[str, str | Path], out_dir: str | Path | None = None) 
     for name in names[1:]:
         if ckpts[name].metadata.get("base_fingerprint") != first.metadata.get("base_fingerprint"):
             raise VectorError(f"vectors {names[0]} and {name} were extracted from different bases")
+    base_ckpt = None
+    if base is not None:
+        base_ckpt = Checkpoint.open(check_model_folder(base, "base", config=False))
+        if fingerprint(base) != first.metadata.get("base_fingerprint"):
+            raise VectorError(f"base {base} is not the base these vectors were extracted from; give that base, or leave --base out")
     keys = sorted(set().union(*(c.meta for c in ckpts.values())))
     k = len(names)
     grams: dict[str, torch.Tensor] = {}
+    kinds: dict[str, torch.Tensor] = {}
+    base_sq: dict[str, float] = dict.fromkeys(KINDS, 0.0)
     for key in keys:
         rows = []
         shape = next(c.meta[key][1] for c in ckpts.values() if key in c.meta)
@@ -63,8 +94,16 @@ def stats(vectors: Mapping[str, str | Path], out_dir: str | Path | None = None) 
                 row = torch.zeros(math.prod(shape), dtype=torch.float64)
             rows.append(row)
         stack = torch.stack(rows)
-        group = layer_of(key)
-        grams[group] = grams.get(group, torch.zeros(k, k, dtype=torch.float64)) + stack @ stack.T
+        gram = stack @ stack.T
+        group, kind = layer_of(key), kind_of(key)
+        grams[group] = grams.get(group, torch.zeros(k, k, dtype=torch.float64)) + gram
+        kinds[kind] = kinds.get(kind, torch.zeros(k, k, dtype=torch.float64)) + gram
+        if base_ckpt is not None and key in base_ckpt.meta:
+            base_sq[kind] += float(base_ckpt.get(key).double().pow(2).sum())
+    if base_ckpt is not None:  # tensors no model changed (left out of the vectors) count in the base's norm
+        for key in set(base_ckpt.names()) - set(keys):
+            if base_ckpt.is_float(key):
+                base_sq[kind_of(key)] += float(base_ckpt.get(key).double().pow(2).sum())
     total = sum(grams.values(), torch.zeros(k, k, dtype=torch.float64))
 
     def cosine(g: torch.Tensor) -> list[list[float]]:
@@ -77,7 +116,15 @@ def stats(vectors: Mapping[str, str | Path], out_dir: str | Path | None = None) 
         "l2_norm": dict(zip(names, total.diagonal().sqrt().tolist())),
         "cosine": cosine(total),
         "per_layer": {g: {"l2_norm": dict(zip(names, grams[g].diagonal().sqrt().tolist())), "cosine": cosine(grams[g])} for g in order},
+        "per_kind": {g: {"l2_norm": dict(zip(names, kinds[g].diagonal().sqrt().tolist())), "cosine": cosine(kinds[g])} for g in KINDS if g in kinds},
     }
+    if base_ckpt is not None:
+        base_norm = math.sqrt(sum(base_sq.values()))
+        result["base_l2_norm"] = base_norm
+        result["relative_norm"] = {n: v / base_norm for n, v in result["l2_norm"].items()}
+        for g, entry in result["per_kind"].items():
+            if base_sq[g] > 0:
+                entry["relative_norm"] = {n: v / math.sqrt(base_sq[g]) for n, v in entry["l2_norm"].items()}
     off = [result["cosine"][i][j] for i in range(k) for j in range(i + 1, k)]
     result["off_diagonal_cosine"] = {"min": min(off), "max": max(off), "mean": sum(off) / len(off)} if off else None
     if out_dir is not None:

@@ -1,0 +1,215 @@
+"""Who scores a search's trials: one evaluator in this process, or N long-lived Ray actors.
+
+A ``TrialScorer`` is one evaluator with the vector pool loaded; ``score(weights, limit)`` merges
+and evaluates, and returns a failure as a reason instead of raising. ``LocalWorkers`` holds one in
+this process (``parallel: 1``, the default); ``RayWorkers`` holds N, each a Ray actor started once
+per search with its own resources (GPUs per worker = tensor_parallel_size on GPU machines, CPU
+threads on CPU machines), on a local Ray it always stops or a cluster at ``ray_address``. Both
+score a batch and yield the outcomes in the order given, each as soon as it and those before it
+are done; a worker that dies (killed, out of memory) turns its trial into a failed trial and is
+started again.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from typing import Callable, Iterator
+
+from optimer_merge.errors import ConfigError
+
+
+class TrialScorer:
+    """One evaluator with the pool of ``spec`` loaded (its refusals come before the first trial)."""
+
+    def __init__(self, config, spec, log: Callable[[str], None] = print):
+        from optimer_merge.evaluation.evaluator import open_evaluator
+        from optimer_merge.evaluation.objective import Objective
+        from optimer_merge.search.pool import build_host_pool
+        from optimer_merge.vectors.checks import VectorError
+
+        self.config, self.log = config, log
+        self.objective: Objective = config.load_objective()
+        settings = config.evaluator_settings()
+        if config.backend == "vllm":
+            settings["pool"] = spec
+        self.evaluator = open_evaluator(config.backend, config.base, log=log, **settings)
+        self.host_pool = None  # the push fallback's pool, in this process
+        if config.weight_update == "push":
+            self.host_pool = build_host_pool(spec, log=log)
+        else:
+            info = self.evaluator.build_pool(spec)
+            if info.get("nonfinite"):
+                raise VectorError(f"NaN/Inf values in {', '.join(info['nonfinite'][:3])}")
+        pool = self.host_pool or getattr(self.evaluator, "pool", None)
+        self.relative_norms = dict(pool.relative_norms) if pool is not None else {}
+
+    def score(self, weights: dict[str, float], limit: int | None) -> dict:
+        """Merge in memory and score; a failure is returned as a reason, never raised."""
+        c, ev = self.config, self.evaluator
+        result = {"status": "ok", "reason": None, "score": None, "metrics": {}, "seconds": {}, "settings": c.operational()}
+        start = time.perf_counter()
+        try:
+            if self.host_pool is not None:  # the explicit fallback: whole merged tensors
+                ev.load_state_dict(dict(self.host_pool.merged(weights)))
+            else:
+                ev.set_weights(weights)
+            result["bytes_sent"] = getattr(ev, "bytes_sent", 0)
+        except Exception as error:  # noqa: BLE001 - recorded, the search goes on
+            result.update(status="failed", reason=f"merge failed: {type(error).__name__}: {error}")
+            result["seconds"]["merge"] = time.perf_counter() - start
+            return result
+        result["seconds"]["merge"] = time.perf_counter() - start
+        start = time.perf_counter()
+        try:
+            results = ev.evaluate(self.objective.task_names(), limit, confirm_run_unsafe_code=c.confirm_run_unsafe_code, quiet=True)
+            value, breakdown = self.objective.score(results)
+            result["metrics"] = {k: v["value"] for k, v in breakdown.items()}
+            if not math.isfinite(value):
+                bad = [k for k, v in result["metrics"].items() if not math.isfinite(v)]
+                result.update(status="failed", reason=f"score is not finite ({', '.join(bad) or value} not finite)")
+            else:
+                result["score"] = value
+        except Exception as error:  # noqa: BLE001
+            result.update(status="failed", reason=f"evaluation failed: {type(error).__name__}: {error}")
+        result["seconds"]["eval"] = time.perf_counter() - start
+        return result
+
+    def close(self) -> None:
+        self.evaluator.close()
+
+
+class LocalWorkers:
+    """The one scorer in this process."""
+
+    size = 1
+
+    def __init__(self, config, spec, log: Callable[[str], None] = print):
+        self.scorer = TrialScorer(config, spec, log)
+        self.relative_norms = self.scorer.relative_norms
+
+    def score(self, jobs: list[tuple[dict, int | None]]) -> Iterator[dict]:
+        for weights, limit in jobs:
+            yield self.scorer.score(weights, limit)
+
+    def state(self) -> str:
+        return ""
+
+    def close(self) -> None:
+        self.scorer.close()
+
+
+class RayWorkers:
+    """N scorers, each a Ray actor; trials are dealt to idle actors, outcomes kept in order."""
+
+    def __init__(self, config, spec, log: Callable[[str], None] = print):
+        try:
+            import ray
+        except ImportError:
+            raise ConfigError("parallel trials need Ray: pip install 'optimer-merge[ray]'") from None
+        import torch
+
+        self.ray, self.config, self.spec, self.log = ray, config, spec, log
+        self.size = config.parallel
+        self.started_ray = not ray.is_initialized()
+        if self.started_ray:
+            options = {"address": config.ray_address} if config.ray_address else {}
+            try:
+                ray.init(include_dashboard=False, log_to_driver=False, logging_level="ERROR", configure_logging=True, **options)
+            except ConnectionError as error:
+                raise ConfigError(f"ray_address {config.ray_address}: cannot join the Ray cluster ({error})") from None
+        gpus = config.tensor_parallel_size if config.backend == "vllm" else 1
+        threads = config.threads if config.threads != "auto" else 1
+        self.actor_class = ray.remote(num_cpus=threads, num_gpus=gpus if torch.cuda.is_available() else 0, max_restarts=0)(_Actor)
+        log(f"starting {self.size} trial workers on Ray ({'cluster ' + config.ray_address if config.ray_address else 'local'})")
+        self.actors = [self._start() for _ in range(self.size)]
+        self.restarts = 0
+        self.busy = 0
+        # wait for every worker's model and pool (their refusals come before the first trial)
+        try:
+            norms = ray.get([actor.relative_norms.remote() for actor in self.actors])
+        except ray.exceptions.RayTaskError as error:
+            self.close()
+            raise error.as_instanceof_cause() from None
+        self.relative_norms = norms[0]
+
+    def _start(self):
+        return self.actor_class.remote(self.config.model_dump(mode="json"), self.spec)
+
+    def score(self, jobs: list[tuple[dict, int | None]]) -> Iterator[dict]:
+        """Starts the jobs on the idle workers now (the caller may work meanwhile); yields outcomes."""
+        ray = self.ray
+        queue = list(range(len(jobs)))
+        running: dict = {}  # future -> (job index, worker index)
+        idle = list(range(len(self.actors)))
+
+        def dispatch() -> None:
+            while queue and idle:
+                job, worker = queue.pop(0), idle.pop(0)
+                weights, limit = jobs[job]
+                running[self.actors[worker].score.remote(weights, limit)] = (job, worker)
+            self.busy = len(running)
+
+        def outcomes() -> Iterator[dict]:
+            results: dict[int, dict] = {}
+            emitted = 0
+            while emitted < len(jobs):
+                dispatch()
+                done, _ = ray.wait(list(running), num_returns=1)
+                for future in done:
+                    job, worker = running.pop(future)
+                    try:
+                        results[job] = ray.get(future)
+                    except (ray.exceptions.RayActorError, ray.exceptions.WorkerCrashedError, ray.exceptions.OutOfMemoryError) as error:
+                        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+                        results[job] = {"status": "failed", "reason": f"worker {worker} died: {type(error).__name__}: {reason}",
+                                        "score": None, "metrics": {}, "seconds": {}, "settings": self.config.operational()}  # fmt: skip
+                        self.log(f"trial worker {worker} died; starting it again")
+                        self.actors[worker] = self._start()
+                        self.restarts += 1
+                    idle.append(worker)
+                self.busy = len(running)
+                while emitted in results:
+                    yield results.pop(emitted)
+                    emitted += 1
+
+        dispatch()
+        return outcomes()
+
+    def state(self) -> str:
+        restarts = f", {self.restarts} restarted" if self.restarts else ""
+        return f"workers {self.busy}/{self.size} busy{restarts}"
+
+    def close(self) -> None:
+        for actor in getattr(self, "actors", []):
+            try:
+                self.ray.get(actor.close.remote(), timeout=60)
+            except Exception:  # noqa: BLE001 - a dead worker has nothing to close
+                pass
+            self.ray.kill(actor)
+        self.actors = []
+        if self.started_ray and self.ray.is_initialized():
+            self.ray.shutdown()
+
+
+class _Actor:
+    """A TrialScorer inside a Ray actor (built from plain data: the config and the pool spec)."""
+
+    def __init__(self, config: dict, spec):
+        from optimer_merge.search.config import SearchConfig
+
+        self.scorer = TrialScorer(SearchConfig.model_validate(config), spec, log=lambda _m: None)
+
+    def score(self, weights: dict[str, float], limit: int | None) -> dict:
+        return self.scorer.score(weights, limit)
+
+    def relative_norms(self) -> dict[str, float]:
+        return self.scorer.relative_norms
+
+    def close(self) -> None:
+        self.scorer.close()
+
+
+def open_workers(config, spec, log: Callable[[str], None] = print):
+    """The trial workers of ``config``: in this process for ``parallel: 1``, else on Ray."""
+    return LocalWorkers(config, spec, log) if config.parallel == 1 else RayWorkers(config, spec, log)

@@ -1,0 +1,97 @@
+"""Parallel trials on Ray: two long-lived workers, batches told in proposal order, an exact resume
+after a real SIGKILL of the search, and a worker killed mid-search."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from conftest import REPO
+
+needs_ray = pytest.mark.skipif(importlib.util.find_spec("ray") is None, reason="Ray is not installed (the `ray` extra)")
+CLI = [sys.executable, "-m", "optimer_merge.cli"]
+
+
+def args(zoo: Path, out: Path, *extra: str) -> list[str]:
+    return [*CLI, "search", "--base", str(zoo / "tiny-text/base"), "--objective", str(REPO / "recipes/objectives/dev-bpb.yaml"),
+            "--output", str(out), "--limit", "3", "--trials", "12", "--finalists", "2", "--finalist-limit", "4",
+            "--threads", "1", "--parallel", "2", "--vector", f"ja={zoo / 'tiny-text/ja'}", "--vector", f"zh={zoo / 'tiny-text/zh'}",
+            "--vector", f"code={zoo / 'tiny-text/code'}", *extra]  # fmt: skip
+
+
+def trials(run: Path) -> list[dict]:
+    return [json.loads(line) for line in (run / "trials.jsonl").read_text().splitlines()]
+
+
+def wait_for_trials(run: Path, count: int, process: subprocess.Popen, seconds: float = 300) -> None:
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        path = run / "trials.jsonl"
+        if path.exists() and len(path.read_text().splitlines()) >= count:
+            return
+        assert process.poll() is None, "the search ended before it could be interrupted"
+        time.sleep(0.1)
+    raise AssertionError(f"no {count} trials within {seconds}s")
+
+
+@pytest.fixture(scope="module")
+def parallel_run(tmp_path_factory, tiny_zoo) -> Path:
+    """An uninterrupted 12-trial search on two Ray workers."""
+    out = tmp_path_factory.mktemp("parallel") / "run"
+    done = subprocess.run(args(tiny_zoo, out), capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "starting 2 trial workers on Ray (local)" in done.stdout
+    return out
+
+
+@needs_ray
+def test_two_workers_run_batches_told_in_order(parallel_run):
+    records = trials(parallel_run)
+    assert [r["trial"] for r in records] == list(range(1, 13))
+    assert all(r["status"] == "ok" for r in records)
+    assert records[0]["weights"] == {"ja": pytest.approx(1 / 3), "zh": pytest.approx(1 / 3), "code": pytest.approx(1 / 3)}
+    # each batch of two asked together: distinct proposals side by side
+    assert all(records[i]["weights"] != records[i + 1]["weights"] for i in range(0, 12, 2))
+    summary = json.loads((parallel_run / "summary.json").read_text())
+    assert len(summary["finalists"]) == 2 and all(f["final_score"] is not None for f in summary["finalists"])
+
+
+@needs_ray
+def test_a_killed_search_resumes_to_the_same_records(parallel_run, tiny_zoo, tmp_path):
+    out = tmp_path / "run"
+    process = subprocess.Popen(args(tiny_zoo, out), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    wait_for_trials(out, 5, process)  # the middle of a batch: trial 5 logged, 6 running
+    os.killpg(process.pid, signal.SIGKILL)
+    process.wait()
+    before = len(trials(out))
+    assert 5 <= before < 12
+    done = subprocess.run(args(tiny_zoo, out), capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert f"resumed {out}: {before} trials already done" in done.stdout
+    resumed, reference = trials(out), trials(parallel_run)
+    assert [r["weights"] for r in resumed] == [r["weights"] for r in reference]
+    assert [r["score"] for r in resumed] == pytest.approx([r["score"] for r in reference], abs=1e-9)
+
+
+@needs_ray
+def test_a_killed_worker_fails_its_trial_and_is_started_again(tiny_zoo, tmp_path):
+    out = tmp_path / "run"
+    process = subprocess.Popen(args(tiny_zoo, out), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    wait_for_trials(out, 3, process)
+    workers = subprocess.run(["pgrep", "-f", "ray::_Actor"], capture_output=True, text=True, timeout=30).stdout.split()
+    assert len(workers) == 2, workers
+    os.kill(int(workers[0]), signal.SIGKILL)
+    output, _ = process.communicate(timeout=600)
+    assert process.returncode == 0, output[-3000:]
+    records = trials(out)
+    failed = [r for r in records if r["status"] == "failed"]
+    assert len(records) == 12 and len(failed) == 1, [r["reason"] for r in failed]
+    assert "died" in failed[0]["reason"] and "starting it again" in output
+    assert all(r["status"] == "ok" for r in records if r["trial"] > failed[0]["trial"] + 1)
