@@ -118,6 +118,13 @@ def test_report_numbers_come_from_the_run(demo_run):
     stats = json.loads((run_dir / "vectors" / "stats.json").read_text())
     assert 0 < stats["relative_norm"]["ja"] < 1
     assert "||v|| / ||theta_base|| = " + ", ".join(f"{d} {stats['relative_norm'][d]:.3f}" for d in DOMAINS) in report
+    # linearity: each CPT run's kept mid-run checkpoint lies part of the way along its vector
+    linearity = json.loads((run_dir / "state" / "vectors.json").read_text())["result"]["linearity"]
+    for d in DOMAINS:
+        steps, mid = linearity[d]["steps"], linearity[d]["mid"]
+        assert mid["step"] == -(-steps // 2) < steps and 0 < mid["t"] < 1, (d, steps, mid)
+        final = json.loads((run_dir / "cpt" / d / "train_meta.json").read_text())["final_eval_loss"][d]
+        assert linearity[d]["line"]["1.0"][d] == pytest.approx(final, rel=1e-5)
     # each verdict matches its numbers
     claims = summary["claims"]
     assert claims["beats_model_averaging"] == (means["optimer"] < means["average"])

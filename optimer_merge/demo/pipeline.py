@@ -160,9 +160,9 @@ def _cpt(ctx: _Context, domain: str) -> dict:
     from optimer_merge.cpt import TrainConfig, train
 
     steps = -(-ctx.s.cpt_tokens // (TRAIN["seq_len"] * TRAIN["micro_batch_size"]))
-    config = TrainConfig(  # a checkpoint at mid-run is kept for the linearity measurement
+    config = TrainConfig(  # checkpoints at mid-run and at the end (both kept) for the linearity measurement
         base=ctx.base, output=str(ctx.run / "cpt" / domain), datasets=[{"name": domain, "source": domain}],
-        max_tokens=ctx.s.cpt_tokens, lr=ctx.s.lr, seed=ctx.s.seed, progress=False, **{**TRAIN, "checkpoint_every": max(1, steps // 2)},
+        max_tokens=ctx.s.cpt_tokens, lr=ctx.s.lr, seed=ctx.s.seed, progress=False, **{**TRAIN, "checkpoint_every": -(-steps // 2)},
     )  # fmt: skip
     return _train_summary(train(config, log=ctx.log))
 
