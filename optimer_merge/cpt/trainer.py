@@ -41,6 +41,11 @@ RESUMABLE_FIELDS = {"progress", "threads", "checkpoint_every", "keep_checkpoints
 TOKENS_DIR, CHECKPOINTS_DIR, MODEL_DIR, RUN_RECORD = "tokens", "checkpoints", "model", "run_config.json"
 
 
+def _decay_start(total_steps: int, decay_fraction: float) -> int:
+    """The first step of a warmup-stable-decay schedule's decay."""
+    return total_steps - round(decay_fraction * total_steps)
+
+
 def lr_at(step: int, total_steps: int, config: TrainConfig) -> float:
     """Learning rate of optimizer step ``step`` (0-based): linear warmup, then the chosen schedule."""
     warmup = config.warmup_steps or round(config.warmup_fraction * total_steps)
@@ -52,7 +57,7 @@ def lr_at(step: int, total_steps: int, config: TrainConfig) -> float:
     if config.schedule == "cosine":
         progress = (step - warmup) / max(1, total_steps - warmup)
         return floor + (config.lr - floor) * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
-    decay_start = total_steps - round(config.decay_fraction * total_steps)  # warmup-stable-decay
+    decay_start = _decay_start(total_steps, config.decay_fraction)  # warmup-stable-decay
     if step < decay_start:
         return config.lr
     progress = (step - decay_start + 1) / max(1, total_steps - decay_start)
@@ -130,27 +135,36 @@ def _checkpoints(folder: Path) -> list[Path]:
     return sorted(folder.glob("step-*.ckpt"))
 
 
-def _evaluate(fabric, model, sets: dict[str, ds.TokenBlocks], blocks: int, batch: int) -> dict[str, float]:
-    """Mean held-out loss per dataset over its first ``blocks`` blocks, sharded over ranks."""
-    model.eval()
+def held_out_losses(model, sets: dict[str, ds.TokenBlocks], blocks: int, batch: int, *, rank: int = 0, world: int = 1,
+                    device: torch.device | str = "cpu", reduce: Callable[[torch.Tensor], torch.Tensor] = lambda t: t) -> dict[str, float]:
+    """Mean loss per dataset over its first ``blocks`` blocks in batches of ``batch``; with ranks,
+    each takes every ``world``-th block and ``reduce`` sums the ranks' totals."""
     losses = {}
     with torch.no_grad():
         for name, data in sets.items():
             count = min(blocks, data.num_blocks)
-            indices = list(range(count))[fabric.global_rank :: fabric.world_size]
+            indices = list(range(count))[rank::world]
             chunks = [indices[start : start + batch] for start in range(0, len(indices), batch)]
             # every rank runs as many forward passes (a sharded model gathers its layers in each):
             # a rank with fewer blocks runs block 0 more times and does not count it
-            per_rank = -(-count // fabric.world_size)
+            per_rank = -(-count // world)
             passes = -(-per_rank // batch)
-            total = torch.zeros(2, dtype=torch.float64, device=fabric.device)
+            total = torch.zeros(2, dtype=torch.float64, device=device)
             for chunk in chunks + [[]] * (passes - len(chunks)):
-                x = torch.from_numpy(np.stack([data.block(i) for i in chunk or [0]])).to(fabric.device)
+                x = torch.from_numpy(np.stack([data.block(i) for i in chunk or [0]])).to(device)
                 loss = model(input_ids=x, labels=x).loss
                 if chunk:
-                    total += torch.tensor([loss.item() * len(chunk), len(chunk)], dtype=torch.float64, device=fabric.device)
-            total = fabric.all_reduce(total, reduce_op="sum")
+                    total += torch.tensor([loss.item() * len(chunk), len(chunk)], dtype=torch.float64, device=device)
+            total = reduce(total)
             losses[name] = float(total[0] / total[1])
+    return losses
+
+
+def _evaluate(fabric, model, sets: dict[str, ds.TokenBlocks], blocks: int, batch: int) -> dict[str, float]:
+    """Mean held-out loss per dataset over its first ``blocks`` blocks, sharded over ranks."""
+    model.eval()
+    losses = held_out_losses(model, sets, blocks, batch, rank=fabric.global_rank, world=fabric.world_size, device=fabric.device,
+                             reduce=lambda total: fabric.all_reduce(total, reduce_op="sum"))  # fmt: skip
     model.train()
     return losses
 
@@ -190,7 +204,7 @@ def velocitune_targets(config: TrainConfig, log: Callable[[str], None] = print) 
         decays = config.schedule != "constant" and config.min_lr_ratio < 1
         every = max(1, proxy_steps // settings.proxy_evals)
         if decays:  # enough evaluations in the constant phase for the fit, and one at the end of the decay
-            every = max(1, round(proxy_steps * (1 - settings.proxy_decay_fraction)) // settings.proxy_evals)
+            every = max(1, _decay_start(proxy_steps, settings.proxy_decay_fraction) // settings.proxy_evals)
         proxy = config.model_copy(
             update={
                 "output": str(out / "velocitune-proxy"),
@@ -206,7 +220,7 @@ def velocitune_targets(config: TrainConfig, log: Callable[[str], None] = print) 
             }
         )
         warmup = proxy.warmup_steps or round(proxy.warmup_fraction * proxy_steps)
-        decay_start = proxy_steps - round(settings.proxy_decay_fraction * proxy_steps) if decays else proxy_steps
+        decay_start = _decay_start(proxy_steps, settings.proxy_decay_fraction) if decays else proxy_steps
         fitted = [step for step in range(every, proxy_steps + 1, every) if warmup < step <= decay_start]
         if len(fitted) < 3:
             raise ConfigError(

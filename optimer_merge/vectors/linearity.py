@@ -14,7 +14,6 @@ import json
 import re
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from optimer_merge.errors import ConfigError
@@ -38,6 +37,7 @@ def linearity(run: str | Path, grid: tuple[float, ...] = T_GRID) -> dict:
 
     from optimer_merge.cpt import datasets as ds
     from optimer_merge.cpt.config import TrainConfig
+    from optimer_merge.cpt.trainer import held_out_losses
 
     run = Path(run)
     meta_path, record = run / "train_meta.json", run / "run_config.json"
@@ -60,18 +60,7 @@ def linearity(run: str | Path, grid: tuple[float, ...] = T_GRID) -> dict:
             sets[spec.name] = ds.load_blocks(spec, "dev", tokenizer, config.seq_len, run / "tokens", source)
 
     def losses() -> dict[str, float]:
-        out = {}
-        with torch.no_grad():
-            for name, data in sets.items():
-                indices = list(range(min(config.eval_blocks, data.num_blocks)))
-                total = count = 0.0
-                for start in range(0, len(indices), config.micro_batch_size):
-                    chunk = indices[start : start + config.micro_batch_size]
-                    x = torch.from_numpy(np.stack([data.block(i) for i in chunk]))
-                    total += model(input_ids=x, labels=x).loss.item() * len(chunk)
-                    count += len(chunk)
-                out[name] = total / count
-        return out
+        return held_out_losses(model, sets, config.eval_blocks, config.micro_batch_size)
 
     def place(state: dict[str, torch.Tensor]) -> None:
         with torch.no_grad():
