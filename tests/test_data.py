@@ -48,6 +48,25 @@ def test_splits_are_disjoint_by_document_and_line(corpora):
                         assert line not in train_exact and key not in train_norm, (domain, split, line)
 
 
+def test_pretrain_splits_are_apart_from_the_cpt_splits(corpora):
+    """What the demo base sees of each CPT domain: documents in no other split, no dev/test line."""
+    assert set(data.sizes()["en"]) == set(data.SPLITS)  # `en` is all pre-training text: no pretrain split
+    with pytest.raises(ValueError, match="unknown split 'pretrain'"):
+        data.split_path("en", data.PRETRAIN)
+    for domain in data.DOMAINS:
+        pretrain = list(data.open_split(domain, data.PRETRAIN))
+        assert 100_000 <= sum(len(d["text"]) for d in pretrain) <= 160_000, domain
+        ids = {d["id"] for d in pretrain}
+        texts = {d["text"] for d in pretrain}
+        held_out = {data.normalise_line(line) for s in ("dev", "test") for d in corpora[domain, s] for line in d["text"].splitlines()}
+        for split in data.SPLITS:
+            assert not ids & {d["id"] for d in corpora[domain, split]}, (domain, split)
+            assert not texts & {d["text"] for d in corpora[domain, split]}, (domain, split)
+        for doc in pretrain:
+            for line in doc["text"].splitlines():
+                assert len(data.normalise_line(line)) < MIN_LINE or data.normalise_line(line) not in held_out, (domain, line)
+
+
 def test_each_corpus_is_in_its_script(corpora):
     for split in data.SPLITS:
         ja = "".join(d["text"] for d in corpora["ja", split])

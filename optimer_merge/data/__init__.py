@@ -2,7 +2,8 @@
 
 Five corpora ship gzipped with the package (see corpora/README.md for sources and licenses):
 ``ja``, ``zh``, ``math``, ``code`` (the four CPT domains) and ``en`` (general text for the base),
-each with disjoint ``train``, ``dev`` and ``test`` splits.
+each with disjoint ``train``, ``dev`` and ``test`` splits. Each CPT domain also has a ``pretrain``
+split, documents of the domain disjoint from the other three, which only the demo base sees.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ CORPORA_DIR = Path(__file__).with_name("corpora")
 DOMAINS = ("ja", "zh", "math", "code")
 ALL_DOMAINS = DOMAINS + ("en",)
 SPLITS = ("train", "dev", "test")
+PRETRAIN = "pretrain"  # of the CPT domains only
 
 
 def normalise_line(line: str) -> str:
@@ -48,8 +50,8 @@ def check_domains(domains) -> tuple[str, ...]:
 def split_path(domain: str, split: str, root: Path = CORPORA_DIR) -> Path:
     if domain not in ALL_DOMAINS:
         raise ValueError(f"unknown domain {domain!r}; choose from {', '.join(ALL_DOMAINS)}")
-    if split not in SPLITS:
-        raise ValueError(f"unknown split {split!r}; choose from {', '.join(SPLITS)}")
+    if split not in SPLITS and not (split == PRETRAIN and domain in DOMAINS):
+        raise ValueError(f"unknown split {split!r}; choose from {', '.join(SPLITS + ((PRETRAIN,) if domain in DOMAINS else ()))}")
     path = root / domain / f"{split}.jsonl.gz"
     if not path.exists():
         raise FileNotFoundError(f"{path} is missing; rebuild with `optimer-merge data build`")
@@ -72,7 +74,7 @@ def sizes(tokenizer=None, root: Path = CORPORA_DIR) -> dict[str, dict[str, dict[
     """{domain: {split: {"docs", "chars"[, "tokens"]}}}; tokens counted with ``tokenizer`` if given."""
     out: dict = {}
     for domain in ALL_DOMAINS:
-        for split in SPLITS:
+        for split in SPLITS + ((PRETRAIN,) if domain in DOMAINS else ()):
             docs = list(texts(domain, split, root))
             entry = {"docs": len(docs), "chars": sum(map(len, docs))}
             if tokenizer is not None:

