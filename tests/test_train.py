@@ -118,6 +118,15 @@ def test_velocitune_rule_and_scaling_law():
     tokens = [1e3, 2e3, 5e3, 1e4, 2e4, 5e4]
     fit = vt.fit_scaling_law(tokens, [law(t) for t in tokens])
     assert fit(1e6) == pytest.approx(law(1e6), rel=0.02)
+    # refitted targets: the run's own curve L = 2 + 5 / D^0.5 extrapolated to the tokens at the end
+    curve = vt.ScalingLaw(E=2.0, B=5.0, beta=0.5)
+    history = [{"tokens": {n: t for n in "abc"}, "losses": {n: curve(t) for n in "abc"}} for t in (1e3, 2e3)]
+    now = {n: curve(4e3) for n in "abc"}
+    targets = vt.refit_targets(history, now, {n: 4e3 for n in "abc"}, {n: 0.5 for n in "abc"}, 8e3,
+                               {"a": 2.5, "b": 1.0, "c": 2.5}, {"a": {"decay_gain": 0.01}, "b": {}})  # fmt: skip
+    assert targets["a"] == pytest.approx(curve(8e3) - 0.01, abs=2e-3) and targets["a"] < now["a"]
+    assert targets["b"] == 1.0 and targets["c"] == 2.5  # a lower proxy target stays; a user's target is kept
+    assert vt.refit_targets(history[:1], now, {}, {}, 8e3, {"a": 2.5}, {"a": {}}) == {"a": 2.5}  # too few points
 
 
 def test_velocitune_raises_weight_of_domain_furthest_from_target(small_base, tmp_path):
@@ -126,15 +135,15 @@ def test_velocitune_raises_weight_of_domain_furthest_from_target(small_base, tmp
         output=str(tmp_path / "vt"),
         datasets=[{"name": "ja", "source": "ja"}, {"name": "math", "source": "math"}],
         mixture="velocitune",
-        # ja's target is far below anything this run reaches; math's is almost its starting loss.
-        velocitune={"update_every": 5, "targets": {"ja": 0.5, "math": 3.0}},
+        # ja's target is far below anything this run reaches; math's is above its starting loss (velocity 0).
+        velocitune={"update_every": 5, "targets": {"ja": 0.5, "math": 20.0}},
         **{**CPT_SETTINGS, "max_steps": 20, "eval_every": 10},
     )
     m = train(config, log=QUIET)
     trajectory = json.loads((tmp_path / "vt" / "velocitune.json").read_text())["trajectory"]
     assert trajectory[0]["weights"] == {"ja": 0.5, "math": 0.5}
     assert [t["step"] for t in trajectory] == [0, 5, 10, 15]
-    assert trajectory[-1]["velocity"]["ja"] > trajectory[-1]["velocity"]["math"]
+    assert trajectory[-1]["velocity"]["ja"] > 0.5 and trajectory[-1]["velocity"]["math"] == 0.0
     assert trajectory[-1]["weights"]["ja"] > 0.6
     assert m["tokens_per_dataset"]["ja"] > m["tokens_per_dataset"]["math"]
 
@@ -157,6 +166,14 @@ def test_velocitune_fits_targets_on_a_proxy_run(small_base, tmp_path):
         fit = info["fits"][name]
         law = fit["E"] + fit["B"] / fit["tokens"] ** fit["beta"]
         assert fit["decay_gain"] >= 0 and target == pytest.approx(law - fit["decay_gain"])
+    # the third update (step 15) refits the targets on the run's own losses, never above the proxy's
+    trajectory = info["trajectory"]
+    assert [t["step"] for t in trajectory] == [0, 5, 10, 15] and trajectory[1]["targets"] == info["targets"]
+    remaining = (20 - 15) * CPT_SETTINGS["seq_len"] * CPT_SETTINGS["micro_batch_size"]
+    expected = vt.refit_targets(trajectory[1:3], trajectory[3]["losses"], trajectory[3]["tokens"], trajectory[2]["weights"],
+                                remaining, info["targets"], info["fits"])  # fmt: skip
+    assert trajectory[3]["targets"] == pytest.approx(expected)
+    assert all(trajectory[3]["targets"][n] <= info["targets"][n] for n in info["targets"])
 
 
 @pytest.mark.parametrize("strategy", ["one process", "fsdp"])

@@ -46,6 +46,8 @@ class VelocituneConfig(_Frozen):
     the proxy decays too over its last ``proxy_decay_fraction`` and the loss that decay gains is
     taken off the targets (a decaying run ends below the constant-lr curve, and targets without
     that gain are reached early, after which every velocity is 0 and the weights stop moving).
+    With ``refit``, every update also refits the law on the run's own held-out losses and takes the
+    lower target (``optimer_merge.cpt.velocitune.refit_targets``).
     """
 
     update_every: int = Field(20, ge=1)
@@ -53,6 +55,7 @@ class VelocituneConfig(_Frozen):
     proxy_fraction: float = Field(0.2, gt=0, le=1)
     proxy_evals: int = Field(8, ge=4)
     proxy_decay_fraction: float = Field(0.25, gt=0, lt=1)
+    refit: bool = True  # refit the targets on the run's own losses at every update (velocitune.refit_targets)
 
 
 class StrategyConfig(_Frozen):

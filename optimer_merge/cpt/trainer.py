@@ -568,10 +568,16 @@ def fit(run: Run) -> dict:
             losses = evaluate()
             if update_due and done < run.total_steps:
                 current = {n: losses[n] for n in names}
-                velocity = vt.velocities(current, state["initial_eval"], run.targets["targets"])
-                new = vt.update_weights(dict(zip(names, sampler.weights)), velocity)
+                seen = {n: c * config.seq_len for n, c in zip(names, sampler.counts)}
+                weights = dict(zip(names, sampler.weights))
+                targets = run.targets["targets"]
+                if config.velocitune.refit:
+                    remaining = (run.total_steps - done) * run.tokens_per_step
+                    targets = vt.refit_targets(state["trajectory"][1:], current, seen, weights, remaining, targets, run.targets["fits"])
+                velocity = vt.velocities(current, state["initial_eval"], targets)
+                new = vt.update_weights(weights, velocity)
                 sampler.set_weights([new[n] for n in names])
-                state["trajectory"].append({"step": done, "losses": current, "velocity": velocity, "weights": new})
+                state["trajectory"].append({"step": done, "losses": current, "tokens": seen, "targets": targets, "velocity": velocity, "weights": new})
             train_loss = window["loss"] / window["steps"]
             metrics.write(row(done, lr, train_loss, tps, losses))
             bar.set_postfix(loss=f"{train_loss:.3f}", tok_s=f"{tps:,.0f}", refresh=False)

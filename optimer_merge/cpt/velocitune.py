@@ -3,7 +3,11 @@
 Learning velocity V_i = clip((l_i - t_i) / (l_init_i - t_i), 0, 1), with l_i the current held-out
 loss, l_init_i the loss before training and t_i the target; then w_i <- w_i exp(V_i) / sum_j w_j exp(V_j).
 Targets come from a scaling-law fit L(D) = E + B / D^beta to a short proxy run, evaluated at the
-tokens each domain will see in the full run.
+tokens each domain will see in the full run. With ``refit`` (the default), each update refits the
+law on the run's own held-out losses once three updates are in, extrapolated to the tokens each
+domain will have seen at the end under its current weight, and takes the lower of that and the
+proxy's target: a short proxy at constant learning rate predicts less progress than the full run
+makes, so its targets alone are reached early and every velocity drops to 0.
 """
 
 from __future__ import annotations
@@ -63,3 +67,30 @@ def fit_scaling_law(tokens: list[float], losses: list[float]) -> ScalingLaw:
             best = (sse, ScalingLaw(float(e), float(b), float(beta)))
     assert best is not None
     return best[1]
+
+
+def refit_targets(
+    history: list[dict],
+    losses: dict[str, float],
+    seen: dict[str, float],
+    weights: dict[str, float],
+    remaining_tokens: float,
+    targets: dict[str, float],
+    fits: dict[str, dict],
+) -> dict[str, float]:
+    """Targets from the run's own curve: L(D) fitted on the earlier updates' (tokens, loss) and the
+    current one, at the tokens each domain reaches by the end (its current weight times the tokens
+    left), less the proxy's decay gain; each the lower of that and the proxy-fitted target.
+    Targets the user gave (not in ``fits``) are kept, and so are all with fewer than three points."""
+    points = [h for h in history if "tokens" in h]
+    if len(points) + 1 < 3:
+        return dict(targets)
+    out = {}
+    for name, target in targets.items():
+        if name not in fits:
+            out[name] = target
+            continue
+        law = fit_scaling_law([h["tokens"][name] for h in points] + [seen[name]], [h["losses"][name] for h in points] + [losses[name]])
+        final = seen[name] + weights[name] * remaining_tokens
+        out[name] = min(target, law(final) - fits.get(name, {}).get("decay_gain", 0.0))
+    return out
