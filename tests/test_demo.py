@@ -18,8 +18,8 @@ import yaml
 
 CLI = str(Path(sys.executable).parent / "optimer-merge")
 REDUCED = [
-    "--base-tokens", "20000", "--cpt-tokens", "6000", "--trials", "5", "--reopt-trials", "3", "--limit", "2",
-    "--finalists", "2", "--finalist-limit", "3", "--test-limit", "3", "--vocab-size", "1024", "--workers", "2",
+    "--cpt-tokens", "6000", "--trials", "5", "--reopt-trials", "3", "--limit", "2",
+    "--finalists", "2", "--finalist-limit", "3", "--test-limit", "3", "--workers", "2",
 ]  # fmt: skip
 CANDIDATES = ["base", "cpt-ja", "cpt-zh", "cpt-math", "cpt-code", "average", "mix-uniform", "mix-velocitune", "mix-optimer", "optimer", "optimer-ja", "optimer-math-code"]
 DOMAINS = ("ja", "zh", "math", "code")
@@ -191,8 +191,11 @@ def synthetic_states(bpb: dict[str, dict[str, float]]) -> tuple[dict, dict]:
               "uniform_average": {"trial": 1, "weights": {d: 0.25 for d in DOMAINS}, "score": -2.0}}  # fmt: skip
     states = {f"test-{c.name}": {"result": {"bits_per_byte": bpb[c.name], "mean_bits_per_byte": sum(bpb[c.name].values()) / 4}} for c in CANDIDATES}
     states.update({f"search-{name}": {"result": search} for name in OBJECTIVES})
-    states["base"] = {"result": {"tokens": 20_000}}
-    states["vectors"] = {"result": {"l2_norm": {d: 1.0 for d in DOMAINS}, "off_diagonal_cosine": {"min": -0.1, "max": 0.2, "mean": 0.05}}}
+    states["base"] = {"result": {"tokens": 20_000, "parameters": 1000, "tokens_per_parameter": 20.0, "epochs_per_source": {"en": 1.0}}}
+    linearity = {d: {"mid": {"cosine_with_final": 0.9, "t": 0.5, "loss": {d: 2.0}}, "line": {"0": {d: 2.5}, "1": {d: 2.0}}} for d in DOMAINS}
+    states["vectors"] = {"result": {"l2_norm": {d: 1.0 for d in DOMAINS}, "relative_norm": {d: 0.05 for d in DOMAINS},
+                                    "off_diagonal_cosine": {"min": -0.1, "max": 0.2, "mean": 0.05},
+                                    "cosine_range_per_kind": {"embeddings": [-0.1, 0.2], "mlp": [0.0, 0.1]}, "linearity": linearity}}
     trajectory = [{"step": 0, "weights": {d: 0.25 for d in DOMAINS}}, {"step": 6, "weights": {d: 0.25 for d in DOMAINS}, "velocity": {d: 0.0 for d in DOMAINS}}]
     states["mix-velocitune"] = {"result": {"trajectory": trajectory, "tokens_per_dataset": {d: 6000 for d in DOMAINS}}}
     entry = {"candidates": 5, "optimer_search_seconds": 10.0, "mixture_search_seconds": 400.0, "mixture_measured_seconds": 160.0,

@@ -15,7 +15,6 @@ import argparse
 from optimer_merge.commands import positive_int
 
 SIZES = {
-    "base_tokens": "pre-training tokens of the tiny base",
     "cpt_tokens": "tokens of each per-domain CPT run (each mixture run gets 4x)",
     "trials": "trials of the all-domain search",
     "reopt_trials": "trials of each re-optimisation",
@@ -23,7 +22,6 @@ SIZES = {
     "finalists": "top trials re-scored at --finalist-limit",
     "finalist_limit": "dev items per task for the finalists",
     "test_limit": "test items per task",
-    "vocab_size": "tokenizer vocabulary",
 }
 
 
@@ -33,13 +31,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.description = __doc__
     parser.formatter_class = argparse.RawDescriptionHelpFormatter
     parser.add_argument("--run-dir", default="runs/demo", help="run folder (a rerun resumes it)")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=int, default=0, help="seed (the first seed with --seeds)")
+    parser.add_argument("--seeds", type=positive_int, default=1, help="repeat the demo for this many seeds (RUN_DIR/seed-<s>/) and report "
+                        "every claim as a mean with a 95%% interval and a verdict (default 1)")
+    parser.add_argument("--report-dir", help="with --seeds N >= 2: also copy the report and its plots here")
     parser.add_argument("--workers", type=positive_int, help="worker processes, one CPU thread each (default: min(2, cores))")
     parser.add_argument("--search-workers", type=positive_int, help="Ray workers of each search (default: 2 where the cores allow "
                         "2 per demo worker, else 1; a resumed run keeps its own)")  # fmt: skip
     parser.add_argument("--optimizer", choices=["smac", "tpe", "random"], help="search optimizer (default smac)")
-    parser.add_argument("--lr", type=float, help="peak learning rate of the CPT and mixture runs (default 1e-3)")
-    sizes = parser.add_argument_group("sizes (defaults fit a 2-core CPU in about ten minutes)")
+    parser.add_argument("--lr", type=float, help="peak learning rate of the CPT and mixture runs (default 3e-4)")
+    sizes = parser.add_argument_group("sizes (defaults fit a 2-core CPU in about five minutes)")
     for field, text in SIZES.items():
         sizes.add_argument("--" + field.replace("_", "-"), type=int, help=f"{text} (default {DemoSettings.model_fields[field].default})")
 
@@ -66,6 +67,7 @@ def run(args: argparse.Namespace) -> int:
 
     from optimer_merge.demo import DemoSettings, run_demo
     from optimer_merge.demo.report import write_report
+    from optimer_merge.demo.seeds import check_layout
     from optimer_merge.errors import ConfigError
     from optimer_merge.io.files import check_output_dir
 
@@ -79,6 +81,12 @@ def run(args: argparse.Namespace) -> int:
     except ValidationError as error:
         raise ConfigError("; ".join(f"--{str(e['loc'][0]).replace('_', '-')} {e['input']!r}: {e['msg']}" for e in error.errors())) from None
     run_dir = check_output_dir(args.run_dir, "--run-dir")
+    if args.report_dir is not None and args.seeds < 2:
+        raise ConfigError(f"--report-dir {args.report_dir!r} needs --seeds 2 or more (a one-seed report lives in its run folder)")
+    report_dir = check_output_dir(args.report_dir, "--report-dir") if args.report_dir is not None else None
+    check_layout(run_dir, args.seeds)
+    if args.seeds > 1:
+        return _run_seeds(run_dir, settings, args.seeds, report_dir)
     print(f"OptiMer demo into {run_dir} ({settings.workers} workers); each job logs to {run_dir}/logs/", flush=True)
     states = run_demo(run_dir, settings, log=lambda m: print(m, flush=True))
     numbers = write_report(run_dir, settings, states)
@@ -89,4 +97,23 @@ def run(args: argparse.Namespace) -> int:
     print(f"search cost vs a data-mixture search: {numbers['cost_ratio_with_training']:.1f}x lower "
           f"({numbers['cost_ratio_search_only']:.1f}x for the search alone)")
     print(f"report: {run_dir / 'report.md'}  best recipe: {run_dir / 'best.yaml'}")
+    return 0
+
+
+def _run_seeds(run_dir, settings, seeds: int, report_dir) -> int:
+    from optimer_merge.demo.seeds import copy_report, run_seeds
+
+    print(f"OptiMer demo, {seeds} seeds from {settings.seed}, into {run_dir}/seed-<s>/ ({settings.workers} workers)", flush=True)
+    agg = run_seeds(run_dir, settings, seeds, log=lambda m: print(m, flush=True))
+    mean = agg["test_mean_bits_per_byte"]
+    print(f"\ntest mean bits/byte over {seeds} seeds (mean [95% interval], lower is better):")
+    for name in sorted(mean, key=lambda c: mean[c]["mean"]):
+        m = mean[name]
+        print(f"  {m['mean']:.4f} [{m['low']:.4f}, {m['high']:.4f}]  {agg['labels'][name]}")
+    print("claims:")
+    for claim in agg["claims"].values():
+        print(f"  {claim['verdict']:>15}: {claim['claim']} ({claim['mean']:+.4g} [{claim['low']:+.4g}, {claim['high']:+.4g}])")
+    if report_dir is not None:
+        copy_report(run_dir, report_dir)
+    print(f"report: {run_dir / 'report.md'}" + (f" (copied to {report_dir})" if report_dir is not None else ""))
     return 0

@@ -2,7 +2,7 @@
 
 ``config`` holds the typed run configuration, ``datasets`` turns corpora and user files into
 packed token blocks and mixes them, ``velocitune`` holds the dynamic reweighting rule,
-``trainer`` runs the loop, and ``demo_base`` builds the cached tiny base used by the demo.
+``trainer`` runs the loop, and ``demo_base`` builds the demo's tiny base (shipped in optimer_merge/demo/base).
 """
 
 from optimer_merge.cpt.config import DatasetSpec, TrainConfig, VelocituneConfig, load_config

@@ -44,7 +44,7 @@ def cost_accounting(run: str | Path, states: dict) -> dict:
         stages.append({"stage": name, "runs": runs, "tokens": tokens, "wall_seconds": wall, "cpu_seconds": cpu, "job_seconds": job_seconds, "note": note})
 
     base = result("base")
-    stage("base pre-training", 1, base["tokens"], base["wall_seconds"], base["cpu_seconds"], states["base"]["seconds"], "shared by every method; not counted below")
+    stage("base pre-training", 1, base["tokens"], base["wall_seconds"], base["cpu_seconds"], states["base"]["seconds"], "shipped (optimer-merge data base, BUILD.json); shared by every method; not counted below")
     cpts = [result(f"cpt-{d}") for d in DOMAINS]
     cpt_wall = sum(c["wall_seconds"] for c in cpts)
     stage(

@@ -3,7 +3,8 @@
 Run folder::
 
     demo_settings.json        the settings; a rerun must match them (except ``workers``)
-    base/                     tokenizer + tiny Gemma 3 pre-trained on general text
+    base/model                link to the shipped base (optimer_merge/demo/base: a tiny Gemma 3 pre-trained
+                              on general English and a little of each domain, see its BUILD.json)
     cpt/<domain>/             one CPT run per domain (train_meta.json, metrics.csv, model/)
     vectors/                  v_i = theta_i - theta_base, stats.json, cosine.png
     merges/average/           model averaging (w_i = 1/K), merged by mergekit from average.yaml
@@ -46,15 +47,14 @@ class DemoJobFailed(RuntimeError):
 
 
 class DemoSettings(BaseModel):
-    """Sizes of the demo; the defaults fit a 2-core CPU in about ten minutes."""
+    """Sizes of the demo; the defaults fit a 2-core CPU in about five minutes."""
 
     model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
     seed: int = 0
-    base_tokens: int = Field(500_000, gt=0)  # pre-training of the tiny base
-    vocab_size: int = Field(4096, ge=300)
+    base: str = Field(default_factory=lambda: _shipped_base_digest())  # sha256 of the shipped base's weights
     cpt_tokens: int = Field(100_000, gt=0)  # per domain; each mixture run gets K times this
-    lr: float = Field(1e-3, gt=0)  # a third of the base's peak, as CPT usually re-warms lower
+    lr: float = Field(3e-4, gt=0)  # a tenth of the base's peak: small updates, as CPT of a well-trained model
     trials: int = Field(30, gt=0)  # the all-domain search
     reopt_trials: int = Field(15, gt=0)  # each re-optimisation
     limit: int = Field(20, gt=0)  # dev items per task in a trial
@@ -70,6 +70,12 @@ class DemoSettings(BaseModel):
 
     def identity(self) -> dict:
         return self.model_dump(exclude=set(self.OPERATIONAL))
+
+
+def _shipped_base_digest() -> str:
+    from optimer_merge.cpt.demo_base import shipped_record
+
+    return shipped_record()["sha256"]["model.safetensors"]
 
 
 # Training settings of every CPT and mixture run (those of the base, at the demo's learning rate).
@@ -109,7 +115,7 @@ def plan(settings: DemoSettings) -> list[Job]:
     """Jobs in priority order (the all-domain search and the mixture that needs it come early)."""
     s, k = settings, len(DOMAINS)
     cpts = tuple(f"cpt-{d}" for d in DOMAINS)
-    jobs = [Job("base", (), f"tokenizer and tiny base pre-trained on {s.base_tokens:,} tokens")]
+    jobs = [Job("base", (), "the shipped base, checked against its BUILD.json")]
     jobs += [Job(f"cpt-{d}", ("base",), f"CPT on {d}, {s.cpt_tokens:,} tokens") for d in DOMAINS]
     jobs += [
         Job("vectors", cpts, "distribution vectors and their stats"),
@@ -144,16 +150,19 @@ def _train_summary(meta: dict) -> dict:
 
 
 def _base(ctx: _Context) -> dict:
-    from optimer_merge.cpt.demo_base import demo_base
+    from optimer_merge.cpt.demo_base import shipped_base, shipped_record
+    from optimer_merge.errors import ConfigError
 
-    s = ctx.s
-    model = demo_base(ctx.run / "base", tokens=s.base_tokens, vocab_size=s.vocab_size, seed=s.seed, log=ctx.log, progress=False)
-    meta = json.loads((model.parent / "train_meta.json").read_text())
+    model, record = shipped_base(), shipped_record()
+    if record["sha256"]["model.safetensors"] != ctx.s.base:
+        raise ConfigError(f"this run was made with another base (sha256 {ctx.s.base[:12]}...); choose another --run-dir")
     link = ctx.run / "base" / "model"  # a stable path for the shipped recipes (recipes/train, recipes/search)
+    link.parent.mkdir(parents=True, exist_ok=True)
     if link.is_symlink() or link.exists():
         link.unlink()
-    link.symlink_to(model.relative_to(link.parent))
-    return {**_train_summary(meta), "model": str(model)}
+    link.symlink_to(model)
+    keys = ("parameters", "tokens", "tokens_per_parameter", "epochs_per_source", "wall_seconds", "initial_eval_loss", "final_eval_loss")
+    return {"model": str(model), **{k: record[k] for k in keys}, "cpu_seconds": record["wall_seconds"] * record["settings"].get("devices", 1)}
 
 
 def _cpt(ctx: _Context, domain: str) -> dict:
@@ -353,7 +362,6 @@ def _progress(run: Path, settings: DemoSettings, name: str) -> str:
     folder, tokens = {
         "cpt": (run / "cpt" / arg, settings.cpt_tokens),
         "mix": (run / "mixture" / arg, len(DOMAINS) * settings.cpt_tokens),
-        "base": (next((run / "base").glob("demo-base-*/pretrain"), None), settings.base_tokens),
     }.get(kind, (None, 0))
     path = folder / "metrics.csv" if folder else None
     if path and path.exists():
