@@ -1,11 +1,12 @@
 """The paper's experiment in miniature on CPU: CPT per domain, OptiMer search, baselines, report.
 
-A tiny base is pre-trained, four per-domain CPT runs (ja, zh, math, code) give the vector pool,
-SMAC searches the merge weights on dev tasks, the same pool is re-optimised for two other
-objectives, and data-mixture CPT baselines (uniform, Velocitune, OptiMer's weights as ratios)
-are trained at the same total budget. Every candidate is scored on test tasks no search saw;
-RUN_DIR/report.md has the leaderboard, plots, costs and a verdict per paper claim. Rerun the
-same command to resume an interrupted run.
+From the shipped tiny base (optimer_merge/demo/base), four per-domain CPT runs (ja, zh, math,
+code) give the vector pool, SMAC searches the merge weights on dev tasks, the same pool is
+re-optimised for two other objectives, and data-mixture CPT baselines (uniform, Velocitune,
+OptiMer's weights as ratios) are trained at the same total budget. Every candidate is scored on
+test tasks no search saw; RUN_DIR/report.md has the leaderboard, plots, costs and a verdict per
+paper claim; with --seeds N, every claim gets a 95% interval over seeds and a verdict from it.
+Rerun the same command to resume an interrupted run.
 """
 
 from __future__ import annotations
@@ -73,7 +74,8 @@ def run(args: argparse.Namespace) -> int:
 
     values = {f: getattr(args, f) for f in (*SIZES, "optimizer", "lr") if getattr(args, f) is not None}
     values["workers"] = args.workers if args.workers is not None else min(2, os.cpu_count() or 1)
-    values["search_workers"] = args.search_workers or _recorded(Path(args.run_dir), "search_workers") or (
+    recorded_in = Path(args.run_dir) / (f"seed-{args.seed}" if args.seeds > 1 else "")  # a multi-seed run records per seed
+    values["search_workers"] = args.search_workers or _recorded(recorded_in, "search_workers") or (
         2 if (os.cpu_count() or 1) >= 2 * values["workers"] and importlib.util.find_spec("ray") else 1
     )
     try:
