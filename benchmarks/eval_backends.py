@@ -24,12 +24,12 @@ def main() -> None:
 
     import tempfile
 
-    from optimer_merge.cpt.demo_base import demo_base
+    from optimer_merge.cpt.demo_base import shipped_base
     from optimer_merge.evaluation.evaluator import open_evaluator
     from optimer_merge.search.pool import check_sources
     from optimer_merge.testing import tiny
 
-    base = demo_base()
+    base = shipped_base()
     other = tiny.perturbed_copy(base, Path(tempfile.mkdtemp()) / "other", relative_scale=0.02)
     spec = check_sources(base, {"other": {"model": str(other)}})
     tasks = args.tasks.split(",")

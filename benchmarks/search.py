@@ -138,14 +138,16 @@ def bench_optimizer(root: Path, trials: int = 100) -> dict:
 
 def demo_pool(root: Path, tokens: int) -> tuple[Path, dict[str, str]]:
     from optimer_merge.cpt import TrainConfig, train
-    from optimer_merge.cpt.demo_base import demo_base
+    from optimer_merge.cpt.demo_base import shipped_base
+    from optimer_merge.demo.pipeline import DemoSettings
 
-    base = demo_base(progress=False)
+    base = shipped_base()  # the demo's base, CPT at the demo's learning rate
+    lr = DemoSettings.model_fields["lr"].default
     models = {}
     for d in DOMAINS:
         config = TrainConfig(
             base=str(base), output=str(root / f"cpt-{d}"), datasets=[{"name": d, "source": d}],
-            max_tokens=tokens, seq_len=256, micro_batch_size=8, lr=3e-3, eval_every=50, progress=False,
+            max_tokens=tokens, seq_len=256, micro_batch_size=8, lr=lr, eval_every=50, progress=False,
         )  # fmt: skip
         train(config, log=lambda _m: None)
         models[d] = str(root / f"cpt-{d}" / "model")
