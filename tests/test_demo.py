@@ -125,6 +125,11 @@ def test_report_numbers_come_from_the_run(demo_run):
         assert mid["step"] == -(-steps // 2) < steps and 0 < mid["t"] < 1, (d, steps, mid)
         final = json.loads((run_dir / "cpt" / d / "train_meta.json").read_text())["final_eval_loss"][d]
         assert linearity[d]["line"]["1.0"][d] == pytest.approx(final, rel=1e-5)
+    # interference: each single-domain CPT's own gain and its mean cost on the other domains, from the test results
+    test = {n: json.loads((run_dir / "eval" / n / "results.json").read_text())["results"] for n in ("base", "cpt-ja")}
+    bpb = {n: {d: r[f"optimer_{d}_test_bpb"]["bits_per_byte,none"] for d in DOMAINS} for n, r in test.items()}
+    assert summary["interference"]["own_gain"]["ja"] == pytest.approx(bpb["base"]["ja"] - bpb["cpt-ja"]["ja"])
+    assert summary["interference"]["cross_harm"]["ja"] == pytest.approx(sum(bpb["cpt-ja"][d] - bpb["base"][d] for d in DOMAINS[1:]) / 3)
     # each verdict matches its numbers
     claims = summary["claims"]
     assert claims["beats_model_averaging"] == (means["optimer"] < means["average"])

@@ -3,7 +3,7 @@
 `build` downloads the pinned sources into --sources and rewrites the corpus files of the chosen
 domains inside the installed package (optimer_merge/data/corpora/<domain>/*.jsonl.gz) and their
 checksums in MANIFEST.json; `check` rebuilds into a temporary folder and only compares.
-`base` pre-trains the demo's base from the corpora (seeded, 2 CPU processes, about 20 minutes;
+`base` pre-trains the demo's base from the corpora (seeded, 2 CPU processes, about 16 minutes;
 resumable in --work) and writes it with its BUILD.json record into --out (default: the package's
 optimer_merge/demo/base).
 """

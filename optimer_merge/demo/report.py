@@ -224,12 +224,11 @@ def render(n: dict) -> str:
             cells = " | ".join(f"{line[t][d]:.3f}" for t in sorted(line, key=float))
             add(f"| {d} | {cells} | " + (f"{mid['t']:.2f}, {mid['loss'][d]:.3f}" if mid else "none kept") + " |")
         add("\n![linearity](plots/linearity.png)\n")
-    inter = n.get("interference")
-    if inter:
-        add(
-            "Interference on test: each single-domain CPT lowers its own domain's bits/byte by " + _listing(inter["own_gain"])
-            + " and raises the other domains' by " + _listing(inter["cross_harm"]) + " on average.\n"
-        )
+    inter = n["interference"]
+    add(
+        "Interference on test: each single-domain CPT lowers its own domain's bits/byte by " + _listing(inter["own_gain"])
+        + " and raises the other domains' by " + _listing(inter["cross_harm"]) + " on average.\n"
+    )
     add("![cosine heatmap](vectors/cosine.png)\n")
 
     vt = n["velocitune"]
