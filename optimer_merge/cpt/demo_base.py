@@ -138,11 +138,8 @@ def demo_base(
 
 
 def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
     with open(path, "rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
+        return hashlib.file_digest(handle, "sha256").hexdigest()
 
 
 def build_shipped(out: Path, work: Path, log: Callable[[str], None] = print) -> dict | None:
@@ -150,10 +147,10 @@ def build_shipped(out: Path, work: Path, log: Callable[[str], None] = print) -> 
     (resumable); returns the build record (None on the other training processes)."""
     import math
 
-    from safetensors import safe_open
     from transformers import AutoTokenizer
 
     from optimer_merge.cpt.datasets import documents
+    from optimer_merge.io.checkpoints import Checkpoint
 
     settings = base_settings(SHIPPED_TOKENS, VOCAB_SIZE, SHIPPED_SEED, {}, SHIPPED_DEVICES)
     start = time.time()
@@ -166,8 +163,7 @@ def build_shipped(out: Path, work: Path, log: Callable[[str], None] = print) -> 
         d: sum(len(ids) for ids in tokenizer(list(documents(_source(d))), add_special_tokens=False)["input_ids"])
         for d in MIXTURE
     }
-    with safe_open(model / "model.safetensors", "pt") as f:
-        parameters = sum(math.prod(f.get_slice(k).get_shape()) for k in f.keys())
+    parameters = sum(math.prod(shape) for _, shape in Checkpoint.open(model).meta.values())
     partial = out.with_name(out.name + ".partial")
     shutil.rmtree(partial, ignore_errors=True)
     partial.mkdir(parents=True)

@@ -14,13 +14,12 @@ is below, else *inconclusive*.
 
 from __future__ import annotations
 
-import json
 import math
 import shutil
 from pathlib import Path
 from typing import Callable
 
-from optimer_merge.demo.pipeline import CANDIDATES, DOMAINS, DemoSettings, run_demo
+from optimer_merge.demo.pipeline import CANDIDATES, DOMAINS, SETTINGS_RECORD, DemoSettings, run_demo
 from optimer_merge.errors import ConfigError
 from optimer_merge.report.plots import pyplot
 
@@ -121,45 +120,43 @@ def _ci_text(ci: dict, digits: int = 4) -> str:
     return f"{ci['mean']:.{digits}f} [{ci['low']:.{digits}f}, {ci['high']:.{digits}f}]"
 
 
-def plot_claims(agg: dict, path: Path) -> None:
-    """Each difference claim: the per-seed values and the 95% interval, against 0."""
+def _interval_chart(rows: list[tuple], xlabel: str, path: Path, row_height: float, zero_line: bool = False) -> None:
+    """One row per ``(label, interval, color, marks)``: the 95% interval as a bar, then each mark
+    ``(xs, matplotlib style)`` on that row."""
     plt = pyplot()
-    keys = [k for k, _, _, threshold in CLAIMS if threshold == 0.0]
-    fig, ax = plt.subplots(figsize=(7.5, 0.55 * len(keys) + 1.2))
-    for row, key in enumerate(keys):
-        c = agg["claims"][key]
-        color = {"reproduced": "C2", "not reproduced": "C3"}.get(c["verdict"], "C7")
-        if c["low"] is not None:
-            ax.plot([c["low"], c["high"]], [row, row], color=color, lw=3, alpha=0.6)
-        ax.plot(list(c["per_seed"].values()), [row] * len(c["per_seed"]), "o", color=color, ms=4)
-        ax.plot([c["mean"]], [row], "|", color="black", ms=12)
-    ax.axvline(0, color="black", lw=0.8)
-    ax.set_yticks(range(len(keys)), [agg["claims"][k]["claim"] for k in keys], fontsize=8)
+    fig, ax = plt.subplots(figsize=(7.5, row_height * len(rows) + 1.2))
+    for row, (_, ci, color, marks) in enumerate(rows):
+        if ci["low"] is not None:
+            ax.plot([ci["low"], ci["high"]], [row, row], color=color, lw=3, alpha=0.6)
+        for xs, style in marks:
+            ax.plot(xs, [row] * len(xs), linestyle="none", **style)
+    if zero_line:
+        ax.axvline(0, color="black", lw=0.8)
+    ax.set_yticks(range(len(rows)), [label for label, *_ in rows], fontsize=8)
     ax.invert_yaxis()
-    ax.set_xlabel("test bits/byte difference (> 0: the claim holds); bar: 95% interval")
+    ax.set_xlabel(xlabel)
     ax.grid(axis="x", alpha=0.3)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def plot_claims(agg: dict, path: Path) -> None:
+    """Each difference claim: the per-seed values and the 95% interval, against 0."""
+    rows = []
+    for key in (k for k, _, _, threshold in CLAIMS if threshold == 0.0):
+        c = agg["claims"][key]
+        color = {"reproduced": "C2", "not reproduced": "C3"}.get(c["verdict"], "C7")
+        marks = [(list(c["per_seed"].values()), {"marker": "o", "color": color, "ms": 4}), ([c["mean"]], {"marker": "|", "color": "black", "ms": 12})]
+        rows.append((c["claim"], c, color, marks))
+    _interval_chart(rows, "test bits/byte difference (> 0: the claim holds); bar: 95% interval", path, 0.55, zero_line=True)
 
 
 def plot_leaderboard(agg: dict, path: Path) -> None:
-    plt = pyplot()
     mean = agg["test_mean_bits_per_byte"]
-    names = sorted(mean, key=lambda c: mean[c]["mean"])
-    fig, ax = plt.subplots(figsize=(7.5, 0.4 * len(names) + 1.2))
-    for row, name in enumerate(names):
-        ci = mean[name]
-        if ci["low"] is not None:
-            ax.plot([ci["low"], ci["high"]], [row, row], color="C0", lw=3, alpha=0.6)
-        ax.plot([ci["mean"]], [row], "o", color="C3" if name == "optimer" else "C0")
-    ax.set_yticks(range(len(names)), [agg["labels"][n] for n in names], fontsize=8)
-    ax.invert_yaxis()
-    ax.set_xlabel("test mean bits/byte (lower is better); bar: 95% interval")
-    ax.grid(axis="x", alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    rows = [(agg["labels"][name], mean[name], "C0", [([mean[name]["mean"]], {"marker": "o", "color": "C3" if name == "optimer" else "C0"})])
+            for name in sorted(mean, key=lambda c: mean[c]["mean"])]  # fmt: skip
+    _interval_chart(rows, "test mean bits/byte (lower is better); bar: 95% interval", path, 0.4)
 
 
 def render(agg: dict) -> str:
@@ -273,32 +270,31 @@ def explain(agg: dict) -> str:
 
 def check_layout(run_dir: Path, seeds: int) -> None:
     """A folder holds either one seed's run or a multi-seed run; refuse to mix them."""
-    if seeds > 1 and (run_dir / "demo_settings.json").exists():
+    if seeds > 1 and (run_dir / SETTINGS_RECORD).exists():
         raise ConfigError(f"--run-dir {run_dir} holds a one-seed demo; choose another --run-dir for --seeds {seeds}")
     if seeds == 1 and (run_dir / SEEDS_RECORD).exists():
         raise ConfigError(f"--run-dir {run_dir} holds a multi-seed demo; rerun it with its --seeds or choose another --run-dir")
 
 
 def run_seeds(run_dir: Path, settings: DemoSettings, seeds: int, log: Callable[[str], None] = print) -> dict:
-    """Run (or resume) the demo for ``seeds`` seeds from ``settings.seed`` on; returns the aggregate."""
+    """Run (or resume) the demo for ``seeds`` seeds from ``settings.seed`` on (the folder locked and
+    its settings checked like any run folder); returns the aggregate."""
     from optimer_merge.demo.report import write_report
 
+    from optimer_merge.io.run_folder import RunFolder
+
     check_layout(run_dir, seeds)
-    record = {"seeds": list(range(settings.seed, settings.seed + seeds)), "identity": {k: v for k, v in settings.identity().items() if k != "seed"}}
-    path = run_dir / SEEDS_RECORD
-    if path.exists():
-        recorded = json.loads(path.read_text())
-        if recorded["identity"] != record["identity"]:
-            changed = sorted(k for k in record["identity"] if recorded["identity"].get(k) != record["identity"][k])
-            raise ConfigError(f"--run-dir {run_dir} was run with other settings ({', '.join(changed)}); choose another --run-dir")
-    run_dir.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(record, indent=2))
+    identity = {k: v for k, v in settings.identity().items() if k != "seed"}
     per_seed = {}
-    for i, seed in enumerate(record["seeds"], start=1):
-        folder = run_dir / f"seed-{seed}"
-        log(f"== seed {seed} ({i}/{seeds}) into {folder}")
-        seed_settings = settings.model_copy(update={"seed": seed})
-        per_seed[seed] = write_report(folder, seed_settings, run_demo(folder, seed_settings, log=log))
+    with RunFolder(run_dir, "multi-seed demo", fix="choose another --run-dir or delete this one") as folder:
+        folder.check(SEEDS_RECORD, identity)
+        folder.record(SEEDS_RECORD, identity, seeds=list(range(settings.seed, settings.seed + seeds)))
+        folder.keep()
+        for i, seed in enumerate(range(settings.seed, settings.seed + seeds), start=1):
+            seed_dir = run_dir / f"seed-{seed}"
+            log(f"== seed {seed} ({i}/{seeds}) into {seed_dir}")
+            seed_settings = settings.model_copy(update={"seed": seed})
+            per_seed[seed] = write_report(seed_dir, seed_settings, run_demo(seed_dir, seed_settings, log=log))
     return write_seeds_report(run_dir, per_seed)
 
 
