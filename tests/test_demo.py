@@ -200,7 +200,8 @@ def synthetic_states(bpb: dict[str, dict[str, float]]) -> tuple[dict, dict]:
     linearity = {d: {"mid": {"cosine_with_final": 0.9, "t": 0.5, "loss": {d: 2.0}}, "line": {"0": {d: 2.5}, "1": {d: 2.0}}} for d in DOMAINS}
     states["vectors"] = {"result": {"l2_norm": {d: 1.0 for d in DOMAINS}, "relative_norm": {d: 0.05 for d in DOMAINS},
                                     "off_diagonal_cosine": {"min": -0.1, "max": 0.2, "mean": 0.05},
-                                    "cosine_range_per_kind": {"embeddings": [-0.1, 0.2], "mlp": [0.0, 0.1]}, "linearity": linearity}}
+                                    "cosine_range_per_kind": {"embeddings": [-0.1, 0.2], "mlp": [0.0, 0.1]}, "linearity": linearity,
+                                    "share_per_kind": {"embeddings": {"parameters": 0.4, "norm_sq": 0.8}, "mlp": {"parameters": 0.6, "norm_sq": 0.2}}}}
     trajectory = [{"step": 0, "weights": {d: 0.25 for d in DOMAINS}}, {"step": 6, "weights": {d: 0.25 for d in DOMAINS}, "velocity": {d: 0.0 for d in DOMAINS}}]
     states["mix-velocitune"] = {"result": {"trajectory": trajectory, "tokens_per_dataset": {d: 6000 for d in DOMAINS}}}
     entry = {"candidates": 5, "optimer_search_seconds": 10.0, "mixture_search_seconds": 400.0, "mixture_measured_seconds": 160.0,
@@ -236,3 +237,4 @@ def test_report_numbers_and_verdicts_from_synthetic_states():
     assert "**15-35x lower search cost.** **Reproduced for the search itself, not once OptiMer's training is counted.**" in report
     assert "wall time 1.5 min over 2 invocations (resumed)" in report
     assert "From step 6 every domain was at or below its fitted target loss" in report
+    assert "per kind of tensor: embeddings 40% / 80%, mlp 60% / 20%." in report

@@ -113,6 +113,13 @@ def test_vector_stats_match_direct_cosines(vectors_dir, tmp_path):
     assert result["per_kind"]["mlp"]["cosine"][0][1] == pytest.approx(float(ja @ zh / ja.norm() / zh.norm()), abs=1e-9)
     mlp_base = math.sqrt(sum(float(base[k].pow(2).sum()) for k in mlp))
     assert result["per_kind"]["mlp"]["relative_norm"]["ja"] == pytest.approx(float(ja.norm()) / mlp_base, rel=1e-9)
+    # where each vector's length sits: shares of ||v||^2 and of the base's parameters per kind
+    for d in DOMAINS:
+        kind_sq = {kind: e["l2_norm"][d] ** 2 for kind, e in result["per_kind"].items()}
+        assert sum(e["share_of_norm_sq"][d] for e in result["per_kind"].values()) == pytest.approx(1.0, rel=1e-9)
+        assert result["per_kind"]["mlp"]["share_of_norm_sq"][d] == pytest.approx(kind_sq["mlp"] / sum(kind_sq.values()), rel=1e-9)
+    mlp_params = sum(base[k].numel() for k in mlp)
+    assert result["per_kind"]["mlp"]["share_of_parameters"] == pytest.approx(mlp_params / sum(t.numel() for t in base.values()), rel=1e-12)
     # Distinct domains give distinct directions: no pair is nearly parallel.
     assert result["off_diagonal_cosine"]["max"] < 0.9
 

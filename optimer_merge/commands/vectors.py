@@ -61,6 +61,7 @@ def run(args: argparse.Namespace) -> int:
         pairs_of = [(i, j) for i in range(len(names)) for j in range(i + 1, len(names))]
         for kind, entry in result["per_kind"].items():
             cosines = [entry["cosine"][i][j] for i, j in pairs_of]
-            print(f"  {kind}: cosines {min(cosines):+.3f} .. {max(cosines):+.3f}")
+            share = sum(entry["share_of_norm_sq"].values()) / len(names)
+            print(f"  {kind}: {entry['share_of_parameters']:.0%} of parameters, {share:.0%} of ||v||^2 (mean), cosines {min(cosines):+.3f} .. {max(cosines):+.3f}")
     print(f"wrote {Path(out) / 'stats.json'} and {Path(out) / 'cosine.png'}")
     return 0

@@ -217,6 +217,10 @@ def _vectors(ctx: _Context) -> dict:
         "cosine_range_per_kind": {
             kind: [min(e["cosine"][i][j] for i, j in pairs), max(e["cosine"][i][j] for i, j in pairs)] for kind, e in result["per_kind"].items()
         },
+        "share_per_kind": {  # of the parameters, and of ||v||^2 (mean over the domains)
+            kind: {"parameters": e["share_of_parameters"], "norm_sq": sum(e["share_of_norm_sq"].values()) / len(DOMAINS)}
+            for kind, e in result["per_kind"].items()
+        },
         "linearity": {d: linearity(ctx.run / "cpt" / d) for d in DOMAINS},
     }
 

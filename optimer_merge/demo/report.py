@@ -209,6 +209,9 @@ def render(n: dict) -> str:
             "weights by ||v|| / ||theta_base|| = " + ", ".join(f"{d} {vec['relative_norm'][d]:.3f}" for d in DOMAINS)
             + "; pairwise cosines per kind of tensor: "
             + ", ".join(f"{kind} {lo:+.2f} to {hi:+.2f}" for kind, (lo, hi) in vec["cosine_range_per_kind"].items()) + ".\n"
+            + ("Share of the parameters and of ||v||² (mean over the domains) per kind of tensor: "
+               + ", ".join(f"{kind} {e['parameters']:.0%} / {e['norm_sq']:.0%}" for kind, e in vec["share_per_kind"].items()) + ".\n"
+               if "share_per_kind" in vec else "")
         )
     if "linearity" in vec:
         lin = vec["linearity"]

@@ -93,6 +93,8 @@ def aggregate(per_seed: dict[int, dict]) -> dict:
         "cosine_mean": over(lambda n: vec(n)["off_diagonal_cosine"]["mean"]),
         "cosine_range": [min(vec(n)["off_diagonal_cosine"]["min"] for n in runs), max(vec(n)["off_diagonal_cosine"]["max"] for n in runs)],
         "cosine_range_per_kind": {k: [min(vec(n)["cosine_range_per_kind"][k][0] for n in runs), max(vec(n)["cosine_range_per_kind"][k][1] for n in runs)] for k in kinds},
+        "share_per_kind": {k: {"parameters": vec(runs[0])["share_per_kind"][k]["parameters"], "norm_sq": over(lambda n, k=k: vec(n)["share_per_kind"][k]["norm_sq"])}
+                           for k in kinds} if all("share_per_kind" in vec(n) for n in runs) else {},  # runs recorded before it lack it
         "linearity_cosine": {d: over(lambda n, d=d: vec(n)["linearity"][d]["mid"]["cosine_with_final"]) for d in DOMAINS
                              if all(vec(n)["linearity"][d]["mid"] for n in runs)},
         "own_gain": {d: over(lambda n, d=d: n["interference"]["own_gain"][d]) for d in DOMAINS},
@@ -207,8 +209,12 @@ def render(agg: dict) -> str:
     add("| ‖v‖ / ‖θ_base‖ | " + ", ".join(f"{d} {_ci_text(rel[d], 3)}" for d in DOMAINS) + " | small (not reported) |")
     lo, hi = regime["cosine_range"]
     add(f"| pairwise cosine of the vectors | {lo:+.2f} to {hi:+.2f} (mean {_ci_text(regime['cosine_mean'], 3)}) | +0.03 to +0.31 |")
+    shares = regime["share_per_kind"]
     for kind, (klo, khi) in regime["cosine_range_per_kind"].items():
-        add(f"| cosine, {kind} tensors | {klo:+.2f} to {khi:+.2f} | |")
+        share = shares.get(kind)
+        add(f"| cosine, {kind} tensors | {klo:+.2f} to {khi:+.2f}"
+            + (f" ({share['parameters']:.0%} of the parameters, {_ci_text(_percent(share['norm_sq']), 0)}% of ‖v‖²)" if share else "")
+            + (" | about 5% of Gemma 3 27B's parameters |" if kind == "embeddings" else " | |"))
     if regime["linearity_cosine"]:
         add("| cosine(mid-run vector, final vector) | " + ", ".join(f"{d} {_ci_text(v, 3)}" for d, v in regime["linearity_cosine"].items())
             + " | roughly linear trajectories |")
@@ -245,7 +251,7 @@ def explain(agg: dict) -> str:
         f"OptiMer's merge scores {-c['mean']:+.4f} bits/byte against the uniform mixture on average ({c['verdict']}; "
         "negative is better for OptiMer). "
         f"Each CPT run moves the base by ||v||/||θ|| = {rel_text}, and the vectors' pairwise cosines lie between "
-        f"{lo:+.2f} and {hi:+.2f}. A single-domain CPT gains {gain:.3f} bits/byte on its own domain and loses "
+        f"{lo:+.2f} and {hi:+.2f}.{_where_vectors_sit(regime)} A single-domain CPT gains {gain:.3f} bits/byte on its own domain and loses "
         f"{harm:.3f} on each other domain on average" + (f" ({harm / gain:.0%} of its gain)" if gain > 0 else "") + ": adding a vector brings that "
         "forgetting into the merge, while a mixture run trains every domain at once. The search's weights sum to "
         f"{wsum:.2f} on average: "
@@ -266,6 +272,30 @@ def explain(agg: dict) -> str:
         "gain, and the closer the cosines to the paper's +0.03 to +0.31, the closer the miniature is to the paper's conditions."
     )
     return text
+
+
+def _percent(ci: dict) -> dict:
+    return {k: (v * 100 if isinstance(v, float) else v) for k, v in ci.items()}
+
+
+def _where_vectors_sit(regime: dict) -> str:
+    """Which kind of tensor holds most of the vectors' length, and the cosines there and elsewhere."""
+    shares = regime["share_per_kind"]
+    if not shares:
+        return ""
+    top = max(shares, key=lambda k: shares[k]["norm_sq"]["mean"])
+    lo, hi = regime["cosine_range_per_kind"][top]
+    rest = [k for k in regime["cosine_range_per_kind"] if k != top]
+    return (
+        f" {shares[top]['norm_sq']['mean']:.0%} of each vector's squared length sits in the {top} tensors "
+        f"({shares[top]['parameters']:.0%} of the parameters"
+        + ("; about 5% in Gemma 3 27B" if top == "embeddings" else "")
+        + f"), where the cosines run from {lo:+.2f} to {hi:+.2f}"
+        + (" (each domain moves the rows of its own tokens)" if top == "embeddings" else "")
+        + ("; in the " + ", ".join(f"{k} tensors {regime['cosine_range_per_kind'][k][0]:+.2f} to {regime['cosine_range_per_kind'][k][1]:+.2f}" for k in rest)
+           if rest else "")
+        + "."
+    )
 
 
 def check_layout(run_dir: Path, seeds: int) -> None:

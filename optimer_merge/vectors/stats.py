@@ -83,6 +83,7 @@ def stats(vectors: Mapping[str, str | Path], out_dir: str | Path | None = None, 
     grams: dict[str, torch.Tensor] = {}
     kinds: dict[str, torch.Tensor] = {}
     base_sq: dict[str, float] = dict.fromkeys(KINDS, 0.0)
+    numel: dict[str, int] = dict.fromkeys(KINDS, 0)  # parameters per kind: the vectors' tensors, and the base's unchanged ones
     for key in keys:
         rows = []
         shape = next(c.meta[key][1] for c in ckpts.values() if key in c.meta)
@@ -98,12 +99,14 @@ def stats(vectors: Mapping[str, str | Path], out_dir: str | Path | None = None, 
         group, kind = layer_of(key), kind_of(key)
         grams[group] = grams.get(group, torch.zeros(k, k, dtype=torch.float64)) + gram
         kinds[kind] = kinds.get(kind, torch.zeros(k, k, dtype=torch.float64)) + gram
+        numel[kind] += math.prod(shape)
         if base_ckpt is not None and key in base_ckpt.meta:
             base_sq[kind] += float(base_ckpt.get(key).double().pow(2).sum())
     if base_ckpt is not None:  # tensors no model changed (left out of the vectors) count in the base's norm
         for key in set(base_ckpt.names()) - set(keys):
             if base_ckpt.is_float(key):
                 base_sq[kind_of(key)] += float(base_ckpt.get(key).double().pow(2).sum())
+                numel[kind_of(key)] += math.prod(base_ckpt.meta[key][1])
     total = sum(grams.values(), torch.zeros(k, k, dtype=torch.float64))
 
     def cosine(g: torch.Tensor) -> list[list[float]]:
@@ -116,7 +119,17 @@ def stats(vectors: Mapping[str, str | Path], out_dir: str | Path | None = None, 
         "l2_norm": dict(zip(names, total.diagonal().sqrt().tolist())),
         "cosine": cosine(total),
         "per_layer": {g: {"l2_norm": dict(zip(names, grams[g].diagonal().sqrt().tolist())), "cosine": cosine(grams[g])} for g in order},
-        "per_kind": {g: {"l2_norm": dict(zip(names, kinds[g].diagonal().sqrt().tolist())), "cosine": cosine(kinds[g])} for g in KINDS if g in kinds},
+        "per_kind": {
+            g: {
+                "l2_norm": dict(zip(names, kinds[g].diagonal().sqrt().tolist())),
+                "cosine": cosine(kinds[g]),
+                # where each vector's length sits: a kind holding most of ||v||^2 sets the overall cosines
+                "share_of_norm_sq": dict(zip(names, (kinds[g].diagonal() / total.diagonal().clamp_min(1e-300)).tolist())),
+                "share_of_parameters": numel[g] / sum(numel.values()),
+            }
+            for g in KINDS
+            if g in kinds
+        },
     }
     if base_ckpt is not None:
         base_norm = math.sqrt(sum(base_sq.values()))
