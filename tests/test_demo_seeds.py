@@ -59,7 +59,7 @@ def test_intervals_and_verdicts_over_seeds(tmp_path):
     assert "gains 0.100 bits/byte on its own domain and loses 0.050 on each other domain on average (50% of its gain)" in report
     assert "| cosine, embeddings tensors | -0.10 to +0.20 (40% of the parameters, 80 [80, 80]% of ‖v‖²) | about 5% of Gemma 3 27B's parameters |" in report
     assert ("80% of each vector's squared length sits in the embeddings tensors (40% of the parameters; about 5% in Gemma 3 27B), "
-            "where the cosines run from -0.10 to +0.20 (each domain moves the rows of its own tokens); in the mlp tensors +0.00 to +0.10.") in report
+            "where the cosines run from -0.10 to +0.20 (each domain moves the rows of its own tokens); elsewhere: mlp +0.00 to +0.10.") in report
     run = tmp_path / "run"
     write_seeds_report(run, per_seed)
     assert (run / "plots" / "claims.png").stat().st_size > 0 and (run / "plots" / "leaderboard.png").stat().st_size > 0

@@ -292,7 +292,7 @@ def _where_vectors_sit(regime: dict) -> str:
         + ("; about 5% in Gemma 3 27B" if top == "embeddings" else "")
         + f"), where the cosines run from {lo:+.2f} to {hi:+.2f}"
         + (" (each domain moves the rows of its own tokens)" if top == "embeddings" else "")
-        + ("; in the " + ", ".join(f"{k} tensors {regime['cosine_range_per_kind'][k][0]:+.2f} to {regime['cosine_range_per_kind'][k][1]:+.2f}" for k in rest)
+        + ("; elsewhere: " + ", ".join(f"{k} {regime['cosine_range_per_kind'][k][0]:+.2f} to {regime['cosine_range_per_kind'][k][1]:+.2f}" for k in rest)
            if rest else "")
         + "."
     )
