@@ -93,6 +93,8 @@ class SearchConfig(BaseModel):
             raise ValueError(f"vector names must be unique (repeated: {', '.join(duplicates)})")
         if self.bounds[0] > self.bounds[1]:
             raise ValueError(f"bounds {list(self.bounds)} have min > max")
+        if self.ray_address and self.parallel == 1:
+            raise ValueError(f"ray_address {self.ray_address!r} needs parallel >= 2 (parallel: 1 scores in this process)")
         return self
 
     @property

@@ -79,6 +79,10 @@ def search(config: SearchConfig, *, export: bool = False, log: Callable[[str], N
     vectors, the run folder, models an export needs); a search refused then leaves no folder."""
     objective = config.load_objective()
     objective.check()
+    if config.ray_address:
+        from optimer_merge.search.workers import check_ray_address
+
+        check_ray_address(config.ray_address)
     if config.large_bounds():
         log(f"warning: bounds of {', '.join(config.large_bounds())} reach beyond +-{LARGE_BOUND:g}: "
             "such merges move the base many times further than its CPT did")  # fmt: skip

@@ -13,6 +13,7 @@ started again.
 from __future__ import annotations
 
 import math
+import socket
 import time
 from typing import Callable, Iterator
 
@@ -97,6 +98,24 @@ class LocalWorkers:
 
     def close(self) -> None:
         self.scorer.close()
+
+
+def check_ray_address(address: str, timeout: float = 5.0) -> None:
+    """Refuse a cluster address nothing answers at, in seconds: ``ray.init`` itself retries for
+    minutes. ``auto`` (a running local cluster or RAY_ADDRESS) and other URI schemes are left to Ray."""
+    target = address.removeprefix("ray://")
+    if address in ("auto", "local") or "://" in target:
+        return
+    host, sep, port = target.rpartition(":")
+    if not sep or not host or not port.isdigit():
+        raise ConfigError(f"ray_address {address!r}: expected HOST:PORT of the cluster's head (as `ray start --head` prints it), ray://HOST:PORT or auto")
+    try:
+        socket.create_connection((host, int(port)), timeout=timeout).close()
+    except OSError as error:
+        raise ConfigError(
+            f"ray_address {address}: nothing answers at {host}:{port} ({error.strerror or error}); "
+            "start the cluster's head there (`ray start --head`) or fix the address"
+        ) from None
 
 
 class RayWorkers:
