@@ -6,6 +6,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -95,3 +96,43 @@ def test_a_killed_worker_fails_its_trial_and_is_started_again(tiny_zoo, tmp_path
     assert len(records) == 12 and len(failed) == 1, [r["reason"] for r in failed]
     assert "died" in failed[0]["reason"] and "starting it again" in output
     assert all(r["status"] == "ok" for r in records if r["trial"] > failed[0]["trial"] + 1)
+
+
+@needs_ray
+def test_workers_join_a_running_cluster_and_leave_it_running(parallel_run, tiny_zoo, tmp_path):
+    """`ray_address` joins a cluster started with `ray start --head` (as on a multi-node setup,
+    here with token authentication): without the token the search is refused with the fix and
+    leaves no folder; with it, its trials are those of a search on its own local Ray, and the
+    cluster outlives the search."""
+    import secrets
+    import socket
+
+    ray_cli = str(Path(sys.executable).with_name("ray"))
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    token = {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(32)}
+    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", **token}
+    head = ["--head", "--port", str(port), "--num-cpus", "2", "--include-dashboard", "false"]
+    started = subprocess.run([ray_cli, "start", *head], capture_output=True, text=True, timeout=120, env=env)
+    assert started.returncode == 0, started.stderr[-3000:]
+    try:
+        # the head's address as `ray start` prints it for other nodes (this machine's IP, not 127.0.0.1)
+        address = re.search(r"--address='([^']+)'", started.stdout + started.stderr).group(1)
+        assert address.endswith(f":{port}")
+        out = tmp_path / "run"
+        argv = args(tiny_zoo, out, "--trials", "4", "--finalists", "0", "--set", f"ray_address={address}")
+        refused = subprocess.run(argv, capture_output=True, text=True, timeout=600, env={**env, "RAY_AUTH_MODE": "disabled"})
+        assert refused.returncode == 2, refused.stderr[-3000:]
+        assert f"error: ray_address {address}: cannot join the Ray cluster" in refused.stderr
+        assert "set RAY_AUTH_MODE=token" in refused.stderr and not out.exists()
+        done = subprocess.run(argv, capture_output=True, text=True, timeout=600, env=env)
+        assert done.returncode == 0, done.stderr[-3000:]
+        assert f"starting 2 trial workers on Ray (cluster {address})" in done.stdout
+        joined, reference = trials(out), trials(parallel_run)[:4]
+        assert [r["weights"] for r in joined] == [r["weights"] for r in reference]
+        assert [r["score"] for r in joined] == pytest.approx([r["score"] for r in reference], abs=1e-9)
+        alive = subprocess.run([ray_cli, "status", "--address", address], capture_output=True, text=True, timeout=120, env=env)
+        assert alive.returncode == 0, alive.stderr[-2000:]
+    finally:
+        subprocess.run([ray_cli, "stop", "--force"], capture_output=True, timeout=120)

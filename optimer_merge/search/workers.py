@@ -132,11 +132,16 @@ class RayWorkers:
         self.size = config.parallel
         self.started_ray = not ray.is_initialized()
         if self.started_ray:
-            options = {"address": config.ray_address} if config.ray_address else {}
+            # without ray_address a new local Ray, even where a cluster runs or RAY_ADDRESS is set
+            address = config.ray_address or "local"
             try:
-                ray.init(include_dashboard=False, log_to_driver=False, logging_level="ERROR", configure_logging=True, **options)
+                ray.init(address=address, include_dashboard=False, log_to_driver=False, logging_level="ERROR", configure_logging=True)
             except ConnectionError as error:
-                raise ConfigError(f"ray_address {config.ray_address}: cannot join the Ray cluster ({error})") from None
+                hint = ""
+                if "InvalidAuthToken" in str(error.__cause__):  # the head was started with token authentication
+                    hint = ("; the cluster asks for a token: set RAY_AUTH_MODE=token, with the cluster's token in "
+                            "~/.ray/auth_token, RAY_AUTH_TOKEN_PATH or RAY_AUTH_TOKEN")  # fmt: skip
+                raise ConfigError(f"ray_address {config.ray_address}: cannot join the Ray cluster ({error}){hint}") from None
         gpus = config.tensor_parallel_size if config.backend == "vllm" else 1
         threads = config.threads if config.threads != "auto" else 1
         self.actor_class = ray.remote(num_cpus=threads, num_gpus=gpus if torch.cuda.is_available() else 0, max_restarts=0)(_Actor)
