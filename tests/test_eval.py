@@ -14,6 +14,7 @@ import yaml
 from conftest import DOMAINS, REPO
 
 from optimer_merge import cli, data
+from optimer_merge.errors import ConfigError
 
 sys.path.insert(0, str(REPO / "eval_tasks" / "optimer"))
 import utils as task_utils  # noqa: E402  (eval_tasks/optimer/utils.py, as lm-eval loads it)
@@ -190,7 +191,7 @@ def test_eval_cli_writes_results_table_and_objective(small_base, tmp_path, capsy
 
 
 @needs_vllm
-def test_vllm_and_server_match_hf_and_vllm_updates_live(hf_results, small_base, other_model):
+def test_vllm_and_server_match_hf_and_vllm_updates_live(hf_results, small_base, other_model, monkeypatch):
     from safetensors.torch import load_file
 
     with open_evaluator("vllm", small_base, weight_update="push") as engine:
@@ -201,6 +202,14 @@ def test_vllm_and_server_match_hf_and_vllm_updates_live(hf_results, small_base, 
         assert server._server is not None
         assert_close(metrics(server.evaluate(LL_TASKS, LIMIT)), metrics(hf_results["base"]), 1e-4)
         process = server._server
+        # the same server reached by URL, given as OpenAI clients take it (with /v1); its key first missing
+        monkeypatch.delenv("OPENAI_API_KEY", raising=False)
+        with pytest.raises(ConfigError, match="HTTP Error 401.*set OPENAI_API_KEY"):
+            open_evaluator("server", small_base, url=server.url)
+        monkeypatch.setenv("OPENAI_API_KEY", server.lm.api_key)
+        with open_evaluator("server", small_base, url=server.url + "/v1/") as client:
+            assert client._server is None and client.url == server.url
+            assert_close(metrics(client.evaluate(LL_TASKS, LIMIT)), metrics(hf_results["base"]), 1e-4)
     assert process.poll() is not None  # the server was shut down
 
 

@@ -43,6 +43,10 @@ def run(args: argparse.Namespace) -> int:
 
     if args.url and args.backend != "server":
         raise ConfigError(f"--url {args.url} needs --backend server (got --backend {args.backend})")
+    if args.url:
+        from optimer_merge.evaluation.server_backend import server_root
+
+        server_root(args.url)  # a malformed URL is refused before any work
     objective = Objective.load(args.objective) if args.objective else None
     if args.tasks is not None:
         tasks = [t.strip() for t in args.tasks.split(",")]

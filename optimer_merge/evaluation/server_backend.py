@@ -13,6 +13,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.parse
 import urllib.request
 from pathlib import Path
 
@@ -23,6 +24,15 @@ from optimer_merge.errors import ConfigError
 from optimer_merge.evaluation.evaluator import LMEvalEvaluator, max_positions, scoped_environment
 
 SERVED_NAME = "optimer-eval"
+
+
+def server_root(url: str) -> str:
+    """The root URL of an OpenAI-compatible server from what a user types, with or without the
+    OpenAI clients' ``/v1`` suffix: ``http(s)://HOST[:PORT][/v1][/]``."""
+    parsed = urllib.parse.urlsplit(url)
+    if parsed.scheme not in ("http", "https") or not parsed.hostname:
+        raise ConfigError(f"server url {url!r}: expected http(s)://HOST:PORT of an OpenAI-compatible server (e.g. http://127.0.0.1:8000)")
+    return url.rstrip("/").removesuffix("/v1")
 
 
 class _KeyedCompletions(LocalCompletionsAPI):
@@ -70,10 +80,13 @@ class ServerEvaluator(LMEvalEvaluator):
             require_vllm()
             key, url = self._start(key, max_length, tensor_parallel_size, server_args, server_timeout)
         else:
+            url = server_root(url)
             try:
                 name = _served_name(url, key)
             except OSError as error:
-                raise ConfigError(f"cannot reach the server at {url}: {error}") from None
+                hint = "; it wants an API key: set OPENAI_API_KEY" if getattr(error, "code", None) == 401 else ""
+                raise ConfigError(f"cannot reach the server at {url}: {error}{hint}") from None
+        self.url = url
         self.lm = _KeyedCompletions(
             api_key=key,
             base_url=url.rstrip("/") + "/v1/completions",
