@@ -119,6 +119,7 @@ CASES = [
     Case("train-malformed-config", ["train", "--config", "{bad_yaml}"], ["bad.yaml:3:", "malformed YAML"], []),
     # eval
     Case("eval-url-without-server", evaluate("--url", "http://127.0.0.1:9"), ["--url http://127.0.0.1:9 needs --backend server"]),
+    Case("eval-task-twice", evaluate("--tasks", "optimer_ja_dev_bpb,optimer_ja_dev_bpb"), ["optimer_ja_dev_bpb twice"]),
     Case("eval-url-not-http", evaluate("--backend", "server", "--url", "localhost:8000"), ["server url 'localhost:8000'", "http(s)://HOST:PORT"]),
     Case("eval-empty-tasks", ["eval", "{base}", "--tasks", "", "--output", "{out}"], ["--tasks ''"]),
     Case("eval-zero-limit", evaluate("--limit", "0"), ["--limit", "got 0"]),

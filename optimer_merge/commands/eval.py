@@ -52,6 +52,9 @@ def run(args: argparse.Namespace) -> int:
         tasks = [t.strip() for t in args.tasks.split(",")]
         if not all(tasks):
             raise ConfigError(f"--tasks {args.tasks!r} names an empty task; give comma-separated task names")
+        twice = sorted({t for t in tasks if tasks.count(t) > 1})
+        if twice:
+            raise ConfigError(f"--tasks {args.tasks!r} names {', '.join(twice)} twice; give each task once")
     else:
         tasks = objective.task_names() if objective else ["optimer_dev"]
     resolve(tasks)  # unknown task names fail here, before any model is loaded
