@@ -110,7 +110,7 @@ def check_ray_address(address: str, timeout: float = 5.0) -> None:
     if not sep or not host or not port.isdigit():
         raise ConfigError(f"ray_address {address!r}: expected HOST:PORT of the cluster's head (as `ray start --head` prints it), ray://HOST:PORT or auto")
     try:
-        socket.create_connection((host, int(port)), timeout=timeout).close()
+        socket.create_connection((host.strip("[]"), int(port)), timeout=timeout).close()  # [v6 address]:port too
     except OSError as error:
         raise ConfigError(
             f"ray_address {address}: nothing answers at {host}:{port} ({error.strerror or error}); "
