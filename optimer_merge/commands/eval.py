@@ -43,10 +43,11 @@ def run(args: argparse.Namespace) -> int:
 
     if args.url and args.backend != "server":
         raise ConfigError(f"--url {args.url} needs --backend server (got --backend {args.backend})")
+    url = None
     if args.url:
         from optimer_merge.evaluation.server_backend import server_root
 
-        server_root(args.url)  # a malformed URL is refused before any work
+        url = server_root(args.url)  # a malformed URL is refused before any work
     objective = Objective.load(args.objective) if args.objective else None
     if args.tasks is not None:
         tasks = [t.strip() for t in args.tasks.split(",")]
@@ -68,7 +69,7 @@ def run(args: argparse.Namespace) -> int:
     if args.backend != "hf":
         settings["tensor_parallel_size"] = args.tensor_parallel_size
     if args.backend == "server":
-        settings["url"] = args.url
+        settings["url"] = url
     with open_evaluator(args.backend, args.model, **settings) as evaluator:
         results = evaluator.evaluate(tasks, args.limit, confirm_run_unsafe_code=args.confirm_run_unsafe_code, log_samples=args.log_samples)
     results["config"]["model"] = f"optimer-merge/{args.backend}"

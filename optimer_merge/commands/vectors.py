@@ -26,6 +26,7 @@ def run(args: argparse.Namespace) -> int:
     from optimer_merge.commands import pairs
     from optimer_merge.errors import ConfigError
     from optimer_merge.vectors import extract, read_manifest, stats
+    from optimer_merge.vectors.stats import kind_summary
 
     if args.action == "extract":
         models = pairs(args.model, "--model")
@@ -58,10 +59,8 @@ def run(args: argparse.Namespace) -> int:
     if "relative_norm" in result:
         print("/ ||base||".ljust(width) + "".join(f"{result['relative_norm'][n]:8.3f}" for n in names))
     if len(names) > 1:
-        pairs_of = [(i, j) for i in range(len(names)) for j in range(i + 1, len(names))]
-        for kind, entry in result["per_kind"].items():
-            cosines = [entry["cosine"][i][j] for i, j in pairs_of]
-            share = sum(entry["share_of_norm_sq"].values()) / len(names)
-            print(f"  {kind}: {entry['share_of_parameters']:.0%} of parameters, {share:.0%} of ||v||^2 (mean), cosines {min(cosines):+.3f} .. {max(cosines):+.3f}")
+        for kind, e in kind_summary(result).items():
+            lo, hi = e["cosine_range"]
+            print(f"  {kind}: {e['parameters']:.0%} of parameters, {e['norm_sq']:.0%} of ||v||^2 (mean), cosines {lo:+.3f} .. {hi:+.3f}")
     print(f"wrote {Path(out) / 'stats.json'} and {Path(out) / 'cosine.png'}")
     return 0

@@ -204,23 +204,19 @@ def _mixture(ctx: _Context, kind: str) -> dict:
 def _vectors(ctx: _Context) -> dict:
     from optimer_merge import vectors
     from optimer_merge.vectors.linearity import linearity
+    from optimer_merge.vectors.stats import kind_summary
 
     out = ctx.run / "vectors"
     models = {d: ctx.result(f"cpt-{d}")["model"] for d in DOMAINS}
     manifest = vectors.extract(ctx.base, models, out, log=ctx.log)
     result = vectors.stats({d: out / manifest["vectors"][d]["file"] for d in DOMAINS}, out, base=ctx.base)
-    pairs = [(i, j) for i in range(len(DOMAINS)) for j in range(i + 1, len(DOMAINS))]
+    kinds = kind_summary(result)
     return {  # the rest: stats.json
         "l2_norm": result["l2_norm"],
         "relative_norm": result["relative_norm"],
         "off_diagonal_cosine": result["off_diagonal_cosine"],
-        "cosine_range_per_kind": {
-            kind: [min(e["cosine"][i][j] for i, j in pairs), max(e["cosine"][i][j] for i, j in pairs)] for kind, e in result["per_kind"].items()
-        },
-        "share_per_kind": {  # of the parameters, and of ||v||^2 (mean over the domains)
-            kind: {"parameters": e["share_of_parameters"], "norm_sq": sum(e["share_of_norm_sq"].values()) / len(DOMAINS)}
-            for kind, e in result["per_kind"].items()
-        },
+        "cosine_range_per_kind": {kind: e["cosine_range"] for kind, e in kinds.items()},
+        "share_per_kind": {kind: {"parameters": e["parameters"], "norm_sq": e["norm_sq"]} for kind, e in kinds.items()},
         "linearity": {d: linearity(ctx.run / "cpt" / d) for d in DOMAINS},
     }
 

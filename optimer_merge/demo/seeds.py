@@ -116,10 +116,10 @@ def aggregate(per_seed: dict[int, dict]) -> dict:
     }
 
 
-def _ci_text(ci: dict, digits: int = 4) -> str:
+def _ci_text(ci: dict, digits: int = 4, scale: float = 1.0) -> str:
     if ci["low"] is None:
-        return f"{ci['mean']:.{digits}f}"
-    return f"{ci['mean']:.{digits}f} [{ci['low']:.{digits}f}, {ci['high']:.{digits}f}]"
+        return f"{ci['mean'] * scale:.{digits}f}"
+    return f"{ci['mean'] * scale:.{digits}f} [{ci['low'] * scale:.{digits}f}, {ci['high'] * scale:.{digits}f}]"
 
 
 def _interval_chart(rows: list[tuple], xlabel: str, path: Path, row_height: float, zero_line: bool = False) -> None:
@@ -213,7 +213,7 @@ def render(agg: dict) -> str:
     for kind, (klo, khi) in regime["cosine_range_per_kind"].items():
         share = shares.get(kind)
         add(f"| cosine, {kind} tensors | {klo:+.2f} to {khi:+.2f}"
-            + (f" ({share['parameters']:.0%} of the parameters, {_ci_text(_percent(share['norm_sq']), 0)}% of ‖v‖²)" if share else "")
+            + (f" ({share['parameters']:.0%} of the parameters, {_ci_text(share['norm_sq'], 0, scale=100)}% of ‖v‖²)" if share else "")
             + (" | about 5% of Gemma 3 27B's parameters |" if kind == "embeddings" else " | |"))
     if regime["linearity_cosine"]:
         add("| cosine(mid-run vector, final vector) | " + ", ".join(f"{d} {_ci_text(v, 3)}" for d, v in regime["linearity_cosine"].items())
@@ -272,10 +272,6 @@ def explain(agg: dict) -> str:
         "gain, and the closer the cosines to the paper's +0.03 to +0.31, the closer the miniature is to the paper's conditions."
     )
     return text
-
-
-def _percent(ci: dict) -> dict:
-    return {k: (v * 100 if isinstance(v, float) else v) for k, v in ci.items()}
 
 
 def _where_vectors_sit(regime: dict) -> str:

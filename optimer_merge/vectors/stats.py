@@ -148,6 +148,21 @@ def stats(vectors: Mapping[str, str | Path], out_dir: str | Path | None = None, 
     return result
 
 
+def kind_summary(result: dict) -> dict[str, dict]:
+    """Per kind of tensor in a ``stats`` result: the range of the pairwise cosines, the share of the
+    parameters, and the share of ||v||^2 (mean over the vectors)."""
+    k = len(result["vectors"])
+    pairs = [(i, j) for i in range(k) for j in range(i + 1, k)]
+    return {
+        kind: {
+            "cosine_range": [min(e["cosine"][i][j] for i, j in pairs), max(e["cosine"][i][j] for i, j in pairs)] if pairs else None,
+            "parameters": e["share_of_parameters"],
+            "norm_sq": sum(e["share_of_norm_sq"].values()) / k,
+        }
+        for kind, e in result["per_kind"].items()
+    }
+
+
 def plot_cosines(result: dict, path: Path) -> None:
     """Heatmap of the overall cosine matrix, and each pair's cosine per layer."""
     from optimer_merge.report.plots import pyplot
