@@ -72,6 +72,31 @@ def test_hf_pool_merges_in_place_like_stock_mergekit(tiny_zoo, tmp_path, kind, d
         assert any(name.startswith("model.language_model.") for name in names.values())
 
 
+def test_hf_bf16_log_likelihoods_are_summed_in_float32(tiny_zoo):
+    """A bf16 model's document log-likelihood is lm-eval's sum of per-token log-probabilities: taken
+    in bf16 it rounds to 3 significant digits, and two merges score the same."""
+    from lm_eval.api.instance import Instance
+
+    base, models = zoo_models(tiny_zoo, "tiny-bf16")
+    evaluator = open_evaluator("hf", base, threads=1, log=QUIET)
+    assert evaluator.dtype == "bfloat16"
+    evaluator.build_pool(check_sources(base, {n: {"model": str(p)} for n, p in models.items()}))
+    text = "def hello(world):\n    return world + 1\n" * 4
+    tokens = evaluator.lm.tok_encode(text)
+    ids = torch.tensor([[evaluator.lm.prefix_token_id, *tokens]])  # lm-eval scores every token after a prefix token
+    scores = []
+    for weights in ({n: 0.0 for n in DOMAINS}, WEIGHTS):
+        evaluator.set_weights(weights)
+        request = Instance(request_type="loglikelihood_rolling", doc={}, arguments=(text,), idx=0)
+        [lm_eval_sum] = evaluator.lm.loglikelihood_rolling([request], disable_tqdm=True)
+        with torch.no_grad():  # the same bf16 logits, log-softmax and sum in float32
+            logits = evaluator.model(ids).logits.float()
+        exact = torch.log_softmax(logits, -1)[0, :-1].gather(-1, ids[0, 1:, None]).sum().item()
+        assert lm_eval_sum == pytest.approx(exact, abs=1e-3)
+        scores.append(lm_eval_sum)
+    assert scores[0] != scores[1]
+
+
 def _children(pid: int) -> list[int]:
     found = []
     for entry in os.listdir("/proc"):

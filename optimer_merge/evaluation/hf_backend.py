@@ -47,8 +47,13 @@ class HFEvaluator(LMEvalEvaluator):
             self.model.to(self.device)
         self.model.eval()
         tokenizer = AutoTokenizer.from_pretrained(self.model_path)
+        # Log-probabilities in float32 whatever the model's dtype: lm-eval otherwise takes the
+        # log-softmax and sums a document's tokens in the model's dtype, which in bf16 rounds a
+        # document's log-likelihood to 3 significant digits (-391.84 became -400.0) and hides the
+        # difference between two merges. vLLM computes them in float32 already.
         with drop_messages(("lm_eval.models.huggingface",), HARMLESS_WARNINGS):
-            self.lm = HFLM(pretrained=self.model, tokenizer=tokenizer, device=self.device, batch_size=batch_size, max_length=max_length)
+            self.lm = HFLM(pretrained=self.model, tokenizer=tokenizer, device=self.device, batch_size=batch_size, max_length=max_length,
+                           softmax_dtype="float32")  # fmt: skip
         self.pool = None
 
     def build_pool(self, spec) -> dict:
