@@ -100,6 +100,8 @@ CASES = [
     Case("search-out-is-file", search("--output", "{file}"), ["a-file.txt is a file"], []),
     Case("search-repeated-vector", search("--vector", "ja={zoo}/tiny-text/zh"), ["'ja' is given twice"]),
     Case("search-other-base", search("--vector", "x={foreign}"), ["trained from a different base"]),
+    Case("search-base-as-vector", search("--vector", "b={base}"), ["model b", "is the base itself"]),
+    Case("search-same-model-twice", search("--vector", "ja2={zoo}/tiny-text/ja"), ["model ja2", "is the same as model ja"]),
     Case("search-export-missing-model", search("--export", "--vector", "gone={orphan_vector}"), ["--export", "no longer exist", "gone-model"]),
     # train
     Case("train-inf-ratio", train("--dataset", "zh:inf"), ["ratio", "finite", "inf"]),
