@@ -54,7 +54,7 @@ def build(root: Path, **model) -> tuple[Path, list[Path], int]:
     return base, models, (base / "model.safetensors").stat().st_size
 
 
-def run_search(code: Path, backend: str, base: Path, models: list[Path], out: Path) -> dict:
+def run_search(code: Path, backend: str, base: Path, models: list[Path], out: Path, limit: int = 1) -> dict:
     """One 2-trial search in a subprocess; returns its peak PSS and per-trial seconds."""
     import shutil
 
@@ -62,7 +62,7 @@ def run_search(code: Path, backend: str, base: Path, models: list[Path], out: Pa
     objective = out.parent / "objective.yaml"
     objective.write_text("tasks:\n- {task: optimer_code_dev_bpb, metric: bits_per_byte}\n")
     cmd = [sys.executable, "-m", "optimer_merge.cli", "search", "--base", str(base), "--objective", str(objective),
-           "--output", str(out), "--trials", "2", "--limit", "1", "--finalists", "0", "--optimizer", "random",
+           "--output", str(out), "--trials", "2", "--limit", str(limit), "--finalists", "0", "--optimizer", "random",
            "--threads", "2", "--backend", backend]  # fmt: skip
     for i, model in enumerate(models):
         cmd += ["--vector", f"v{i}={model}"]
@@ -98,6 +98,7 @@ def main() -> None:
     parser.add_argument("--backends", default="hf,vllm")
     parser.add_argument("--baseline", default="5ad1b45", help="git revision with the float32 host pool ('' to skip)")
     parser.add_argument("--workdir", default=None, help="keep models and runs here (default: a temp folder)")
+    parser.add_argument("--limit", type=int, default=1, help="items per trial: the merge's share of a trial falls as it grows")
     args = parser.parse_args()
     root = Path(args.workdir or tempfile.mkdtemp(prefix="optimer-pool-bench-"))
     root.mkdir(parents=True, exist_ok=True)
@@ -106,12 +107,12 @@ def main() -> None:
     versions = {"new": REPO}
     if args.baseline:
         versions["baseline"] = checkout(args.baseline, root)
-    results = {"bf16_copy_bytes": copy_bytes, "K": K, "runs": {}}
+    results = {"bf16_copy_bytes": copy_bytes, "K": K, "limit": args.limit, "runs": {}}
     try:
         for backend in args.backends.split(","):
             for name, code in versions.items():
                 overhead = run_search(code, backend, tiny_base, tiny_models, root / f"{name}-{backend}-tiny")["peak_pss_bytes"]
-                run = run_search(code, backend, base, models, root / f"{name}-{backend}")
+                run = run_search(code, backend, base, models, root / f"{name}-{backend}", args.limit)
                 run["overhead_pss_bytes"] = overhead
                 run["peak_copies"] = run["peak_pss_bytes"] / copy_bytes
                 run["net_copies"] = (run["peak_pss_bytes"] - overhead) / copy_bytes

@@ -16,6 +16,7 @@ from __future__ import annotations
 import time
 from collections import defaultdict
 from pathlib import Path
+from typing import Iterable
 
 import torch
 
@@ -45,6 +46,8 @@ class OptimerWorkerExtension:
         processed = _apply(self._optimer_pool, torch.tensor(coeffs, dtype=torch.float64), _repacks_after_loading())
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
+        else:
+            _give_back_free_heap()
         return {"rank": self.rank, "seconds": time.perf_counter() - start, "reprocessed": processed}
 
     def optimer_release_pool(self) -> None:
@@ -59,6 +62,20 @@ class OptimerWorkerExtension:
         for module in modules:
             module.quant_method.process_weights_after_loading(module)
         return len(modules)
+
+
+def _give_back_free_heap() -> None:
+    """Return the heap's free pages to the system (glibc). Streaming checkpoints through the loaders,
+    and on CPUs repacking the weights every trial, frees many tensors of a few MB that glibc keeps
+    in its heap: measured on a 0.4 B model with 4 vectors, 1.0 GiB (1.4 model copies) of a worker's
+    memory that no tensor used."""
+    import ctypes
+    import ctypes.util
+
+    try:
+        ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc
+        pass
 
 
 def _has_weight(module: torch.nn.Module) -> bool:
@@ -147,6 +164,7 @@ def _build(model: torch.nn.Module, device: torch.device, spec: dict) -> Resident
                 changed.add(key)
             rows[key].append(tensor)
         del captured
+        _give_back_free_heap()  # the loaders' temporaries, before the next source adds its own
     entries = []
     for key in holders:  # model order
         if key in changed:
@@ -160,13 +178,29 @@ def _build(model: torch.nn.Module, device: torch.device, spec: dict) -> Resident
 
 # -- a trial -------------------------------------------------------------------------------------
 def _apply(pool: ResidentPool, coeffs: torch.Tensor, repack: bool) -> int:
-    """Merge into the live parameters; with ``repack``, process the touched modules again."""
+    """Merge into the live parameters; with ``repack``, process each touched module again as soon
+    as its last tensor is written (entries come in model order), so that unpacked weights beside
+    packed ones never take more than a module's worth of memory. Returns the modules processed."""
     from optimer_merge.merge.rule import coefficients
 
     coeffs = coefficients(coeffs)
-    modules: dict[int, torch.nn.Module] = {}
+    pending: dict[int, torch.nn.Module] = {}  # written to, not yet processed
+    processed = 0
+
+    def process(keep: Iterable[int] = ()) -> None:
+        nonlocal processed
+        for key in [k for k in pending if k not in keep]:
+            module = pending.pop(key)
+            method = getattr(module, "quant_method", None)
+            if method is not None:
+                method.process_weights_after_loading(module)
+            processed += 1
+
     with torch.no_grad():
         for entry in pool.entries:
+            holders = {id(holder): holder for holder, _ in entry.holders}
+            if repack:
+                process(keep=holders)
             module, name = entry.holders[0]
             live = getattr(module, name)
             if live.shape == entry.base.shape:
@@ -177,9 +211,6 @@ def _apply(pool: ResidentPool, coeffs: torch.Tensor, repack: bool) -> int:
                 for holder, attribute in entry.holders:
                     setattr(holder, attribute, torch.nn.Parameter(staged, requires_grad=False))
             if repack:
-                modules.update({id(holder): holder for holder, _ in entry.holders})
-        for module in modules.values():
-            method = getattr(module, "quant_method", None)
-            if method is not None:
-                method.process_weights_after_loading(module)
-    return len(modules)
+                pending.update(holders)
+        process()
+    return processed
