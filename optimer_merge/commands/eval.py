@@ -43,6 +43,10 @@ def run(args: argparse.Namespace) -> int:
 
     if args.url and args.backend != "server":
         raise ConfigError(f"--url {args.url} needs --backend server (got --backend {args.backend})")
+    if args.tensor_parallel_size > 1 and args.backend == "hf":
+        raise ConfigError(f"--tensor-parallel-size {args.tensor_parallel_size} needs --backend vllm or server (hf runs one copy of the model in this process)")
+    if args.tensor_parallel_size > 1 and args.url:
+        raise ConfigError(f"--tensor-parallel-size {args.tensor_parallel_size} has no effect with --url: the server running there keeps its own")
     url = None
     if args.url:
         from optimer_merge.evaluation.server_backend import server_root

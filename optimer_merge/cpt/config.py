@@ -124,6 +124,8 @@ class TrainConfig(_Frozen):
             raise ValueError(f"betas {list(self.betas)} must each be in [0, 1)")
         if sum(d.ratio for d in self.datasets) <= 0:
             raise ValueError("dataset ratios are all zero: give at least one a positive ratio")
+        if self.mixture == "velocitune" and len(self.datasets) < 2:
+            raise ValueError(f"mixture velocitune reweights between datasets: give at least 2 (got {', '.join(d.name for d in self.datasets)})")
         unknown = set(self.velocitune.targets) - {d.name for d in self.datasets}
         if unknown:
             raise ValueError(f"velocitune.targets names unknown datasets: {', '.join(sorted(unknown))}")

@@ -12,6 +12,8 @@ from optimer_merge.evaluation.objective import Objective
 Dtype = Literal["float32", "bfloat16", "float16"]
 # Bounds beyond this move a model further than its own CPT did, several times over: allowed, but warned.
 LARGE_BOUND = 10.0
+# Settings only one backend reads: set away from their default with the other backend, they are refused.
+BACKEND_ONLY = {"hf": ("device_map",), "vllm": ("tensor_parallel_size", "executor", "gpu_memory_utilization")}
 
 
 class VectorSource(BaseModel):
@@ -93,6 +95,10 @@ class SearchConfig(BaseModel):
             raise ValueError(f"vector names must be unique (repeated: {', '.join(duplicates)})")
         if self.bounds[0] > self.bounds[1]:
             raise ValueError(f"bounds {list(self.bounds)} have min > max")
+        other = "vllm" if self.backend == "hf" else "hf"
+        for name in BACKEND_ONLY[other]:
+            if getattr(self, name) != type(self).model_fields[name].default:
+                raise ValueError(f"{name}: {getattr(self, name)!r} is a setting of the {other} backend; backend {self.backend} would ignore it")
         if self.ray_address and self.parallel == 1:
             raise ValueError(f"ray_address {self.ray_address!r} needs parallel >= 2 (parallel: 1 scores in this process)")
         return self
