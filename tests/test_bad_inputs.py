@@ -71,6 +71,13 @@ CASES = [
     Case("merge-recipe-is-folder", ["merge", "{zoo}", "{out}"], ["is a folder"]),
     Case("merge-out-is-file", ["merge", "{recipe_ok}", "{file}"], ["a-file.txt is a file"], []),
     Case("merge-out-not-empty", ["merge", "{recipe_ok}", "{zoo}/tiny-text"], ["tiny-text is not empty"], []),
+    Case("merge-no-base", ["merge", "{recipe_nobase}", "{out}"], ["requires a base input", "set base_model"]),
+    Case("merge-missing-weight", ["merge", "{recipe_noweight}", "{out}"], ["models[0]", "tiny-text/ja", "requires parameter 'weight'"]),
+    Case("merge-model-twice", ["merge", "{recipe_twice}", "{out}"], ["tiny-text/ja is listed twice"]),
+    Case("merge-unknown-dtype", ["merge", "{recipe_dtype}", "{out}"], ["unknown dtype 'float33'"]),
+    Case("merge-normalize-zero-sum", ["merge", "{recipe_zerosum}", "{out}"], ["normalize: true", "which is 0"]),
+    Case("merge-truncated-model", ["merge", "{recipe_truncated}", "{out}"], ["truncated/model.safetensors is not a readable safetensors file"]),
+    Case("merge-device-unknown", ["merge", "{recipe_ok}", "{out}", "--device", "tpu"], ["--device 'tpu' is not a torch device"]),
     Case("merge-threads-zero", ["merge", "{recipe_ok}", "{out}", "--threads", "0"], ["--threads", "got 0"]),
     Case("merge-shard-size", ["merge", "{recipe_ok}", "{out}", "--out-shard-size", "lots"], ["'lots'"]),
     # vectors
@@ -145,6 +152,7 @@ CASES = [
     Case("data-base-with-domains", ["data", "base", "--domains", "ja", "--work", "{out}"], ["--domains and --tokenizer do not apply to `base`"]),
     Case("leaderboard-missing", ["leaderboard", "{tmp}/none.json", "--output", "{out}"], ["none.json: no such file"]),
     Case("leaderboard-not-json", ["leaderboard", "{file}", "--output", "{out}"], ["a-file.txt: not a JSON file"]),
+    Case("leaderboard-same-label", ["leaderboard", "a={results}", "a={results}", "--output", "{out}"], ["labelled 'a'", "NAME=RESULTS"]),
     Case("leaderboard-unknown-metric", ["leaderboard", "{results}", "--output", "{out}", "--metrics", "accuracy"], ["--metrics: accuracy not in the results"]),
 ]
 
@@ -170,6 +178,11 @@ def paths(tmp_path_factory, tiny_zoo) -> dict[str, str]:
         "method": {"extra": ""},
         "missing": {},
         "modles": {},
+        "nobase": {},
+        "noweight": {},
+        "twice": {},
+        "dtype": {},
+        "zerosum": {"weight": "-0.5", "parameters": "normalize: true"},
     }
     for name, parts in recipes.items():
         text = RECIPE.format(zoo=zoo, weight=parts.get("weight", "0.5"), parameters=parts.get("parameters", ""), extra=parts.get("extra", ""))
@@ -179,6 +192,14 @@ def paths(tmp_path_factory, tiny_zoo) -> dict[str, str]:
             text = text.replace("tiny-text/zh", "tiny-text/nope")
         if name == "modles":
             text = text.replace("models:", "modles:")
+        if name == "nobase":
+            text = "\n".join(line for line in text.splitlines() if not line.startswith("base_model:"))
+        if name == "noweight":
+            text = text.replace("parameters: {weight: 0.5}", "parameters: {}")
+        if name == "twice":
+            text = text.replace("tiny-text/zh", "tiny-text/ja")
+        if name == "dtype":
+            text = text.replace("dtype: float32", "dtype: float33")
         (root / f"recipe-{name}.yml").write_text(text)
         p[f"recipe_{name}"] = str(root / f"recipe-{name}.yml")
     (root / "bad.yaml").write_text("merge_method: optimer\nbase_model: x\n  models: y\n")
@@ -192,6 +213,8 @@ def paths(tmp_path_factory, tiny_zoo) -> dict[str, str]:
     data = (root / "truncated/model.safetensors").read_bytes()
     (root / "truncated/model.safetensors").write_bytes(data[: len(data) // 2])
     p["truncated"] = str(root / "truncated")
+    (root / "recipe-truncated.yml").write_text(RECIPE.format(zoo=zoo, weight="0.5", parameters="", extra="").replace(f"{zoo}/tiny-text/zh", p["truncated"]))
+    p["recipe_truncated"] = str(root / "recipe-truncated.yml")
     # vectors: one with a NaN, one whose source model is gone
     assert cli.main([a.format(**p) for a in extract("ja={zoo}/tiny-text/ja", out=str(root / "vectors"))]) == 0
     vector = load_file(str(root / "vectors/ja.safetensors"))

@@ -98,12 +98,15 @@ def test_normalize_reads_weights_as_ratios(tiny_zoo, monkeypatch):
 @pytest.mark.parametrize(
     "change, message",
     [
-        ("missing_weight", "Missing required parameter weight"),
+        ("missing_weight", "requires parameter 'weight'"),
         ("missing_base", "requires a base"),
-        ("zero_sum", "sum is not 0"),
+        ("zero_sum", "sum of the weights, which is 0"),
     ],
 )
 def test_clear_errors(tiny_zoo, monkeypatch, change, message):
+    """Checked before mergekit starts (stock mergekit-yaml finds them later: see the tests below)."""
+    from optimer_merge.merge.recipes import RecipeError
+
     config = text_recipe()
     if change == "missing_weight":
         del config["models"][1]["parameters"]["weight"]
@@ -113,8 +116,9 @@ def test_clear_errors(tiny_zoo, monkeypatch, change, message):
         config["parameters"] = {"normalize": True}
         for model, weight in zip(config["models"], (0.5, -0.5, 0.25, -0.25)):
             model["parameters"] = {"weight": weight}
-    with pytest.raises(Exception, match=message):
+    with pytest.raises(RecipeError, match=message):
         run_in_process(config, tiny_zoo, f"out-err-{change}", monkeypatch)
+    assert not (tiny_zoo / f"out-err-{change}").exists() and not (tiny_zoo / f"out-err-{change}.partial").exists()
 
 
 def test_stock_mergekit_yaml_reports_zero_sum(tiny_zoo):
@@ -143,3 +147,25 @@ def test_stock_mergekit_yaml_refuses_non_finite_values_before_merging(tiny_zoo, 
     result = stock_merge(recipe, tiny_zoo, str(tmp_path / "out"))
     assert result.returncode != 0 and "finite number" in result.stderr, result.stderr[-2000:]
     assert not list((tmp_path / "out").glob("*.safetensors"))
+
+
+def test_a_merge_that_fails_midway_leaves_nothing_behind(tiny_zoo, tmp_path, monkeypatch):
+    """A model lacking a tensor passes every check on headers and fails once mergekit reaches the
+    tensor: the failure keeps its traceback, and neither OUT nor OUT.partial stays behind."""
+    from safetensors.torch import load_file, save_file
+
+    from optimer_merge import cli
+
+    lacking = tmp_path / "lacking"
+    shutil.copytree(tiny_zoo / "tiny-text/zh", lacking)
+    tensors = load_file(str(lacking / "model.safetensors"))
+    del tensors["model.norm.weight"]
+    save_file(tensors, str(lacking / "model.safetensors"), metadata={"format": "pt"})
+    config = text_recipe()
+    config["models"][1]["model"] = str(lacking)
+    monkeypatch.chdir(tiny_zoo)  # the recipe's other paths are relative to the zoo
+    recipe = tmp_path / "lacking.yml"
+    recipe.write_text(yaml.safe_dump(config))
+    with pytest.raises(RuntimeError, match="model.norm.weight required but not present"):
+        cli.main(["merge", str(recipe), str(tmp_path / "out"), "--quiet"])
+    assert not (tmp_path / "out").exists() and not (tmp_path / "out.partial").exists()

@@ -18,6 +18,21 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--quiet", action="store_true", help="no progress output")
 
 
+def check_device(name: str) -> None:
+    import torch
+
+    from optimer_merge.errors import ConfigError
+
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ConfigError(f"--device {name!r} is not a torch device; use cpu, cuda, cuda:N or mps") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"--device {name}: no CUDA GPU is visible here (torch.cuda.is_available() is False); use --device cpu")
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise ConfigError(f"--device {name}: MPS is not available here; use --device cpu")
+
+
 def run(args: argparse.Namespace) -> int:
     from mergekit.common import parse_kmb
 
@@ -28,6 +43,7 @@ def run(args: argparse.Namespace) -> int:
         shard_size = parse_kmb(args.out_shard_size)
     except ValueError:
         raise ConfigError(f"--out-shard-size {args.out_shard_size!r} is not a size such as 2B, 500M or 1000000") from None
+    check_device(args.device)
     config, _ = load_recipe(args.recipe)
     check_merge_target(args.out)
     if not args.quiet:

@@ -2,8 +2,9 @@
 
 ``load_recipe`` refuses what stock mergekit would silently ignore or fail on late: unknown keys at
 the top level and unknown parameter names for the recipe's method (typos such as ``normalise``),
-parameter values the method's own types reject (``weight: .nan``), and local models that do not
-exist.
+parameter values the method's own types reject (``weight: .nan``), unknown dtypes, inputs the
+method's contract rejects (no base where it needs one, a model listed twice), parameters it
+requires but a model lacks, and local models that do not exist.
 """
 
 from __future__ import annotations
@@ -83,11 +84,52 @@ def check_recipe(raw: Any, path: str | Path) -> None:
                     raise RecipeError(f"{path}: {where}.{key}: {error.errors()[0]['msg']} (got {value!r})") from None
 
 
+def check_structure(config, path: str | Path) -> None:
+    """What mergekit checks only once it plans or runs the merge: dtypes, the method's contract on its
+    inputs (a base where it needs one, no model twice), parameters it requires for every model, and
+    for ``optimer`` with ``normalize``, weights that do not sum to 0."""
+    from mergekit import merge_methods
+    from mergekit.common import dtype_from_name
+
+    for key in ("dtype", "out_dtype"):
+        try:
+            dtype_from_name(getattr(config, key))
+        except RuntimeError:
+            raise RecipeError(f"{path}: {key}: unknown dtype {getattr(config, key)!r}; use float32, bfloat16, float16 or float64") from None
+    if not config.models:  # `slices:` recipes are planned by mergekit itself
+        return
+    spec = merge_methods.get(config.merge_method).spec
+    base = str(config.base_model.model.path) if config.base_model else None
+    ids = [str(m.model.model.path) for m in config.models]
+    twice = sorted({i for i in ids if ids.count(i) > 1})
+    if twice:
+        raise RecipeError(f"{path}: model {twice[0]} is listed twice under models; list each model once")
+    try:
+        spec.contract.validate_ids(ids + ([base] if base and base not in ids else []), base, group_name=config.merge_method)
+    except ValueError as error:
+        hint = "; set base_model" if "requires a base" in str(error) else ""
+        raise RecipeError(f"{path}: {error}{hint}") from None
+    shared = config.parameters or {}
+    required = [p.name for p in spec.parameters if p.required and p.scope.value == "non_base"]
+    for i, entry in enumerate(config.models):
+        if str(entry.model.model.path) == base:
+            continue
+        missing = [name for name in required if name not in (entry.parameters or {}) and name not in shared]
+        if missing:
+            raise RecipeError(f"{path}: models[{i}] ({entry.model.model.path}): {config.merge_method} requires parameter {missing[0]!r}; "
+                              f"set it under the model's parameters (or once under the top-level parameters)")  # fmt: skip
+    weights = [(entry.parameters or {}).get("weight", shared.get("weight")) for entry in config.models if str(entry.model.model.path) != base]
+    if config.merge_method == "optimer" and shared.get("normalize") is True and all(isinstance(w, (int, float)) for w in weights):
+        if sum(weights) == 0:
+            raise RecipeError(f"{path}: normalize: true divides by the sum of the weights, which is 0 ({weights}); set normalize: false or change the weights")
+
+
 def load_recipe(path: str | Path):
     """Parse and check a mergekit recipe file; returns (MergeConfiguration, its text)."""
     from mergekit.config import MergeConfiguration
     from pydantic import ValidationError
 
+    from optimer_merge.io.checkpoints import Checkpoint
     from optimer_merge.io.yaml_config import load_yaml, validation_message
 
     raw = load_yaml(path, "recipe")
@@ -98,12 +140,17 @@ def load_recipe(path: str | Path):
         raise RecipeError(f"{path}: " + validation_message(error, "mergekit recipe")) from None
     except RuntimeError as error:  # mergekit's own validators raise RuntimeError
         raise RecipeError(f"{path}: invalid mergekit recipe: {error}") from None
+    check_structure(config, path)
     offline = os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False")
-    for ref in config.referenced_models():
+    tokenizer = [config.tokenizer_source] if config.tokenizer_source not in (None, "base", "union") else []
+    for ref in [*config.referenced_models(), *tokenizer]:
         model = str(ref.model.path)
         local = model.startswith((".", "/", "~")) or model.count("/") > 1
-        if not Path(model).expanduser().exists() and (local or offline):
+        folder = Path(model).expanduser()
+        if not folder.exists() and (local or offline):
             raise InputNotFound(f"{path}: model {model} does not exist" + ("" if local else " locally (HF_HUB_OFFLINE is set)"))
+        if folder.is_dir() and any(folder.glob("*.safetensors")):
+            Checkpoint.open(folder)  # a truncated or corrupt shard is named now, not midway through the merge
     return config, Path(path).read_text(encoding="utf-8")
 
 
@@ -158,8 +205,12 @@ def run_recipe(
     merge_options.apply_global_options()
     start = time.perf_counter()
     # mergekit sets the deprecated `torch_dtype` on the configs it writes; transformers says so
-    with drop_messages(("transformers.configuration_utils", "transformers.modeling_utils"), ("`torch_dtype` is deprecated",)):
-        run_merge(config, str(partial), options=merge_options, config_source=source)
+    try:
+        with drop_messages(("transformers.configuration_utils", "transformers.modeling_utils"), ("`torch_dtype` is deprecated",)):
+            run_merge(config, str(partial), options=merge_options, config_source=source)
+    except BaseException:
+        shutil.rmtree(partial, ignore_errors=True)  # nothing half-written stays behind
+        raise
     if out.exists():
         shutil.rmtree(out)
     os.replace(partial, out)

@@ -57,8 +57,13 @@ def read_rows(entries: list[str]) -> list[tuple[str, dict]]:
             label = name or model_name(results, file)
             if name and len(files) > 1:
                 label = f"{name}/{file.parent.name}"
-            rows.append((label, results))
-    return rows
+            rows.append((label, results, file))
+    labels = [label for label, _, _ in rows]
+    for label in labels:
+        if labels.count(label) > 1:
+            files = [str(file) for other, _, file in rows if other == label]
+            raise ConfigError(f"two rows would both be labelled {label!r} ({' and '.join(files[:2])}); give each its own NAME=RESULTS")
+    return [(label, results) for label, results, _ in rows]
 
 
 def columns_of(rows: list[tuple[str, dict]], metrics: list[str] | None = None, tasks: list[str] | None = None) -> list[tuple[str, str]]:
