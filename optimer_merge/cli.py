@@ -52,7 +52,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         print("interrupted", file=sys.stderr)
         return 130
     except UserError as error:  # only these: any other exception keeps its traceback (exit 1)
-        print(f"optimer-merge {args.command}: error: {error}", file=sys.stderr)
+        command = " ".join(filter(None, (args.command, getattr(args, "action", None))))  # `vectors extract`, `data build`
+        print(f"optimer-merge {command}: error: {error}", file=sys.stderr)
         return 2
 
 
