@@ -108,6 +108,9 @@ CASES = [
     Case("search-repeated-vector", search("--vector", "ja={zoo}/tiny-text/zh"), ["'ja' is given twice"]),
     Case("search-other-base", search("--vector", "x={foreign}"), ["trained from a different base"]),
     Case("search-vllm-setting-on-hf", search("--set", "gpu_memory_utilization=0.5"), ["gpu_memory_utilization: 0.5", "vllm backend"]),
+    Case("search-objective-term-twice", ["search", "--base", "{base}", "--objective", "{objective_twice}", "--output", "{out}", "--vector", "ja={zoo}/tiny-text/ja"],
+         ["optimer_ja_dev_bpb/bits_per_byte is listed twice"]),
+    Case("search-config-key-twice", search("--config", "{search_key_twice}"), ["search-key-twice.yaml:3:1", "key 'trials' is given twice"]),
     Case("search-base-as-vector", search("--vector", "b={base}"), ["model b", "is the base itself"]),
     Case("search-same-model-twice", search("--vector", "ja2={zoo}/tiny-text/ja"), ["model ja2", "is the same as model ja"]),
     Case("search-export-missing-model", search("--export", "--vector", "gone={orphan_vector}"), ["--export", "no longer exist", "gone-model"]),
@@ -131,6 +134,7 @@ CASES = [
     # eval
     Case("eval-url-without-server", evaluate("--url", "http://127.0.0.1:9"), ["--url http://127.0.0.1:9 needs --backend server"]),
     Case("eval-tensor-parallel-hf", evaluate("--tensor-parallel-size", "2"), ["--tensor-parallel-size 2", "--backend vllm or server"]),
+    Case("eval-objective-group", ["eval", "{base}", "--objective", "{objective_group}", "--output", "{out}"], ["optimer_dev is a group", "optimer_ja_dev_bpb"]),
     Case("eval-task-twice", evaluate("--tasks", "optimer_ja_dev_bpb,optimer_ja_dev_bpb"), ["optimer_ja_dev_bpb twice"]),
     Case("eval-url-not-http", evaluate("--backend", "server", "--url", "localhost:8000"), ["server url 'localhost:8000'", "http(s)://HOST:PORT"]),
     Case("eval-empty-tasks", ["eval", "{base}", "--tasks", "", "--output", "{out}"], ["--tasks ''"]),
@@ -233,6 +237,12 @@ def paths(tmp_path_factory, tiny_zoo) -> dict[str, str]:
     assert torch.isnan(load_file(p["nan_vector"])[next(iter(bad))]).any()
     # objectives
     (root / "objective-accuracy.yaml").write_text("tasks:\n- {task: optimer_ja_dev_bpb, metric: accuracy}\n")
+    (root / "objective-group.yaml").write_text("tasks:\n- {task: optimer_dev, metric: bits_per_byte}\n")
+    p["objective_group"] = str(root / "objective-group.yaml")
+    (root / "objective-twice.yaml").write_text("tasks:\n" + "- {task: optimer_ja_dev_bpb, metric: bits_per_byte}\n" * 2)
+    (root / "search-key-twice.yaml").write_text("trials: 2\nlimit: 2\ntrials: 100\n")
+    p["search_key_twice"] = str(root / "search-key-twice.yaml")
+    p["objective_twice"] = str(root / "objective-twice.yaml")
     p["objective_accuracy"] = str(root / "objective-accuracy.yaml")
     # datasets
     (root / "latin1.jsonl").write_bytes(b'{"text": "fine"}\n{"text": "caf\xe9"}\n')

@@ -49,6 +49,10 @@ class Objective(BaseModel):
     def _not_empty(cls, value: list[ObjectiveTerm]) -> list[ObjectiveTerm]:
         if not value:
             raise ValueError("an objective needs at least one task")
+        terms = [(t.task, t.metric, t.filter) for t in value]
+        for term in terms:
+            if terms.count(term) > 1:
+                raise ValueError(f"{term[0]}/{term[1]} is listed twice; list it once (its weight: counts it more)")
         return value
 
     @classmethod
@@ -79,10 +83,14 @@ class Objective(BaseModel):
 
     def check(self) -> None:
         """Before any evaluation: each metric exists in its task and has a direction."""
-        from optimer_merge.evaluation.tasks import resolve, task_metrics
+        from optimer_merge.evaluation.tasks import group_without_metrics, resolve, task_metrics
 
         resolve(self.task_names())
         for term in self.tasks:
+            members = group_without_metrics(term.task)
+            if members is not None:
+                raise ConfigError(f"objective: {term.task} is a group that lm-eval reports no metrics for (no aggregate_metric_list); "
+                                  f"score its tasks instead: {', '.join(members[:4])}{' ...' if len(members) > 4 else ''}")  # fmt: skip
             metrics = task_metrics(term.task)
             if metrics is None:
                 continue  # a group or Python task: checked on its first results

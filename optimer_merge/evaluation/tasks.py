@@ -69,3 +69,20 @@ def task_metrics(task: str) -> dict[str, bool | None] | None:
         return {m["metric"]: m.get("higher_is_better", HIGHER_IS_BETTER_REGISTRY.get(m["metric"])) for m in listed}
     defaults = DEFAULT_METRIC_REGISTRY.get(entry.cfg.get("output_type") or "")
     return {m: HIGHER_IS_BETTER_REGISTRY.get(m) for m in defaults} if defaults else None
+
+
+def group_without_metrics(task: str) -> list[str] | None:
+    """The member tasks of a group for which lm-eval reports no metric of its own (a group without
+    ``aggregate_metric_list``: its results row is empty); None for a task or an aggregating group."""
+    manager = resolve([task])
+    entry = manager.task_index.get(task)
+    if entry is None or getattr(entry.kind, "name", "") != "GROUP" or not isinstance(entry.cfg, dict):
+        return None
+    if entry.cfg.get("aggregate_metric_list"):
+        return None
+    members = entry.cfg.get("task") or []
+    leaves = []
+    for member in members if isinstance(members, list) else [members]:
+        name = member if isinstance(member, str) else str(member.get("task", member))
+        leaves += group_without_metrics(name) or [name]
+    return leaves

@@ -21,12 +21,44 @@ def load_yaml(path: str | Path, what: str = "YAML file") -> Any:
     except UnicodeDecodeError as error:
         raise ConfigError(f"{path}: not UTF-8 text (byte {error.start}); save it as UTF-8") from None
     try:
-        return yaml.safe_load(text)
+        return yaml.load(text, Loader=_unique_keys_loader())
     except yaml.YAMLError as error:
         mark = getattr(error, "problem_mark", None) or getattr(error, "context_mark", None)
         where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark else str(path)
         problem = getattr(error, "problem", None) or str(error).splitlines()[0]
         raise ConfigError(f"{where}: malformed YAML: {problem}") from None
+
+
+def _unique_keys_loader():
+    """PyYAML's safe loader, refusing a key given twice in one mapping (PyYAML keeps the last one
+    silently: `trials: 10` followed by `trials: 100` would run 100)."""
+    import functools
+
+    import yaml
+
+    @functools.cache
+    def build():
+        class UniqueKeyLoader(yaml.SafeLoader):
+            def construct_mapping(self, node, deep=False):
+                seen: dict = {}
+                for key_node, _ in node.value:
+                    if key_node.tag == "tag:yaml.org,2002:merge":
+                        continue
+                    key = self.construct_object(key_node, deep=deep)
+                    try:
+                        first = seen.get(key)
+                    except TypeError:  # an unhashable key: PyYAML refuses it itself
+                        continue
+                    if first is not None:
+                        raise yaml.constructor.ConstructorError(
+                            None, None, f"key {key!r} is given twice in one mapping (first on line {first + 1})", key_node.start_mark
+                        )
+                    seen[key] = key_node.start_mark.line
+                return super().construct_mapping(node, deep=deep)
+
+        return UniqueKeyLoader
+
+    return build()
 
 
 def validation_message(error, what: str) -> str:
