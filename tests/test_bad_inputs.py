@@ -84,6 +84,8 @@ CASES = [
     Case("extract-repeated-name", extract("ja={zoo}/tiny-text/ja", "ja={zoo}/tiny-text/zh"), ["'ja' is given twice"]),
     Case("extract-path-in-name", extract("../evil={zoo}/tiny-text/ja"), ["'../evil'", "plain file name"]),
     Case("extract-other-base", extract("ja={foreign}"), ["trained from a different base", "0123456789abcdef"]),
+    Case("extract-into-other-base", ["vectors", "extract", "--base", "{zoo}/tiny-bf16/base", "--out", "{tmp}/vectors", "--model", "ja={zoo}/tiny-bf16/ja"],
+         ["vectors holds vectors of another base", "choose another --out"]),
     Case("extract-truncated", extract("ja={truncated}"), ["truncated/model.safetensors is not a readable safetensors file"]),
     Case("extract-base-is-file", ["vectors", "extract", "--base", "{file}", "--out", "{out}", "--model", "ja={zoo}/tiny-text/ja"], ["a-file.txt is a file"]),
     Case("extract-out-is-file", extract("ja={zoo}/tiny-text/ja", out="{file}"), ["a-file.txt is a file"], []),

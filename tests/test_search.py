@@ -72,6 +72,21 @@ def test_extracted_vectors_are_model_minus_base(vectors_dir, small_base, cpt_run
     assert manifest["skipped"] == {"equal_in_all_models": [], "not_floating_point": []}
 
 
+def test_extracting_into_a_vectors_folder_adds_to_it(vectors_dir, small_base, cpt_runs, tmp_path):
+    """One more vector extracted into the pool's folder joins the earlier ones (it replaced the
+    manifest before, orphaning them); a name given again is replaced."""
+    out = tmp_path / "v"
+    shutil.copytree(vectors_dir, out)
+    before = json.loads((out / "vectors.json").read_text())
+    assert cli.main(["vectors", "extract", "--base", str(small_base), "--out", str(out), "--model", f"extra={cpt_runs['ja'] / 'model'}"]) == 0
+    after = json.loads((out / "vectors.json").read_text())
+    assert list(after["vectors"]) == [*DOMAINS, "extra"]
+    assert after["vectors"]["extra"]["l2_norm"] == pytest.approx(before["vectors"]["ja"]["l2_norm"], rel=1e-9)
+    assert {d: after["vectors"][d] for d in DOMAINS} == before["vectors"]
+    assert cli.main(["vectors", "extract", "--base", str(small_base), "--out", str(out), "--model", f"ja={cpt_runs['zh'] / 'model'}"]) == 0
+    assert json.loads((out / "vectors.json").read_text())["vectors"]["ja"]["l2_norm"] == pytest.approx(before["vectors"]["zh"]["l2_norm"], rel=1e-9)
+
+
 def test_tensors_equal_in_all_models_are_skipped_and_recorded(tmp_path, small_base, cpt_runs):
     base = load_weights(small_base)
     frozen = "model.norm.weight"

@@ -30,7 +30,8 @@ def extract(
     dtype: str | None = None,
     log: Callable[[str], None] = print,
 ) -> dict:
-    """Write ``out_dir/<name>.safetensors`` = model - base for each model, and ``vectors.json``.
+    """Write ``out_dir/<name>.safetensors`` = model - base for each model, and ``vectors.json``
+(vectors of the same base already in ``out_dir`` stay listed; another base is refused).
 
     ``dtype`` is the vectors' stored dtype (default: the base's; a bf16 delta keeps 2^-9 of its
     own size, whatever the weights' size). Everything is checked first (names, folders, tensors,
@@ -57,6 +58,7 @@ def extract(
         ckpts[name] = ckpt
     if dtype is None:
         dtype = base_ckpt.float_dtype() if base_ckpt.float_dtype() in STORE_DTYPES else "float32"
+    earlier = _earlier_vectors(out_dir, base_fp, dtype, log)
     store = getattr(torch, dtype)
     names = [n for n in base_ckpt.names() if base_ckpt.is_float(n)]
     skipped_non_float = [n for n in base_ckpt.names() if n not in names]
@@ -89,18 +91,37 @@ def extract(
         for name, norm in norms.items():
             if norm == 0.0 and Path(models[name]).resolve() != Path(base).resolve():
                 log(f"warning: model {name} equals the base in every tensor; its vector is all zeros")
+        vectors = {name: entry for name, entry in earlier.get("vectors", {}).items() if name not in models}
+        vectors.update({name: {"file": f"{name}.safetensors", "model": str(Path(path).resolve()), "l2_norm": math.sqrt(norms[name])}
+                        for name, path in models.items()})  # fmt: skip
+        if earlier:  # a tensor is left out of every file only where every extraction left it out
+            equal = [n for n in equal if n in set(earlier["skipped"]["equal_in_all_models"])]
         manifest = {
             "base": str(Path(base).resolve()),
             "base_fingerprint": base_fp,
             "dtype": dtype,
-            "vectors": {
-                name: {"file": f"{name}.safetensors", "model": str(Path(path).resolve()), "l2_norm": math.sqrt(norms[name])}
-                for name, path in models.items()
-            },
+            "vectors": vectors,
             "skipped": {"equal_in_all_models": equal, "not_floating_point": skipped_non_float},
         }
         write_json(out_dir / MANIFEST, manifest)
     return manifest
+
+
+def _earlier_vectors(out_dir: str | Path, base_fp: str, dtype: str, log: Callable[[str], None]) -> dict:
+    """The manifest of vectors an earlier extraction left in ``out_dir`` (they stay, listed beside
+    the new ones), after checking they share this base and dtype; {} for a new folder."""
+    path = Path(out_dir) / MANIFEST
+    if not path.is_file():
+        return {}
+    earlier = json.loads(path.read_text())
+    if earlier.get("base_fingerprint") != base_fp:
+        raise VectorError(f"{out_dir} holds vectors of another base ({earlier.get('base')}); choose another --out")
+    if earlier.get("dtype") != dtype:
+        raise VectorError(f"{out_dir} holds {earlier.get('dtype')} vectors; extract with --dtype {earlier.get('dtype')} or choose another --out")
+    present = {name: entry for name, entry in earlier.get("vectors", {}).items() if (Path(out_dir) / entry["file"]).is_file()}
+    if present:
+        log(f"{out_dir} already holds {', '.join(present)}: kept (a name given again is replaced)")
+    return {**earlier, "vectors": present}
 
 
 class _StreamingSafetensors:
