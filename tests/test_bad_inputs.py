@@ -174,39 +174,27 @@ def paths(tmp_path_factory, tiny_zoo) -> dict[str, str]:
     p = {"zoo": zoo, "base": f"{zoo}/tiny-text/base", "tmp": str(root)}
     (root / "a-file.txt").write_text("not a folder, not JSON\n")
     p["file"] = str(root / "a-file.txt")
-    recipes = {
+    recipes = {  # each: RECIPE's fields, and one (old, new) text replacement
         "ok": {},
         "normalise": {"parameters": "normalise: true"},
         "scael": {"parameters": "scael: 1.0"},
         "outdtype": {"extra": "outdtype: bfloat16\n"},
         "nan": {"weight": ".nan"},
         "inf": {"parameters": "scale: .inf"},
-        "method": {"extra": ""},
-        "missing": {},
-        "modles": {},
-        "nobase": {},
-        "noweight": {},
-        "twice": {},
-        "dtype": {},
+        "method": {"replace": ("merge_method: optimer", "merge_method: optimr")},
+        "missing": {"replace": ("tiny-text/zh", "tiny-text/nope")},
+        "modles": {"replace": ("models:", "modles:")},
+        "nobase": {"replace": (f"base_model: {zoo}/tiny-text/base\n", "")},
+        "noweight": {"replace": ("parameters: {weight: 0.5}", "parameters: {}")},
+        "twice": {"replace": ("tiny-text/zh", "tiny-text/ja")},
+        "dtype": {"replace": ("dtype: float32", "dtype: float33")},
         "zerosum": {"weight": "-0.5", "parameters": "normalize: true"},
     }
     for name, parts in recipes.items():
         text = RECIPE.format(zoo=zoo, weight=parts.get("weight", "0.5"), parameters=parts.get("parameters", ""), extra=parts.get("extra", ""))
-        if name == "method":
-            text = text.replace("merge_method: optimer", "merge_method: optimr")
-        if name == "missing":
-            text = text.replace("tiny-text/zh", "tiny-text/nope")
-        if name == "modles":
-            text = text.replace("models:", "modles:")
-        if name == "nobase":
-            text = "\n".join(line for line in text.splitlines() if not line.startswith("base_model:"))
-        if name == "noweight":
-            text = text.replace("parameters: {weight: 0.5}", "parameters: {}")
-        if name == "twice":
-            text = text.replace("tiny-text/zh", "tiny-text/ja")
-        if name == "dtype":
-            text = text.replace("dtype: float32", "dtype: float33")
-        (root / f"recipe-{name}.yml").write_text(text)
+        old, new = parts.get("replace", ("", ""))
+        assert old in text
+        (root / f"recipe-{name}.yml").write_text(text.replace(old, new) if old else text)
         p[f"recipe_{name}"] = str(root / f"recipe-{name}.yml")
     (root / "bad.yaml").write_text("merge_method: optimer\nbase_model: x\n  models: y\n")
     p["bad_yaml"] = str(root / "bad.yaml")
