@@ -48,6 +48,18 @@ def test_merge_errors_are_one_line(tmp_path):
     assert not (tmp_path / "out").exists()
 
 
+def test_a_negative_value_after_a_flag_gets_the_fix(capsys):
+    """argparse reads `--lr -1e-3` as two options; the one-line error says how to write it."""
+    import pytest
+
+    from optimer_merge import cli
+
+    with pytest.raises(SystemExit) as done:
+        cli.main(["train", "--base", "b", "--output", "o", "--dataset", "ja", "--lr", "-1e-3"])
+    assert done.value.code == 2
+    assert "argument --lr: expected one argument; write a negative value as --lr=-1e-3" in capsys.readouterr().err
+
+
 def test_only_user_errors_become_one_line(monkeypatch):
     """A bug is not a user error: it keeps its traceback (exit 1), whatever its exception type."""
     import pytest

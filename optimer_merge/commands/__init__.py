@@ -5,6 +5,8 @@ Shared here: argument types that refuse bad values while parsing, and NAME=VALUE
 from __future__ import annotations
 
 import argparse
+import re
+import sys
 
 
 def positive_int(text: str) -> int:
@@ -59,5 +61,15 @@ def set_overrides(items: list[str]) -> dict:
 class OneLineParser(argparse.ArgumentParser):
     """argparse, but a usage error is one line (with a pointer to --help), like every other error."""
 
+    def parse_known_args(self, args=None, namespace=None):
+        self._argv = list(sys.argv[1:] if args is None else args)
+        return super().parse_known_args(args, namespace)
+
     def error(self, message: str):
+        match = re.match(r"argument (--[\w-]+): expected one argument", message)
+        argv = getattr(self, "_argv", [])
+        if match and match.group(1) in argv[:-1]:
+            value = argv[argv.index(match.group(1)) + 1]
+            if re.fullmatch(r"-[\d.]+(e[-+]?\d+)?", value, re.IGNORECASE):  # argparse takes -1e-3 for an option
+                message += f"; write a negative value as {match.group(1)}={value}"
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
