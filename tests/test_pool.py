@@ -97,6 +97,17 @@ def test_hf_bf16_log_likelihoods_are_summed_in_float32(tiny_zoo):
     assert scores[0] != scores[1]
 
 
+@needs_vllm
+def test_vllm_engine_settings_refused_in_one_line(tiny_zoo, tmp_path, capfd):
+    """vLLM validates its settings against the model before starting anything: a user error."""
+    base = tiny_zoo / "tiny-text/base"
+    code = cli.main(["eval", str(base), "--backend", "vllm", "--tensor-parallel-size", "4", "--tasks", TASKS[0], "--limit", "1", "--output", str(tmp_path / "out")])
+    last = capfd.readouterr().err.strip().splitlines()[-1]
+    assert code == 2 and last.startswith("optimer-merge eval: error: vLLM refuses these settings"), last
+    assert "must be divisible by tensor parallel size (4)" in last
+    assert not (tmp_path / "out").exists()
+
+
 def _children(pid: int) -> list[int]:
     found = []
     for entry in os.listdir("/proc"):

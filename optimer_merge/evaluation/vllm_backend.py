@@ -4,6 +4,7 @@ scored through lm-eval's ``vllm`` model. Its workers hold the vector pool, each 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import pickle
 import time
@@ -64,6 +65,21 @@ def plan_placement(spec, tensor_parallel_size: int, dtype: str, utilization: flo
     return "host", utilization
 
 
+@contextlib.contextmanager
+def _engine_settings_refused():
+    """vLLM validates its engine settings against the model (pydantic configs) before it starts any
+    process or loads a weight: such a refusal is the user's one-line error, not a crash."""
+    from pydantic import ValidationError
+
+    try:
+        yield
+    except ValidationError as error:
+        if not error.title.endswith("Config"):  # vLLM's VllmConfig, ModelConfig, ParallelConfig, ...
+            raise
+        problems = "; ".join(item["msg"].removeprefix("Value error, ") for item in error.errors())
+        raise ConfigError(f"vLLM refuses these settings for {error.title}: {problems}") from None
+
+
 class VLLMEvaluator(LMEvalEvaluator):
     backend = "vllm"
 
@@ -110,7 +126,7 @@ class VLLMEvaluator(LMEvalEvaluator):
         if weight_update == "push":
             environment["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
         self.weight_update = weight_update
-        with scoped_environment(environment):
+        with scoped_environment(environment), _engine_settings_refused():
             self.lm = VLLM(
                 pretrained=str(self.model_path),
                 dtype=self.dtype,
