@@ -98,12 +98,15 @@ def test_hf_bf16_log_likelihoods_are_summed_in_float32(tiny_zoo):
 
 
 @needs_vllm
-def test_vllm_engine_settings_refused_in_one_line(tiny_zoo, tmp_path, capfd):
-    """vLLM validates its settings against the model before starting anything: a user error."""
+@pytest.mark.parametrize("backend", ["vllm", "server"])
+def test_vllm_engine_settings_refused_in_one_line(tiny_zoo, tmp_path, capfd, backend):
+    """vLLM validates its settings against the model before starting anything (in this process,
+    or in the `vllm serve` the server backend starts): a user error, not a crash."""
     base = tiny_zoo / "tiny-text/base"
-    code = cli.main(["eval", str(base), "--backend", "vllm", "--tensor-parallel-size", "4", "--tasks", TASKS[0], "--limit", "1", "--output", str(tmp_path / "out")])
+    code = cli.main(["eval", str(base), "--backend", backend, "--tensor-parallel-size", "4", "--tasks", TASKS[0], "--limit", "1", "--output", str(tmp_path / "out")])
     last = capfd.readouterr().err.strip().splitlines()[-1]
-    assert code == 2 and last.startswith("optimer-merge eval: error: vLLM refuses these settings"), last
+    assert code == 2 and last.startswith("optimer-merge eval: error: "), last
+    assert "refuses these settings for VllmConfig" in last
     assert "must be divisible by tensor parallel size (4)" in last
     assert not (tmp_path / "out").exists()
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import secrets
 import shutil
 import socket
@@ -169,8 +170,11 @@ def _wait_ready(url: str, key: str, server: subprocess.Popen, timeout: float, lo
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if server.poll() is not None:
-            output = log.read_text(errors="replace")[-3000:]
-            raise RuntimeError(f"vllm serve exited with code {server.returncode} (log: {log}):\n{output}")
+            output = log.read_text(errors="replace")
+            refused = re.search(r"validation errors? for (\w+Config)\s+Value error, (.*?) \[type=", output)
+            if refused:  # vLLM checked its settings against the model before starting: the user's error
+                raise ConfigError(f"vllm serve refuses these settings for {refused.group(1)}: {refused.group(2)} (log: {log})")
+            raise RuntimeError(f"vllm serve exited with code {server.returncode} (log: {log}):\n{output[-3000:]}")
         try:
             _served_name(url, key)
             return
