@@ -14,15 +14,20 @@ import argparse
 from pathlib import Path
 
 
+# Which actions read each option; given to another action, an option is refused rather than ignored.
+APPLIES = {"sources": ("build", "check"), "domains": ("build", "check"), "tokenizer": ("sizes",), "out": ("base",), "work": ("base",)}
+DEFAULTS = {"sources": Path(".cache/corpus-sources"), "domains": None, "tokenizer": None, "out": None, "work": Path(".cache/demo-base-build")}
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.description = __doc__
     parser.formatter_class = argparse.RawDescriptionHelpFormatter
     parser.add_argument("action", choices=["build", "check", "sizes", "base"])
-    parser.add_argument("--sources", type=Path, default=Path(".cache/corpus-sources"), help="download cache")
-    parser.add_argument("--domains", nargs="+", default=None, help="domains to build/check (default: all)")
-    parser.add_argument("--tokenizer", default=None, help="with `sizes`: also count tokens with this tokenizer folder")
-    parser.add_argument("--out", type=Path, default=None, help="with `base`: where the base goes (default: the package's demo/base)")
-    parser.add_argument("--work", type=Path, default=Path(".cache/demo-base-build"), help="with `base`: training folder (a rerun resumes it)")
+    parser.add_argument("--sources", type=Path, default=DEFAULTS["sources"], help="download cache")
+    parser.add_argument("--domains", nargs="+", default=DEFAULTS["domains"], help="domains to build/check (default: all)")
+    parser.add_argument("--tokenizer", default=DEFAULTS["tokenizer"], help="with `sizes`: also count tokens with this tokenizer folder")
+    parser.add_argument("--out", type=Path, default=DEFAULTS["out"], help="with `base`: where the base goes (default: the package's demo/base)")
+    parser.add_argument("--work", type=Path, default=DEFAULTS["work"], help="with `base`: training folder (a rerun resumes it)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -32,13 +37,17 @@ def run(args: argparse.Namespace) -> int:
     from optimer_merge.errors import ConfigError
     from optimer_merge.io.files import check_output_dir
 
+    for flag, actions in APPLIES.items():
+        if args.action not in actions and getattr(args, flag) != DEFAULTS[flag]:
+            raise ConfigError(f"--{flag} does not apply to `{args.action}` (only to {' and '.join(f'`{a}`' for a in actions)})")
     domains = data.check_domains(args.domains or data.ALL_DOMAINS)
     if args.action == "base":
-        from optimer_merge.cpt.demo_base import SHIPPED, build_shipped
+        from optimer_merge.cpt.demo_base import BUILD_RECORD, SHIPPED, build_shipped
 
-        if args.domains or args.tokenizer:
-            raise ConfigError("--domains and --tokenizer do not apply to `base`; it always pre-trains on its recorded mixture")
         out = check_output_dir(args.out or SHIPPED, "--out")
+        if out.is_dir() and any(out.iterdir()) and not (out / BUILD_RECORD).is_file():
+            # the finished build replaces --out as a whole: never a folder of other files
+            raise ConfigError(f"--out {out} is not empty and holds no earlier base ({BUILD_RECORD}); choose a new or empty folder")
         work = check_output_dir(args.work, "--work")
         record = build_shipped(out, work)
         if record is None:  # another training process
@@ -48,8 +57,6 @@ def run(args: argparse.Namespace) -> int:
         print(json.dumps(record["sha256"], indent=2))
         return 0
     if args.action == "sizes":
-        if args.domains:
-            raise ConfigError("--domains applies to build and check; `sizes` measures every domain")
         tokenizer = None
         if args.tokenizer:
             from transformers import AutoTokenizer
@@ -61,6 +68,8 @@ def run(args: argparse.Namespace) -> int:
                 raise InputNotFound(f"--tokenizer {folder} does not exist; give a local tokenizer folder (nothing is downloaded)")
             if not folder.is_dir():
                 raise ConfigError(f"--tokenizer {folder} is a file; give the folder holding tokenizer.json")
+            if not any((folder / name).is_file() for name in ("tokenizer.json", "tokenizer_config.json")):
+                raise InputNotFound(f"--tokenizer {folder} holds no tokenizer (tokenizer.json or tokenizer_config.json)")
             tokenizer = AutoTokenizer.from_pretrained(folder)
         print(json.dumps(data.sizes(tokenizer), indent=2))
         return 0
