@@ -130,6 +130,8 @@ CASES = [
     Case("train-seq-len", train("--seq-len", "100000"), ["seq_len=100000", "maximum"]),
     Case("train-unknown-strategy", train("--strategy", "fdsp"), ["unknown strategy 'fdsp'", "choose fsdp"]),
     Case("train-velocitune-one-dataset", train("--mixture", "velocitune"), ["velocitune", "at least 2", "got ja"]),
+    Case("train-overwrite-not-a-run", ["train", "--base", "{base}", "--output", "{zoo}/tiny-text", "--dataset", "ja", "--max-steps", "2", "--overwrite"],
+         ["tiny-text is not empty and holds no training run", "--overwrite deletes only a training run"], []),
     Case("train-zero3", train("--strategy", "deepspeed_stage_3"), ["'deepspeed_stage_3'", "ZeRO stage 3", "use strategy fsdp"]),
     Case("train-fsdp-devices", train("--strategy", "fsdp", "--devices", "auto"), ["strategy fsdp", "'auto'"]),
     Case("train-malformed-config", ["train", "--config", "{bad_yaml}"], ["bad.yaml:3:", "malformed YAML"], []),

@@ -68,6 +68,15 @@ def test_run_folder_locks_checks_identity_and_removes_what_a_refusal_created(tmp
         with RunFolder(other, "search") as folder:
             folder.check("record.json", {})
     assert (other / "notes.txt").read_text() == "mine"
+    # --overwrite clears a run (under the lock) and never a folder of other files
+    with pytest.raises(RunFolderError, match="--overwrite deletes only a search"):
+        with RunFolder(other, "search") as folder:
+            folder.clear("record.json")
+    assert (other / "notes.txt").read_text() == "mine"
+    with RunFolder(out, "search") as folder:
+        (out / "sub").mkdir()
+        folder.clear("record.json")
+        assert [p.name for p in out.iterdir()] == [".lock"]
 
 
 def test_yaml_errors_name_file_and_line(tmp_path):
@@ -78,6 +87,11 @@ def test_yaml_errors_name_file_and_line(tmp_path):
     path.write_bytes(b"a: caf\xe9\n")
     with pytest.raises(ConfigError, match="c.yaml: not UTF-8"):
         load_yaml(path)
+    path.write_text("a: 1\nb: {c: 1, c: 2}\n")  # PyYAML would keep the last c silently
+    with pytest.raises(ConfigError, match=r"c.yaml:2:\d+: malformed YAML: key 'c' is given twice in one mapping \(first on line 2\)"):
+        load_yaml(path)
+    path.write_text("x: &x {a: 1}\ny:\n  <<: *x\n  b: 2\n")  # merge keys are not repeats
+    assert load_yaml(path) == {"x": {"a": 1}, "y": {"a": 1, "b": 2}}
     with pytest.raises(UserError, match="is a folder"):
         load_yaml(tmp_path)
 

@@ -284,10 +284,10 @@ def train(
     """
     out = Path(config.output)
     primary = _is_primary_process()
-    if overwrite and primary and out.exists():
-        shutil.rmtree(out)
     folder = RunFolder(out, "training run", fix="choose another output folder or pass --overwrite") if primary else None
     with folder or contextlib.nullcontext():
+        if folder is not None and overwrite:
+            folder.clear(RUN_RECORD)
         if folder is not None:
             # a static mixture does not use the velocitune settings: they may differ (or gain fields)
             ignored = tuple(RESUMABLE_FIELDS) + (("velocitune",) if config.mixture != "velocitune" else ())

@@ -61,6 +61,15 @@ class RunFolder:
         if refused and self.created is not None:
             shutil.rmtree(self.created, ignore_errors=True)
 
+    def clear(self, record: str) -> None:
+        """Delete the run this folder holds (``--overwrite``), under the lock, so never a run in
+        progress; a folder of other files (no ``record``) is refused, never deleted."""
+        others = [p for p in self.path.iterdir() if p.name != LOCK]
+        if others and not (self.path / record).is_file():
+            raise RunFolderError(f"{self.path} is not empty and holds no {self.what} ({record}); --overwrite deletes only a {self.what}: choose another output folder")
+        for entry in others:
+            shutil.rmtree(entry) if entry.is_dir() and not entry.is_symlink() else entry.unlink()
+
     def keep(self) -> None:
         """Real work starts: from here on the folder stays, whatever happens."""
         self.kept = True
@@ -82,7 +91,7 @@ class RunFolder:
                 raise RunFolderError(f"{self.path} holds a different {self.what} (settings differ: {', '.join(changed)}); {self.fix}")
             return True
         if any(p.name != LOCK for p in self.path.iterdir()):
-            raise RunFolderError(f"{self.path} is not empty and holds no {self.what}; {self.fix}")
+            raise RunFolderError(f"{self.path} is not empty and holds no {self.what}; choose another output folder")
         return False
 
     def record(self, record: str, identity: dict, **extra) -> None:
