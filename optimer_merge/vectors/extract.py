@@ -31,7 +31,7 @@ def extract(
     log: Callable[[str], None] = print,
 ) -> dict:
     """Write ``out_dir/<name>.safetensors`` = model - base for each model, and ``vectors.json``
-(vectors of the same base already in ``out_dir`` stay listed; another base is refused).
+    (vectors of the same base already in ``out_dir`` stay listed; another base is refused).
 
     ``dtype`` is the vectors' stored dtype (default: the base's; a bf16 delta keeps 2^-9 of its
     own size, whatever the weights' size). Everything is checked first (names, folders, tensors,
