@@ -28,6 +28,8 @@ from pathlib import Path
 
 from procs import PeakSampler
 
+from optimer_merge.commands import positive_int
+
 REPO = Path(__file__).resolve().parents[1]
 K = 4
 MODEL = dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=8,
@@ -99,7 +101,7 @@ def main() -> None:
     parser.add_argument("--backends", default="hf,vllm")
     parser.add_argument("--baseline", default="5ad1b45", help="git revision with the float32 host pool ('' to skip)")
     parser.add_argument("--workdir", default=None, help="keep models and runs here (default: a temp folder)")
-    parser.add_argument("--limit", type=int, default=1, help="items per trial: the merge's share of a trial falls as it grows")
+    parser.add_argument("--limit", type=positive_int, default=1, help="items per trial: the merge's share of a trial falls as it grows")
     args = parser.parse_args()
     root = Path(args.workdir or tempfile.mkdtemp(prefix="optimer-pool-bench-"))
     root.mkdir(parents=True, exist_ok=True)

@@ -286,9 +286,9 @@ def train(
     primary = _is_primary_process()
     folder = RunFolder(out, "training run", fix="choose another output folder or pass --overwrite") if primary else None
     with folder or contextlib.nullcontext():
-        if folder is not None and overwrite:
-            folder.clear(RUN_RECORD)
         if folder is not None:
+            if overwrite:
+                folder.clear(RUN_RECORD)
             # a static mixture does not use the velocitune settings: they may differ (or gain fields)
             ignored = tuple(RESUMABLE_FIELDS) + (("velocitune",) if config.mixture != "velocitune" else ())
             folder.check(RUN_RECORD, identity(config), ignore=ignored)

@@ -13,6 +13,7 @@ way: quantized engines are refused before the pool is built.
 
 from __future__ import annotations
 
+import functools
 import time
 from collections import defaultdict
 from pathlib import Path
@@ -69,13 +70,20 @@ def _give_back_free_heap() -> None:
     and on CPUs repacking the weights every trial, frees many tensors of a few MB that glibc keeps
     in its heap: measured on a 0.4 B model with 4 vectors, 1.0 GiB (1.4 model copies) of a worker's
     memory that no tensor used."""
+    trim = _malloc_trim()
+    if trim is not None:
+        trim(0)
+
+
+@functools.cache
+def _malloc_trim():
+    """glibc's malloc_trim, looked up once (None elsewhere): it runs after every trial on CPUs."""
     import ctypes
-    import ctypes.util
 
     try:
-        ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim(0)
+        return ctypes.CDLL("libc.so.6").malloc_trim
     except (OSError, AttributeError):  # not glibc
-        pass
+        return None
 
 
 def _has_weight(module: torch.nn.Module) -> bool:

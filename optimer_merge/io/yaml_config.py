@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -29,36 +30,31 @@ def load_yaml(path: str | Path, what: str = "YAML file") -> Any:
         raise ConfigError(f"{where}: malformed YAML: {problem}") from None
 
 
+@functools.cache
 def _unique_keys_loader():
     """PyYAML's safe loader, refusing a key given twice in one mapping (PyYAML keeps the last one
-    silently: `trials: 10` followed by `trials: 100` would run 100)."""
-    import functools
-
+    silently: `trials: 10` followed by `trials: 100` would run 100). Built once, on first use."""
     import yaml
 
-    @functools.cache
-    def build():
-        class UniqueKeyLoader(yaml.SafeLoader):
-            def construct_mapping(self, node, deep=False):
-                seen: dict = {}
-                for key_node, _ in node.value:
-                    if key_node.tag == "tag:yaml.org,2002:merge":
-                        continue
-                    key = self.construct_object(key_node, deep=deep)
-                    try:
-                        first = seen.get(key)
-                    except TypeError:  # an unhashable key: PyYAML refuses it itself
-                        continue
-                    if first is not None:
-                        raise yaml.constructor.ConstructorError(
-                            None, None, f"key {key!r} is given twice in one mapping (first on line {first + 1})", key_node.start_mark
-                        )
-                    seen[key] = key_node.start_mark.line
-                return super().construct_mapping(node, deep=deep)
+    class UniqueKeyLoader(yaml.SafeLoader):
+        def construct_mapping(self, node, deep=False):
+            seen: dict = {}
+            for key_node, _ in node.value:
+                if key_node.tag == "tag:yaml.org,2002:merge":
+                    continue
+                key = self.construct_object(key_node, deep=deep)
+                try:
+                    first = seen.get(key)
+                except TypeError:  # an unhashable key: PyYAML refuses it itself
+                    continue
+                if first is not None:
+                    raise yaml.constructor.ConstructorError(
+                        None, None, f"key {key!r} is given twice in one mapping (first on line {first + 1})", key_node.start_mark
+                    )
+                seen[key] = key_node.start_mark.line
+            return super().construct_mapping(node, deep=deep)
 
-        return UniqueKeyLoader
-
-    return build()
+    return UniqueKeyLoader
 
 
 def validation_message(error, what: str) -> str:

@@ -89,12 +89,13 @@ def check_sources(
     for name, source in sources.items():
         kind = "vector" if source.get("vector") else "model"
         path = Path(source[kind])
-        other = seen.get(path.resolve())
+        resolved = path.resolve()
+        other = seen.get(resolved)
         if other == "the base":
             raise VectorError(f"{kind} {name} ({path}) is the base itself: its vector is all zeros and its weight would change nothing; leave it out")
         if other:
             raise VectorError(f"{kind} {name} ({path}) is the same as {other}: only the sum of their weights would matter; give each once")
-        seen[path.resolve()] = f"vector {name}" if kind == "vector" else f"model {name}"
+        seen[resolved] = f"vector {name}" if kind == "vector" else f"model {name}"
         if kind == "model":
             ckpt = Checkpoint.open(check_model_folder(path, f"model {name}", config=False))
             check_compatible(base_ckpt, ckpt, f"model {name} ({path})")

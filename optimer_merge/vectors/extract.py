@@ -17,7 +17,7 @@ import torch
 from optimer_merge.io.checkpoints import DTYPE_NAMES, Checkpoint, check_model_folder, fingerprint
 from optimer_merge.io.files import write_json
 from optimer_merge.io.run_folder import RunFolder
-from optimer_merge.vectors.checks import MANIFEST, VectorError, check_compatible, check_finite, check_name, check_trained_from
+from optimer_merge.vectors.checks import MANIFEST, VectorError, check_compatible, check_finite, check_name, check_trained_from, read_manifest
 
 STORE_DTYPES = ("float32", "bfloat16", "float16")
 
@@ -110,10 +110,9 @@ def extract(
 def _earlier_vectors(out_dir: str | Path, base_fp: str, dtype: str, log: Callable[[str], None]) -> dict:
     """The manifest of vectors an earlier extraction left in ``out_dir`` (they stay, listed beside
     the new ones), after checking they share this base and dtype; {} for a new folder."""
-    path = Path(out_dir) / MANIFEST
-    if not path.is_file():
+    if not (Path(out_dir) / MANIFEST).is_file():
         return {}
-    earlier = json.loads(path.read_text())
+    earlier = read_manifest(out_dir)
     if earlier.get("base_fingerprint") != base_fp:
         raise VectorError(f"{out_dir} holds vectors of another base ({earlier.get('base')}); choose another --out")
     if earlier.get("dtype") != dtype:
