@@ -82,6 +82,7 @@ CASES = [
     Case("merge-shard-size", ["merge", "{recipe_ok}", "{out}", "--out-shard-size", "lots"], ["'lots'"]),
     # vectors
     Case("extract-repeated-name", extract("ja={zoo}/tiny-text/ja", "ja={zoo}/tiny-text/zh"), ["'ja' is given twice"]),
+    Case("extract-same-model-twice", extract("a={zoo}/tiny-text/ja", "b={zoo}/tiny-text/ja/"), ["model b", "is the same as model a"]),
     Case("extract-path-in-name", extract("../evil={zoo}/tiny-text/ja"), ["'../evil'", "plain file name"]),
     Case("extract-other-base", extract("ja={foreign}"), ["trained from a different base", "0123456789abcdef"]),
     Case("extract-into-other-base", ["vectors", "extract", "--base", "{zoo}/tiny-bf16/base", "--out", "{tmp}/vectors", "--model", "ja={zoo}/tiny-bf16/ja"],
@@ -93,6 +94,8 @@ CASES = [
     Case("stats-nan", ["vectors", "stats", "nan={nan_vector}", "--out", "{out}"], ["vector nan", "NaN/Inf"]),
     Case("stats-model-folder", ["vectors", "stats", "ja={zoo}/tiny-text/ja", "--out", "{out}"], ["tiny-text/ja is a folder", "model folder"]),
     Case("stats-plain-file", ["vectors", "stats", "{nan_vector}"], ["nan.safetensors is a file"], []),
+    Case("stats-same-file-twice", ["vectors", "stats", "a={nan_vector}", "b={nan_vector}", "--out", "{out}"], ["vector b", "is the same as vector a"]),
+    Case("stats-folder-among-entries", ["vectors", "stats", "{zoo}", "a={nan_vector}", "--out", "{out}"], ["give one folder", "only NAME=FILE"]),
     # search: the config, the objective, the vectors and the folder before any trial
     Case("search-nan-bounds", search("--set", "bounds=[.nan, 1]"), ["bounds.0", "finite", "nan"]),
     Case("search-inf-bounds", search("--set", "bounds=[0, .inf]"), ["bounds.1", "finite", "inf"]),
@@ -116,6 +119,9 @@ CASES = [
     Case("search-base-as-vector", search("--vector", "b={base}"), ["model b", "is the base itself"]),
     Case("search-same-model-twice", search("--vector", "ja2={zoo}/tiny-text/ja"), ["model ja2", "is the same as model ja"]),
     Case("search-export-missing-model", search("--export", "--vector", "gone={orphan_vector}"), ["--export", "no longer exist", "gone-model"]),
+    Case("search-negative-seed", search("--seed=-1"), ["seed", "got -1"]),
+    Case("search-parallel-over-trials", search("--parallel", "3"), ["parallel 3 is more than trials 2"]),
+    Case("search-parallel-over-cpus", search("--parallel", "2", "--threads", "512"), ["parallel 2 workers need 1024 CPUs", "lower parallel"]),
     # train
     Case("train-inf-ratio", train("--dataset", "zh:inf"), ["ratio", "finite", "inf"]),
     Case("train-inf-lr", train("--lr", "inf"), ["lr", "finite", "inf"]),
@@ -135,6 +141,7 @@ CASES = [
     Case("train-zero3", train("--strategy", "deepspeed_stage_3"), ["'deepspeed_stage_3'", "ZeRO stage 3", "use strategy fsdp"]),
     Case("train-fsdp-devices", train("--strategy", "fsdp", "--devices", "auto"), ["strategy fsdp", "'auto'"]),
     Case("train-malformed-config", ["train", "--config", "{bad_yaml}"], ["bad.yaml:3:", "malformed YAML"], []),
+    Case("train-seed-too-large", train("--seed", "4294967296"), ["seed", "4294967295", "got 4294967296"]),
     # eval
     Case("eval-url-without-server", evaluate("--url", "http://127.0.0.1:9"), ["--url http://127.0.0.1:9 needs --backend server"]),
     Case("eval-tensor-parallel-hf", evaluate("--tensor-parallel-size", "2"), ["--tensor-parallel-size 2", "--backend vllm or server"]),
@@ -157,6 +164,7 @@ CASES = [
     Case("demo-zero-seeds", ["demo", "--run-dir", "{out}", "--seeds", "0"], ["--seeds", "got 0"]),
     Case("demo-report-dir-one-seed", ["demo", "--run-dir", "{out}", "--report-dir", "{tmp}/report"], ["--report-dir", "needs --seeds 2 or more"]),
     Case("demo-report-dir-is-file", ["demo", "--run-dir", "{out}", "--seeds", "2", "--report-dir", "{file}"], ["a-file.txt is a file"], []),
+    Case("demo-seeds-past-range", ["demo", "--run-dir", "{out}", "--seed", "4294967295", "--seeds", "2"], ["--seed 4294967295 with --seeds 2"]),
     Case("data-base-out-not-a-base", ["data", "base", "--out", "{zoo}", "--work", "{out}"], ["is not empty and holds no earlier base (BUILD.json)"]),
     Case("data-option-of-another-action", ["data", "check", "--out", "{out}"], ["--out does not apply to `check`"]),
     Case("data-not-a-tokenizer", ["data", "sizes", "--tokenizer", "{zoo}"], ["holds no tokenizer"]),
@@ -165,6 +173,7 @@ CASES = [
     Case("leaderboard-not-json", ["leaderboard", "{file}", "--output", "{out}"], ["a-file.txt: not a JSON file"]),
     Case("leaderboard-same-label", ["leaderboard", "a={results}", "a={results}", "--output", "{out}"], ["labelled 'a'", "NAME=RESULTS"]),
     Case("leaderboard-unknown-metric", ["leaderboard", "{results}", "--output", "{out}", "--metrics", "accuracy"], ["--metrics: accuracy not in the results"]),
+    Case("leaderboard-empty-name", ["leaderboard", "={results}", "--output", "{out}"], ["the NAME before '=' is empty"]),
 ]
 
 

@@ -399,3 +399,14 @@ def test_linearity_of_a_cpt_run_reproduces_its_own_losses(small_base, tmp_path):
     mid = result["mid"]
     assert mid["step"] == 6 and 0.2 < mid["t"] < 1.0 and 0.5 < mid["cosine_with_final"] <= 1.0
     assert set(mid["loss"]) == {"ja", "code"} and 0 < result["relative_norm"] < 1
+
+
+def test_max_tokens_below_one_step_trains_one_step_and_says_so(small_base, tmp_path):
+    lines = []
+    config = TrainConfig(
+        base=str(small_base), output=str(tmp_path / "run"), datasets=[{"name": "ja", "source": "ja"}],
+        **{**CPT_SETTINGS, "max_steps": None, "max_tokens": 5, "seq_len": 32},
+    )  # fmt: skip
+    m = train(config, export=False, log=lines.append)
+    assert m["steps"] == 1 and m["tokens"] == 8 * 32
+    assert any(line.startswith("warning: max_tokens 5 is less than one step's 256 tokens") for line in lines), lines

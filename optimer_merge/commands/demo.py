@@ -82,6 +82,8 @@ def run(args: argparse.Namespace) -> int:
         settings = DemoSettings(seed=args.seed, **values)
     except ValidationError as error:
         raise ConfigError("; ".join(f"--{str(e['loc'][0]).replace('_', '-')} {e['input']!r}: {e['msg']}" for e in error.errors())) from None
+    if args.seed + args.seeds - 1 > 2**32 - 1:
+        raise ConfigError(f"--seed {args.seed} with --seeds {args.seeds} would run seeds above 4294967295; give a smaller --seed")
     run_dir = check_output_dir(args.run_dir, "--run-dir")
     if args.report_dir is not None and args.seeds < 2:
         raise ConfigError(f"--report-dir {args.report_dir!r} needs --seeds 2 or more (a one-seed report lives in its run folder)")

@@ -46,6 +46,9 @@ def run(args: argparse.Namespace) -> int:
         out = args.out or folder
         base = args.base or (manifest["base"] if Path(manifest["base"]).is_dir() else None)
     else:
+        folders = [v for v in args.vectors if "=" not in v]
+        if folders:
+            raise ConfigError(f"{folders[0]!r}: give one folder from `vectors extract`, or only NAME=FILE.safetensors entries")
         files = pairs(args.vectors, "stats")
         out = args.out or "."
         base = args.base

@@ -7,6 +7,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, PositiveInt, field_validator, model_validator
 
+from optimer_merge.io.yaml_config import Seed
+
 # Lightning Fabric's precision settings.
 PRECISIONS = ("32-true", "32", "16-mixed", "16", "bf16-mixed", "bf16", "bf16-true", "16-true", "64-true", "64", "transformer-engine", "transformer-engine-float16")
 
@@ -103,7 +105,7 @@ class TrainConfig(_Frozen):
     save_dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     export_shard_bytes: int = Field(4 << 30, ge=1)  # safetensors files of the exported model, at most this large
 
-    seed: int = 0
+    seed: Seed = 0
     eval_every: int = Field(50, ge=1)
     eval_blocks: int = Field(16, ge=1)
     checkpoint_every: int = Field(100, ge=1)

@@ -414,6 +414,9 @@ def prepare(config: TrainConfig, log: Callable[[str], None] = print) -> Run:
     ratios = config.ratios()
     names = [d.name for d in config.datasets]
     world = fabric.world_size
+    if config.max_tokens is not None and config.max_tokens < _tokens_per_step(config, world):
+        say(f"warning: max_tokens {config.max_tokens} is less than one step's {_tokens_per_step(config, world)} tokens "
+            f"(seq_len x micro_batch_size x grad_accum x {world} devices): training one step")  # fmt: skip
     return Run(
         config=config, out=out, fabric=fabric, model=model, optimizer=optimizer, tokenizer=tokenizer, text_config=text_config,
         train_sets=train_sets, eval_sets=eval_sets,

@@ -34,6 +34,8 @@ from typing import Callable, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from optimer_merge.io.yaml_config import Seed
+
 DOMAINS = ("ja", "zh", "math", "code")
 SETTINGS_RECORD = "demo_settings.json"
 # Objectives the searches optimise: bits per byte on dev splits (the signal a 1.5 M-parameter model
@@ -51,7 +53,7 @@ class DemoSettings(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
-    seed: int = 0
+    seed: Seed = 0
     base: str = Field(default_factory=lambda: _shipped_base_digest())  # sha256 of the shipped base's weights
     cpt_tokens: int = Field(100_000, gt=0)  # per domain; each mixture run gets K times this
     lr: float = Field(3e-4, gt=0)  # a tenth of the base's peak: small updates, as CPT of a well-trained model

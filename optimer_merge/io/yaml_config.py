@@ -4,12 +4,16 @@ from __future__ import annotations
 
 import functools
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Annotated, Any, TypeVar
+
+from pydantic import Field
 
 from optimer_merge.errors import ConfigError
 from optimer_merge.io.files import check_input_file
 
 T = TypeVar("T")
+
+Seed = Annotated[int, Field(ge=0, le=2**32 - 1)]  # the range numpy, torch and SMAC all accept
 
 
 def load_yaml(path: str | Path, what: str = "YAML file") -> Any:

@@ -46,6 +46,8 @@ def read_rows(entries: list[str]) -> list[tuple[str, dict]]:
         name, sep, path = entry.partition("=")
         if not sep or not Path(path).exists() and Path(entry).exists():
             name, path = "", entry
+        elif not name.strip():
+            raise ConfigError(f"{entry!r}: the NAME before '=' is empty; give NAME=RESULTS or just RESULTS")
         files = find_results(path)
         for file in files:
             try:

@@ -8,6 +8,7 @@ from typing import ClassVar, Literal
 from pydantic import BaseModel, ConfigDict, Field, PositiveInt, model_validator
 
 from optimer_merge.evaluation.objective import Objective
+from optimer_merge.io.yaml_config import Seed
 
 Dtype = Literal["float32", "bfloat16", "float16"]
 # Bounds beyond this move a model further than its own CPT did, several times over: allowed, but warned.
@@ -62,7 +63,7 @@ class SearchConfig(BaseModel):
     trials: PositiveInt = 100  # can be raised on a later run to extend a finished search
     finalists: int = Field(3, ge=0)  # top trials re-scored at finalist_limit
     finalist_limit: PositiveInt | None = 300
-    seed: int = 0
+    seed: Seed = 0
     optimizer: Literal["smac", "random", "tpe"] = "smac"
     initial_points: int | None = Field(None, ge=0)  # smac: Sobol points before the model (default 2K)
     acquisition: Acquisition = Acquisition()  # smac: the cost of each proposal
@@ -99,6 +100,8 @@ class SearchConfig(BaseModel):
         for name in BACKEND_ONLY[other]:
             if getattr(self, name) != type(self).model_fields[name].default:
                 raise ValueError(f"{name}: {getattr(self, name)!r} is a setting of the {other} backend; backend {self.backend} would ignore it")
+        if self.parallel > self.trials:
+            raise ValueError(f"parallel {self.parallel} is more than trials {self.trials}: workers would have no trial; give parallel <= trials")
         if self.ray_address and self.parallel == 1:
             raise ValueError(f"ray_address {self.ray_address!r} needs parallel >= 2 (parallel: 1 scores in this process)")
         return self

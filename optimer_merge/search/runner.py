@@ -86,6 +86,9 @@ def search(config: SearchConfig, *, export: bool = False, log: Callable[[str], N
     if config.large_bounds():
         log(f"warning: bounds of {', '.join(config.large_bounds())} reach beyond +-{LARGE_BOUND:g}: "
             "such merges move the base many times further than its CPT did")  # fmt: skip
+    if config.finalists and config.limit is not None and config.finalist_limit is not None and config.finalist_limit < config.limit:
+        log(f"warning: finalist_limit {config.finalist_limit} is below limit {config.limit}: the finalists are re-scored on "
+            "fewer items than every trial saw, and the best is picked on that noisier score")  # fmt: skip
     out = Path(config.output)
     with RunFolder(out, "search") as folder:
         folder.check(RECORD, config.identity(), ignore=config.may_differ_on_resume(), added=SearchConfig.ADDED)

@@ -142,9 +142,10 @@ class RayWorkers:
                     hint = ("; the cluster asks for a token: set RAY_AUTH_MODE=token, with the cluster's token in "
                             "~/.ray/auth_token, RAY_AUTH_TOKEN_PATH or RAY_AUTH_TOKEN")  # fmt: skip
                 raise ConfigError(f"ray_address {config.ray_address}: cannot join the Ray cluster ({error}){hint}") from None
-        gpus = config.tensor_parallel_size if config.backend == "vllm" else 1
+        gpus = (config.tensor_parallel_size if config.backend == "vllm" else 1) if torch.cuda.is_available() else 0
         threads = config.threads if config.threads != "auto" else 1
-        self.actor_class = ray.remote(num_cpus=threads, num_gpus=gpus if torch.cuda.is_available() else 0, max_restarts=0)(_Actor)
+        self._check_resources(threads, gpus)
+        self.actor_class = ray.remote(num_cpus=threads, num_gpus=gpus, max_restarts=0)(_Actor)
         log(f"starting {self.size} trial workers on Ray ({'cluster ' + config.ray_address if config.ray_address else 'local'})")
         self.actors = [self._start() for _ in range(self.size)]
         self.restarts = 0
@@ -156,6 +157,22 @@ class RayWorkers:
             self.close()
             raise error.as_instanceof_cause() from None
         self.relative_norms = norms[0]
+
+    def _check_resources(self, threads: int, gpus: int) -> None:
+        """Ray would wait forever for workers the cluster cannot hold: a local Ray that lacks them is
+        refused; a cluster (which may grow) is warned about."""
+        have = self.ray.cluster_resources()
+        need = {"CPU": threads * self.size, "GPU": gpus * self.size}
+        short = [f"{need[k]:g} {k}s ({self.size} x {threads if k == 'CPU' else gpus})" for k in need if need[k] > have.get(k, 0)]
+        if not short:
+            return
+        where = f"the Ray cluster at {self.config.ray_address}" if self.config.ray_address else "this machine's Ray"
+        message = (f"parallel {self.size} workers need {' and '.join(short)}; {where} has "
+                   f"{have.get('CPU', 0):g} CPUs and {have.get('GPU', 0):g} GPUs")  # fmt: skip
+        if self.started_ray and not self.config.ray_address:
+            self.close()
+            raise ConfigError(f"{message}; lower parallel (or threads, tensor_parallel_size)")
+        self.log(f"warning: {message}; the workers wait until the cluster has room")
 
     def _start(self):
         return self.actor_class.remote(self.config.model_dump(mode="json"), self.spec)

@@ -6,6 +6,7 @@ import json
 import math
 import re
 from pathlib import Path
+from typing import Mapping
 
 import torch
 
@@ -25,6 +26,15 @@ def check_name(name: str, what: str = "vector") -> str:
     if not NAME.match(name):
         raise VectorError(f"{what} name {name!r} must be a plain file name (letters, digits, _ . -; not starting with a dot)")
     return name
+
+
+def check_distinct(paths: Mapping[str, str | Path], kind: str) -> None:
+    """Refuse one file or folder given under two names."""
+    seen: dict[Path, str] = {}
+    for name, path in paths.items():
+        other = seen.setdefault(Path(path).resolve(), name)
+        if other != name:
+            raise VectorError(f"{kind} {name} ({path}) is the same as {kind} {other}; give each once")
 
 
 def check_compatible(base: Checkpoint, other: Checkpoint, what: str) -> None:

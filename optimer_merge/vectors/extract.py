@@ -17,7 +17,7 @@ import torch
 from optimer_merge.io.checkpoints import DTYPE_NAMES, Checkpoint, check_model_folder, fingerprint
 from optimer_merge.io.files import write_json
 from optimer_merge.io.run_folder import RunFolder
-from optimer_merge.vectors.checks import MANIFEST, VectorError, check_compatible, check_finite, check_name, check_trained_from, read_manifest
+from optimer_merge.vectors.checks import MANIFEST, VectorError, check_compatible, check_distinct, check_finite, check_name, check_trained_from, read_manifest
 
 STORE_DTYPES = ("float32", "bfloat16", "float16")
 
@@ -46,6 +46,7 @@ def extract(
         raise VectorError("no models given: name at least one NAME=MODEL_FOLDER")
     for name in models:
         check_name(name)
+    check_distinct(models, "model")
     base_ckpt = Checkpoint.open(check_model_folder(base, "base", config=False))
     base_fp = fingerprint(base)
     ckpts = {}

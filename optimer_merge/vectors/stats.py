@@ -13,7 +13,7 @@ import torch
 
 from optimer_merge.io.checkpoints import Checkpoint
 from optimer_merge.io.files import check_output_dir, write_json
-from optimer_merge.vectors.checks import VectorError, check_finite
+from optimer_merge.vectors.checks import VectorError, check_distinct, check_finite
 
 _LAYER = re.compile(r"layers\.(\d+)\.")
 
@@ -67,6 +67,7 @@ def stats(vectors: Mapping[str, str | Path], out_dir: str | Path | None = None, 
 
     if out_dir is not None:
         check_output_dir(out_dir, "stats folder")
+    check_distinct(vectors, "vector")
     ckpts = {name: open_vector(name, path) for name, path in vectors.items()}
     names = list(ckpts)
     first = ckpts[names[0]]
