@@ -165,6 +165,7 @@ CASES = [
     Case("demo-report-dir-one-seed", ["demo", "--run-dir", "{out}", "--report-dir", "{tmp}/report"], ["--report-dir", "needs --seeds 2 or more"]),
     Case("demo-report-dir-is-file", ["demo", "--run-dir", "{out}", "--seeds", "2", "--report-dir", "{file}"], ["a-file.txt is a file"], []),
     Case("demo-seeds-past-range", ["demo", "--run-dir", "{out}", "--seed", "4294967295", "--seeds", "2"], ["--seed 4294967295 with --seeds 2"]),
+    Case("demo-search-workers-over-cpus", ["demo", "--run-dir", "{out}", "--search-workers", "4096"], ["--search-workers 4096", "CPUs"]),
     Case("data-base-out-not-a-base", ["data", "base", "--out", "{zoo}", "--work", "{out}"], ["is not empty and holds no earlier base (BUILD.json)"]),
     Case("data-option-of-another-action", ["data", "check", "--out", "{out}"], ["--out does not apply to `check`"]),
     Case("data-not-a-tokenizer", ["data", "sizes", "--tokenizer", "{zoo}"], ["holds no tokenizer"]),

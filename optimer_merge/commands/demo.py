@@ -82,6 +82,10 @@ def run(args: argparse.Namespace) -> int:
         settings = DemoSettings(seed=args.seed, **values)
     except ValidationError as error:
         raise ConfigError("; ".join(f"--{str(e['loc'][0]).replace('_', '-')} {e['input']!r}: {e['msg']}" for e in error.errors())) from None
+    if settings.search_workers > 1 and not importlib.util.find_spec("ray"):
+        raise ConfigError(f"--search-workers {settings.search_workers} needs Ray: pip install 'optimer-merge[ray]', or give --search-workers 1")
+    if settings.search_workers > (os.cpu_count() or 1):
+        raise ConfigError(f"--search-workers {settings.search_workers}: this machine has {os.cpu_count()} CPUs, one per search worker; give fewer")
     if args.seed + args.seeds - 1 > 2**32 - 1:
         raise ConfigError(f"--seed {args.seed} with --seeds {args.seeds} would run seeds above 4294967295; give a smaller --seed")
     run_dir = check_output_dir(args.run_dir, "--run-dir")

@@ -227,13 +227,14 @@ def search_config(ctx: _Context, objective: str):
     from optimer_merge.search import SearchConfig
 
     s = ctx.s
+    trials = s.trials if objective == "all" else s.reopt_trials
     return SearchConfig(
         base=ctx.base,
         vectors=[{"name": d, "vector": str(ctx.run / "vectors" / f"{d}.safetensors")} for d in DOMAINS],
         objective={"tasks": [{"task": f"optimer_{d}_dev_bpb", "metric": "bits_per_byte"} for d in OBJECTIVES[objective]]},
-        limit=s.limit, trials=s.trials if objective == "all" else s.reopt_trials,
+        limit=s.limit, trials=trials,
         finalists=s.finalists, finalist_limit=s.finalist_limit, seed=s.seed, optimizer=s.optimizer,
-        threads=1, parallel=s.search_workers, output=str(ctx.run / "search" / objective),
+        threads=1, parallel=min(s.search_workers, trials), output=str(ctx.run / "search" / objective),
     )  # fmt: skip
 
 
