@@ -104,3 +104,21 @@ def test_truncated_checkpoint_is_named(tmp_path, tiny_zoo):
     ckpt = Checkpoint.open(tiny_zoo / "tiny-text/base")
     assert ckpt.meta["model.norm.weight"] == ("F32", (64,)) and ckpt.metadata == {"format": "pt"}
     assert "model.embed_tokens.weight" in ckpt.names()
+
+
+def test_bytes_progress_reports_share_eta_and_the_end(monkeypatch):
+    from optimer_merge.io import progress
+
+    clock = iter([0.0, 30.0, 35.0, 60.0])  # start, then one reading per advance
+    monkeypatch.setattr(progress.time, "monotonic", lambda: next(clock))
+    lines: list[str] = []
+    bar = progress.BytesProgress(4 * 2**30, lines.append, what="read ")
+    bar.advance(2**30)  # 30 s for a quarter: 90 s left
+    bar.advance(2**30)  # 5 s after the last line: quiet
+    bar.advance(2 * 2**30)
+    assert lines == ["  read 1.00 GiB of 4.00 GiB (25%), ETA 1.5 min", "  read 4.00 GiB of 4.00 GiB (100%), in 1.0 min"]
+    assert progress.human_bytes(3.5 * 2**20) == "3.5 MiB" and progress.human_bytes(512) == "512 B"
+    quick: list[str] = []
+    clock = iter([0.0, 1.0])
+    progress.BytesProgress(2**20, quick.append).advance(2**20)
+    assert quick == []  # work shorter than a progress interval says nothing

@@ -15,6 +15,7 @@ import torch
 
 from optimer_merge.errors import ConfigError
 from optimer_merge.evaluation.evaluator import LMEvalEvaluator, max_positions, scoped_environment
+from optimer_merge.io.progress import human_bytes
 
 WORKER_EXTENSION = "optimer_merge.evaluation.vllm_worker.OptimerWorkerExtension"
 CPU_KV_CACHE_BYTES = 1 << 30  # plenty for the small models a CPU evaluates
@@ -157,7 +158,7 @@ class VLLMEvaluator(LMEvalEvaluator):
             "seconds": time.perf_counter() - start,
         }
         self.log(f"vector pool in {len(ranks)} vLLM worker(s): {info['tensors']} tensors, "
-                 f"{info['bytes'] / 2**20:.1f} MiB in all ({', '.join(f'{b / 2**20:.1f}' for b in info['bytes_per_rank'])} MiB per rank) "
+                 f"{human_bytes(info['bytes'])} in all ({', '.join(human_bytes(b) for b in info['bytes_per_rank'])} per rank) "
                  f"on {info['placement']}")  # fmt: skip
         return info
 

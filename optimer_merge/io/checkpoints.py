@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -12,6 +13,7 @@ from optimer_merge.errors import InputNotFound, UserError
 
 FLOAT_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
 DTYPE_NAMES = {v: k for k, v in FLOAT_DTYPES.items()}
+_ITEM_BYTES = {"F64": 8, "I64": 8, "U64": 8, "F32": 4, "I32": 4, "U32": 4, "F16": 2, "BF16": 2, "I16": 2, "U16": 2, "I8": 1, "U8": 1, "BOOL": 1}
 
 
 class CheckpointError(UserError, ValueError):
@@ -67,6 +69,11 @@ class Checkpoint:
 
     def is_float(self, name: str) -> bool:
         return self.meta[name][0] in FLOAT_DTYPES
+
+    def nbytes(self, name: str) -> int:
+        """Bytes of one tensor in the file."""
+        dtype, shape = self.meta[name]
+        return math.prod(shape) * _ITEM_BYTES.get(dtype, 1 if dtype.startswith("F8") else 4)
 
     def float_dtype(self) -> str:
         """The tensors' floating-point dtype (float32 where float32 mixes with others)."""

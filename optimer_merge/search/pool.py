@@ -23,6 +23,7 @@ from typing import Callable, Iterator, Literal, Mapping
 import torch
 
 from optimer_merge.io.checkpoints import Checkpoint, check_model_folder, fingerprint
+from optimer_merge.io.progress import BytesProgress, human_bytes
 from optimer_merge.merge.rule import CHUNK, coefficients, combine, pieces
 from optimer_merge.vectors.checks import VectorError, check_compatible, check_trained_from, sum_of_squares
 from optimer_merge.vectors.stats import open_vector
@@ -165,18 +166,19 @@ class ResidentPool:
             yield entry.name, self.merge(entry, coeffs)
 
 
-def stream_rows(spec: PoolSpec) -> Iterator[tuple[str, torch.Tensor, list[torch.Tensor], list[float]]]:
+def stream_rows(spec: PoolSpec, log: Callable[[str], None] | None = None) -> Iterator[tuple[str, torch.Tensor, list[torch.Tensor], list[float]]]:
     """(checkpoint name, base tensor, rows, squared norm of base and of each delta) per
     floating-point base tensor some source changes, read one tensor at a time, each row in its pool
     dtype (vectors that lack a tensor: zeros). Checks and sums go through one reused buffer, so
-    building the pool allocates nothing but the pool."""
+    building the pool allocates nothing but the pool. With ``log``, progress with an ETA."""
     base_ckpt = Checkpoint.open(spec.base)
     ckpts = [Checkpoint.open(s.path) for s in spec.sources]
     relative = spec.relative()
     buffer = torch.empty(2 * CHUNK["cpu"], dtype=torch.float64)
-    for key in base_ckpt.names():
-        if not base_ckpt.is_float(key):
-            continue
+    keys = [key for key in base_ckpt.names() if base_ckpt.is_float(key)]
+    read = lambda key: sum(c.nbytes(key) for c in (base_ckpt, *ckpts) if key in c.meta)  # noqa: E731
+    progress = BytesProgress(sum(read(key) for key in keys), log, what="pool: read ") if log else None
+    for key in keys:
         b, rows = base_ckpt.get(key), []
         squares = [sum_of_squares(b, buffer=buffer)]
         for source, ckpt, rel in zip(spec.sources, ckpts, relative):
@@ -193,6 +195,8 @@ def stream_rows(spec: PoolSpec) -> Iterator[tuple[str, torch.Tensor, list[torch.
             squares.append(square)
         if any(s > 0 for s in squares[1:]):
             yield key, b, rows, squares
+        if progress is not None:
+            progress.advance(read(key))
 
 
 def _delta(tensor: torch.Tensor, base: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -223,7 +227,7 @@ def build_module_pool(model: torch.nn.Module, spec: PoolSpec, *, log: Callable[[
     live = dict(model.named_parameters(remove_duplicate=False))
     host = spec.placement == "host" and any(p.device.type == "cuda" for p in live.values())
     entries, kept, squares = [], set(), [0.0] * (len(spec.sources) + 1)
-    for key, base, rows, sq in stream_rows(spec):
+    for key, base, rows, sq in stream_rows(spec, log):
         squares = [a + b for a, b in zip(squares, sq)]
         if key not in names:
             raise VectorError(f"tensor {key} of the base has no parameter in the loaded {type(model).__name__}; this model cannot be merged in place")
@@ -240,7 +244,7 @@ def build_module_pool(model: torch.nn.Module, spec: PoolSpec, *, log: Callable[[
 def build_host_pool(spec: PoolSpec, *, log: Callable[[str], None] = print) -> ResidentPool:
     """The pool in this process's memory, by checkpoint name (the push fallback, stock comparisons)."""
     entries, squares = [], [0.0] * (len(spec.sources) + 1)
-    for key, base, rows, sq in stream_rows(spec):
+    for key, base, rows, sq in stream_rows(spec, log):
         entries.append(PoolEntry(key, base, rows))
         squares = [a + b for a, b in zip(squares, sq)]
     pool = ResidentPool(spec.names, spec.relative(), entries, "host", skipped_names(spec, {e.name for e in entries}))
@@ -255,7 +259,7 @@ def _devices(entries: list[PoolEntry]) -> str:
 
 def _describe(pool: ResidentPool, spec: PoolSpec) -> str:
     return (
-        f"vector pool: {len(pool.names)} rows over {len(pool.entries)} tensors ({pool.nbytes / 2**20:.1f} MiB on {pool.placement}; "
+        f"vector pool: {len(pool.names)} rows over {len(pool.entries)} tensors ({human_bytes(pool.nbytes)} on {pool.placement}; "
         f"base {spec.base_dtype}, rows {', '.join(sorted({spec.row_dtype(s) for s in spec.sources}))}), "
         f"{len(pool.skipped)} tensors unchanged by every source"
     )

@@ -31,6 +31,7 @@ from typing import Callable, Iterator
 from optimer_merge.errors import UserError
 from optimer_merge.io.files import atomic_write_text, write_json, write_yaml
 from optimer_merge.io.jsonl import append_jsonl, read_jsonl
+from optimer_merge.io.progress import duration
 from optimer_merge.io.run_folder import RunFolder
 from optimer_merge.search.config import LARGE_BOUND, SearchConfig
 from optimer_merge.search.optimizers import make_optimizer
@@ -303,7 +304,7 @@ class _Search:
         timing = f"merge {s.get('merge', 0):.2f}s eval {s.get('eval', 0):.1f}s opt {s.get('optimizer', 0):.2f}s"
         left = self.config.trials - record["trial"]
         per_trial = statistics.median(self.durations) / self.config.parallel if self.durations else 0.0
-        eta = f", ETA {_duration(left * per_trial)}" if left and self.durations else ""
+        eta = f", ETA {duration(left * per_trial)}" if left and self.durations else ""
         state = self.workers.state() if self.workers is not None else ""
         head = f"trial {record['trial']}/{self.config.trials}"
         tail = f" [{weights}] {timing}{eta}" + (f"; {state}" if state else "")
@@ -333,10 +334,6 @@ class _Search:
             f = done[(r["trial"], c.finalist_limit)]
             finalists.append({"trial": r["trial"], "weights": r["weights"], "score": r["score"], "final_score": f["score"], "metrics": f["metrics"], "status": f["status"], "reason": f.get("reason")})
         return finalists
-
-
-def _duration(seconds: float) -> str:
-    return f"{seconds / 3600:.1f} h" if seconds >= 3600 else f"{seconds / 60:.1f} min" if seconds >= 60 else f"{seconds:.0f} s"
 
 
 def _crash_value(records: list[dict]) -> float:

@@ -16,6 +16,7 @@ import torch
 
 from optimer_merge.io.checkpoints import DTYPE_NAMES, Checkpoint, check_model_folder, fingerprint
 from optimer_merge.io.files import write_json
+from optimer_merge.io.progress import BytesProgress
 from optimer_merge.io.run_folder import RunFolder
 from optimer_merge.vectors.checks import MANIFEST, VectorError, check_compatible, check_distinct, check_finite, check_name, check_trained_from, read_manifest
 
@@ -70,19 +71,20 @@ def extract(
             for name in ckpts
         }
         equal, norms = [], {name: 0.0 for name in ckpts}
+        readers = [base_ckpt, *ckpts.values()]
+        progress = BytesProgress(sum(c.nbytes(n) for c in readers for n in names), log, what="read ")
         try:
-            for i, tensor_name in enumerate(names):
+            for tensor_name in names:
                 b = base_ckpt.get(tensor_name).to(torch.float32)
                 deltas = {name: ckpt.get(tensor_name).to(b.dtype) - b for name, ckpt in ckpts.items()}
                 if all(not bool(d.any()) for d in deltas.values()):
                     equal.append(tensor_name)
-                    continue
-                for name, delta in deltas.items():
-                    check_finite(delta, f"model {name}", tensor_name)
-                    norms[name] += float(delta.double().square().sum())
-                    writers[name].write(tensor_name, delta.to(store))
-                if (i + 1) % 50 == 0 or i + 1 == len(names):
-                    log(f"  {i + 1}/{len(names)} tensors")
+                else:
+                    for name, delta in deltas.items():
+                        check_finite(delta, f"model {name}", tensor_name)
+                        norms[name] += float(delta.double().square().sum())
+                        writers[name].write(tensor_name, delta.to(store))
+                progress.advance(sum(c.nbytes(tensor_name) for c in readers))
             for name, writer in writers.items():
                 writer.close({"base_fingerprint": base_fp, "source": str(Path(models[name]).resolve())})
         except BaseException:
