@@ -122,6 +122,8 @@ CASES = [
     Case("search-negative-seed", search("--seed=-1"), ["seed", "got -1"]),
     Case("search-parallel-over-trials", search("--parallel", "3"), ["parallel 3 is more than trials 2"]),
     Case("search-parallel-over-cpus", search("--parallel", "2", "--threads", "512"), ["parallel 2 workers need 1024 CPUs", "lower parallel"]),
+    Case("search-base-without-tokenizer", ["search", "--base", "{no_tokenizer}", "--objective", OBJECTIVE, "--output", "{out}", "--vector", "ja={zoo}/tiny-text/ja"],
+         ["base", "tokenizerless holds no tokenizer"]),
     # train
     Case("train-inf-ratio", train("--dataset", "zh:inf"), ["ratio", "finite", "inf"]),
     Case("train-inf-lr", train("--lr", "inf"), ["lr", "finite", "inf"]),
@@ -142,6 +144,7 @@ CASES = [
     Case("train-fsdp-devices", train("--strategy", "fsdp", "--devices", "auto"), ["strategy fsdp", "'auto'"]),
     Case("train-malformed-config", ["train", "--config", "{bad_yaml}"], ["bad.yaml:3:", "malformed YAML"], []),
     Case("train-seed-too-large", train("--seed", "4294967296"), ["seed", "4294967295", "got 4294967296"]),
+    Case("train-base-without-tokenizer", ["train", "--base", "{no_tokenizer}", "--output", "{out}", "--dataset", "ja", "--max-steps", "2"], ["tokenizerless holds no tokenizer"]),
     # eval
     Case("eval-url-without-server", evaluate("--url", "http://127.0.0.1:9"), ["--url http://127.0.0.1:9 needs --backend server"]),
     Case("eval-tensor-parallel-hf", evaluate("--tensor-parallel-size", "2"), ["--tensor-parallel-size 2", "--backend vllm or server"]),
@@ -155,6 +158,7 @@ CASES = [
     Case("eval-out-is-file", evaluate("--output", "{file}"), ["a-file.txt is a file"], []),
     Case("eval-truncated-model", ["eval", "{truncated}", "--tasks", "optimer_ja_dev_bpb", "--output", "{out}"], ["truncated/model.safetensors is not a readable"]),
     Case("eval-not-a-model", ["eval", "{tmp}", "--tasks", "optimer_ja_dev_bpb", "--output", "{out}"], ["has no config.json"]),
+    Case("eval-model-without-tokenizer", ["eval", "{no_tokenizer}", "--tasks", "optimer_ja_dev_bpb", "--output", "{out}"], ["tokenizerless holds no tokenizer", "tokenizer.json"]),
     # data, demo, leaderboard
     Case("data-unknown-domain", ["data", "check", "--domains", "ja", "xx", "--sources", "{out}"], ["unknown domain(s) 'xx'"]),
     Case("data-tokenizer-missing", ["data", "sizes", "--tokenizer", "{tmp}/no-tokenizer"], ["no-tokenizer does not exist"], []),
@@ -224,6 +228,11 @@ def paths(tmp_path_factory, tiny_zoo) -> dict[str, str]:
     p["truncated"] = str(root / "truncated")
     (root / "recipe-truncated.yml").write_text(RECIPE.format(zoo=zoo, weight="0.5", parameters="", extra="").replace(f"{zoo}/tiny-text/zh", p["truncated"]))
     p["recipe_truncated"] = str(root / "recipe-truncated.yml")
+    # a model folder without a tokenizer (transformers would build an empty one from it, silently)
+    (root / "tokenizerless").mkdir()
+    for name in ("config.json", "model.safetensors"):
+        shutil.copy(tiny_zoo / "tiny-text/base" / name, root / "tokenizerless" / name)
+    p["no_tokenizer"] = str(root / "tokenizerless")
     # vectors: one with a NaN, one whose source model is gone
     assert cli.main([a.format(**p) for a in extract("ja={zoo}/tiny-text/ja", out=str(root / "vectors"))]) == 0
     vector = load_file(str(root / "vectors/ja.safetensors"))

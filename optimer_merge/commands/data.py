@@ -61,16 +61,9 @@ def run(args: argparse.Namespace) -> int:
         if args.tokenizer:
             from transformers import AutoTokenizer
 
-            from optimer_merge.errors import InputNotFound
+            from optimer_merge.io.checkpoints import check_tokenizer
 
-            folder = Path(args.tokenizer).expanduser()
-            if not folder.exists():
-                raise InputNotFound(f"--tokenizer {folder} does not exist; give a local tokenizer folder (nothing is downloaded)")
-            if not folder.is_dir():
-                raise ConfigError(f"--tokenizer {folder} is a file; give the folder holding tokenizer.json")
-            if not any((folder / name).is_file() for name in ("tokenizer.json", "tokenizer_config.json")):
-                raise InputNotFound(f"--tokenizer {folder} holds no tokenizer (tokenizer.json or tokenizer_config.json)")
-            tokenizer = AutoTokenizer.from_pretrained(folder)
+            tokenizer = AutoTokenizer.from_pretrained(check_tokenizer(Path(args.tokenizer).expanduser(), "--tokenizer"))
         print(json.dumps(data.sizes(tokenizer), indent=2))
         return 0
     from optimer_merge.data.build import run as build_run

@@ -70,7 +70,7 @@ def open_base(base: str | Path):
     from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForImageTextToText, AutoTokenizer
     from transformers.utils import logging as hf_logging
 
-    base = check_model_folder(base, "base model")
+    base = check_model_folder(base, "base model", tokenizer=True)
     hf_logging.disable_progress_bar()
     config = AutoConfig.from_pretrained(base)
     tokenizer = AutoTokenizer.from_pretrained(base)

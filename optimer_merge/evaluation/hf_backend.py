@@ -35,7 +35,7 @@ class HFEvaluator(LMEvalEvaluator):
         from optimer_merge.io.checkpoints import check_model_folder
         from optimer_merge.io.quiet import drop_messages
 
-        check_model_folder(model, "model")
+        check_model_folder(model, "model", tokenizer=True)
         super().__init__(model, dtype=dtype, threads=threads, log=log)
         self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         if self.device == "cpu":

@@ -65,14 +65,16 @@ class ServerEvaluator(LMEvalEvaluator):
         server_timeout: float = 300.0,
         log=print,
     ):
-        from optimer_merge.io.checkpoints import check_model_folder
+        from optimer_merge.io.checkpoints import check_model_folder, check_tokenizer
 
         if url is None:
-            check_model_folder(model, "model")
+            check_model_folder(model, "model", tokenizer=True)
         super().__init__(model, dtype=dtype, threads=threads, log=log)
         self._server: subprocess.Popen | None = None
         self._server_log = None
         has_config = (self.model_path / "config.json").exists()
+        if has_config and url is not None:  # a local folder tokenizes the requests
+            check_tokenizer(self.model_path, "model")
         key = os.environ.get("OPENAI_API_KEY") or ""
         name = SERVED_NAME
         if url is None:

@@ -104,7 +104,7 @@ class VLLMEvaluator(LMEvalEvaluator):
         from optimer_merge.io.checkpoints import check_model_folder
 
         require_vllm()
-        check_model_folder(model, "model")
+        check_model_folder(model, "model", tokenizer=True)
         super().__init__(model, dtype=dtype, threads=threads, log=log)
         check_affine(self.model_path, quantization)
         from lm_eval.models.vllm_causallms import VLLM

@@ -85,9 +85,14 @@ class Checkpoint:
             return reader.get_tensor(name)
 
 
-def check_model_folder(path: str | Path, what: str = "model", *, config: bool = True) -> Path:
+# Files that hold a tokenizer's vocabulary (transformers builds an empty tokenizer, without an
+# error, from a folder that has none of them).
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "vocab.txt", "spiece.model", "sentencepiece.bpe.model")
+
+
+def check_model_folder(path: str | Path, what: str = "model", *, config: bool = True, tokenizer: bool = False) -> Path:
     """A model folder with readable safetensors (and config.json unless ``config`` is false, for
-    uses that need only the tensors); returns the path."""
+    uses that need only the tensors; a tokenizer's files with ``tokenizer``); returns the path."""
     path = Path(path)
     if not path.exists():
         raise InputNotFound(f"{what} {path} does not exist")
@@ -96,6 +101,21 @@ def check_model_folder(path: str | Path, what: str = "model", *, config: bool = 
     if config and not (path / "config.json").is_file():
         raise InputNotFound(f"{what} {path} has no config.json; expected a Hugging Face model folder")
     Checkpoint.open(path)  # every shard's header must parse
+    if tokenizer:
+        check_tokenizer(path, what)
+    return path
+
+
+def check_tokenizer(path: str | Path, what: str = "tokenizer") -> Path:
+    """A folder holding a tokenizer's vocabulary; returns the path."""
+    path = Path(path)
+    if not path.exists():
+        raise InputNotFound(f"{what} {path} does not exist; give a local folder (nothing is downloaded)")
+    if not path.is_dir():
+        raise InputNotFound(f"{what} {path} is a file; give the folder holding tokenizer.json")
+    if not any((path / name).is_file() for name in TOKENIZER_FILES) and not any(path.glob("*.tiktoken")):
+        raise InputNotFound(f"{what} {path} holds no tokenizer ({', '.join(TOKENIZER_FILES[:2])}, ...); "
+                            "save one there (tokenizer.save_pretrained) or copy the base's tokenizer files")  # fmt: skip
     return path
 
 
