@@ -49,7 +49,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return int(args._run(args) or 0)
     except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
+        resumable = args.command in ("train", "search", "demo")
+        print("interrupted" + ("; the same command resumes where this run stopped" if resumable else ""), file=sys.stderr)
         return 130
     except UserError as error:  # only these: any other exception keeps its traceback (exit 1)
         command = " ".join(filter(None, (args.command, getattr(args, "action", None))))  # `vectors extract`, `data build`

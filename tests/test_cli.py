@@ -77,6 +77,21 @@ def test_only_user_errors_become_one_line(monkeypatch):
             cli.main(["leaderboard", "x.json"])
 
 
+def test_ctrl_c_exits_130_and_says_whether_a_rerun_resumes(monkeypatch, capsys):
+    from optimer_merge import cli
+    from optimer_merge.commands import leaderboard, search
+
+    def interrupted(args):
+        raise KeyboardInterrupt
+
+    for module in (search, leaderboard):
+        monkeypatch.setattr(module, "run", interrupted)
+    assert cli.main(["search", "--base", "b"]) == 130
+    assert capsys.readouterr().err == "interrupted; the same command resumes where this run stopped\n"
+    assert cli.main(["leaderboard", "x.json"]) == 130
+    assert capsys.readouterr().err == "interrupted\n"
+
+
 def test_a_crash_keeps_its_traceback_through_the_console_script(tmp_path):
     # a results file whose metric value is a dict crashes inside the leaderboard writer: a bug's shape
     (tmp_path / "r.json").write_text('{"results": {"t": {"acc,none": 1}}, "higher_is_better": {"t": {"acc": true}}}')
