@@ -108,6 +108,8 @@ CASES = [
     Case("search-ray-address-no-port", search("--parallel", "2", "--set", "ray_address=headnode"), ["ray_address 'headnode'", "HOST:PORT"]),
     Case("search-ray-address-one-worker", search("--set", "ray_address=127.0.0.1:6379"), ["ray_address '127.0.0.1:6379'", "parallel >= 2"]),
     Case("search-unknown-metric", search("--objective", "{objective_accuracy}"), ["no metric 'accuracy'", "bits_per_byte"]),
+    Case("search-reference-lacks-task", search("--objective", "{objective_reference_elsewhere}"), ["results.json: task 'optimer_ja_dev_bpb' is not in the results"]),
+    Case("search-reference-not-json", search("--objective", "{objective_reference_not_json}"), ["a-file.txt is not a JSON file"]),
     Case("search-config-folder", ["search", "--config", "{zoo}"], ["is a folder"], []),
     Case("search-out-is-file", search("--output", "{file}"), ["a-file.txt is a file"], []),
     Case("search-repeated-vector", search("--vector", "ja={zoo}/tiny-text/zh"), ["'ja' is given twice"]),
@@ -258,6 +260,9 @@ def paths(tmp_path_factory, tiny_zoo) -> dict[str, str]:
     p["search_key_twice"] = str(root / "search-key-twice.yaml")
     p["objective_twice"] = str(root / "objective-twice.yaml")
     p["objective_accuracy"] = str(root / "objective-accuracy.yaml")
+    for name, reference in (("elsewhere", "results.json"), ("not-json", "a-file.txt")):  # references without the objective's task
+        (root / f"objective-reference-{name}.yaml").write_text(f"tasks:\n- {{task: optimer_ja_dev_bpb, metric: bits_per_byte}}\nreference: {reference}\n")
+        p[f"objective_reference_{name.replace('-', '_')}"] = str(root / f"objective-reference-{name}.yaml")
     # datasets
     (root / "latin1.jsonl").write_bytes(b'{"text": "fine"}\n{"text": "caf\xe9"}\n')
     p["latin1"] = str(root / "latin1.jsonl")

@@ -78,14 +78,27 @@ class Objective(BaseModel):
 
     def reference_results(self) -> dict | None:
         if isinstance(self.reference, str):
-            return json.loads(Path(self.reference).read_text())
+            try:
+                return json.loads(Path(self.reference).read_text(encoding="utf-8"))
+            except (json.JSONDecodeError, UnicodeDecodeError) as error:
+                raise ConfigError(f"objective: reference {self.reference} is not a JSON file ({error})") from None
         return self.reference
 
     def check(self) -> None:
-        """Before any evaluation: each metric exists in its task and has a direction."""
+        """Before any evaluation: each metric exists in its task and has a direction, and the
+        reference (if any) has a value for each term."""
         from optimer_merge.evaluation.tasks import group_without_metrics, resolve, task_metrics
 
         resolve(self.task_names())
+        reference = self.reference_results()
+        for term in self.tasks if reference is not None else ():
+            where = self.reference if isinstance(self.reference, str) else "the inline reference"
+            if not isinstance(reference, dict) or not isinstance(reference.get("results"), dict):
+                raise ConfigError(f"objective: reference {where} is not lm-eval results (no 'results' table)")
+            try:
+                metric_value(reference, term.task, term.metric, term.filter)
+            except ValueError as error:
+                raise ConfigError(f"objective: reference {where}: {error}; evaluate the reference on every task of the objective") from None
         for term in self.tasks:
             members = group_without_metrics(term.task)
             if members is not None:

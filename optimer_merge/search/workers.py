@@ -126,7 +126,6 @@ class RayWorkers:
             import ray
         except ImportError:
             raise ConfigError("parallel trials need Ray: pip install 'optimer-merge[ray]'") from None
-        import torch
 
         self.ray, self.config, self.spec, self.log = ray, config, spec, log
         self.size = config.parallel
@@ -142,9 +141,11 @@ class RayWorkers:
                     hint = ("; the cluster asks for a token: set RAY_AUTH_MODE=token, with the cluster's token in "
                             "~/.ray/auth_token, RAY_AUTH_TOKEN_PATH or RAY_AUTH_TOKEN")  # fmt: skip
                 raise ConfigError(f"ray_address {config.ray_address}: cannot join the Ray cluster ({error}){hint}") from None
-        gpus = (config.tensor_parallel_size if config.backend == "vllm" else 1) if torch.cuda.is_available() else 0
+        # GPUs per worker wherever the cluster has GPUs (a multi-node head may have none itself)
+        have = ray.cluster_resources()
+        gpus = (config.tensor_parallel_size if config.backend == "vllm" else 1) if have.get("GPU", 0) > 0 else 0
         threads = config.threads if config.threads != "auto" else 1
-        self._check_resources(threads, gpus)
+        self._check_resources(have, threads, gpus)
         self.actor_class = ray.remote(num_cpus=threads, num_gpus=gpus, max_restarts=0)(_Actor)
         log(f"starting {self.size} trial workers on Ray ({'cluster ' + config.ray_address if config.ray_address else 'local'})")
         self.actors = [self._start() for _ in range(self.size)]
@@ -158,10 +159,9 @@ class RayWorkers:
             raise error.as_instanceof_cause() from None
         self.relative_norms = norms[0]
 
-    def _check_resources(self, threads: int, gpus: int) -> None:
+    def _check_resources(self, have: dict, threads: int, gpus: int) -> None:
         """Ray would wait forever for workers the cluster cannot hold: a local Ray that lacks them is
         refused; a cluster (which may grow) is warned about."""
-        have = self.ray.cluster_resources()
         need = {"CPU": threads * self.size, "GPU": gpus * self.size}
         short = [f"{need[k]:g} {k}s ({self.size} x {threads if k == 'CPU' else gpus})" for k in need if need[k] > have.get(k, 0)]
         if not short:
