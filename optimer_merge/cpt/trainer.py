@@ -643,9 +643,9 @@ def finalize(run: Run, state: dict, export: bool = True) -> dict:
     if fabric.is_global_zero:
         write_json(run.out / "train_meta.json", meta)
     fabric.barrier()
+    losses = ", ".join(f"{n} {state['initial_eval'][n]:.3f}->{v:.3f}" for n, v in final_eval.items())
     run.say(
-        f"trained {meta['tokens']:,} tokens in {total_steps} steps "
-        f"({meta['wall_seconds']:.1f}s); held-out loss "
-        + ", ".join(f"{n} {state['initial_eval'][n]:.3f}->{v:.3f}" for n, v in final_eval.items())
+        f"trained {meta['tokens']:,} tokens in {total_steps} steps ({meta['wall_seconds']:.1f}s); "
+        + (f"held-out loss {losses}" if losses else "no held-out set (--eval-dataset or a dataset's eval_source gives one)")
     )
     return meta
