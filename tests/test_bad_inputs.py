@@ -99,6 +99,7 @@ CASES = [
     # search: the config, the objective, the vectors and the folder before any trial
     Case("search-nan-bounds", search("--set", "bounds=[.nan, 1]"), ["bounds.0", "finite", "nan"]),
     Case("search-inf-bounds", search("--set", "bounds=[0, .inf]"), ["bounds.1", "finite", "inf"]),
+    Case("search-fixed-bounds", search("--set", "bounds=[0.5, 0.5]"), ["min = max", "nothing is left to search"]),
     Case("search-zero-trials", search("--trials", "0"), ["--trials", "got 0"]),
     Case("search-batch-size", search("--set", "batch_size=0"), ["batch_size", "greater than 0", "got 0"]),
     Case("search-unknown-dtype", search("--set", "dtype=float8"), ["dtype", "'float8'"]),

@@ -65,12 +65,12 @@ def validation_message(error, what: str) -> str:
     """A pydantic ValidationError as one line: each problem names its field and the value given."""
     problems = []
     for item in error.errors():
-        where = ".".join(str(p) for p in item["loc"]) or "config"
+        where = ".".join(str(p) for p in item["loc"])
         message = item["msg"].removeprefix("Value error, ")
         value = item.get("input")
         if item["type"] not in ("missing",) and not isinstance(value, dict) and value is not None:
             message += f" (got {value!r})"
-        problems.append(f"{where}: {message}")
+        problems.append(f"{where}: {message}" if where else message)  # a check across fields names its own
     return f"invalid {what}: " + "; ".join(problems)
 
 

@@ -96,6 +96,9 @@ class SearchConfig(BaseModel):
             raise ValueError(f"vector names must be unique (repeated: {', '.join(duplicates)})")
         if self.bounds[0] > self.bounds[1]:
             raise ValueError(f"bounds {list(self.bounds)} have min > max")
+        if all(lo == hi for lo, hi in map(self.bounds_of, self.vectors)):
+            raise ValueError("every weight's bounds have min = max: nothing is left to search; widen them "
+                             "(or merge those fixed weights with `optimer-merge merge`)")  # fmt: skip
         other = "vllm" if self.backend == "hf" else "hf"
         for name in BACKEND_ONLY[other]:
             if getattr(self, name) != type(self).model_fields[name].default:
