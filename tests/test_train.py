@@ -401,12 +401,19 @@ def test_linearity_of_a_cpt_run_reproduces_its_own_losses(small_base, tmp_path):
     assert set(mid["loss"]) == {"ja", "code"} and 0 < result["relative_norm"] < 1
 
 
-def test_max_tokens_below_one_step_trains_one_step_and_says_so(small_base, tmp_path):
+@pytest.mark.parametrize(
+    "settings, warning",
+    [
+        ({"max_steps": None, "max_tokens": 5}, "warning: max_tokens 5 is less than one step's 256 tokens"),
+        ({"max_steps": 1, "precision": "bf16-true"}, "warning: precision bf16-true keeps the weights in 16 bits"),
+    ],
+)
+def test_settings_that_defeat_a_run_are_warned_about(small_base, tmp_path, settings, warning):
     lines = []
     config = TrainConfig(
         base=str(small_base), output=str(tmp_path / "run"), datasets=[{"name": "ja", "source": "ja"}],
-        **{**CPT_SETTINGS, "max_steps": None, "max_tokens": 5, "seq_len": 32},
+        **{**CPT_SETTINGS, "seq_len": 32, **settings},
     )  # fmt: skip
     m = train(config, export=False, log=lines.append)
-    assert m["steps"] == 1 and m["tokens"] == 8 * 32
-    assert any(line.startswith("warning: max_tokens 5 is less than one step's 256 tokens") for line in lines), lines
+    assert m["steps"] == 1 and m["tokens"] == 8 * 32  # one step runs
+    assert any(line.startswith(warning) for line in lines), lines

@@ -414,6 +414,10 @@ def prepare(config: TrainConfig, log: Callable[[str], None] = print) -> Run:
     ratios = config.ratios()
     names = [d.name for d in config.datasets]
     world = fabric.world_size
+    if config.precision in ("bf16-true", "16-true"):
+        say(f"warning: precision {config.precision} keeps the weights in 16 bits: an update below "
+            f"{'2^-8 (0.4%)' if config.precision == 'bf16-true' else '2^-11 (0.05%)'} of a weight rounds away, and at lr {config.lr:g} "
+            "most CPT updates are that small; bf16-mixed keeps float32 master weights")  # fmt: skip
     if config.max_tokens is not None and config.max_tokens < _tokens_per_step(config, world):
         say(f"warning: max_tokens {config.max_tokens} is less than one step's {_tokens_per_step(config, world)} tokens "
             f"(seq_len x micro_batch_size x grad_accum x {world} devices): training one step")  # fmt: skip
