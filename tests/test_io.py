@@ -122,3 +122,28 @@ def test_bytes_progress_reports_share_eta_and_the_end(monkeypatch):
     clock = iter([0.0, 1.0])
     progress.BytesProgress(2**20, quick.append).advance(2**20)
     assert quick == []  # work shorter than a progress interval says nothing
+
+
+def test_validation_message_names_the_field_not_the_union_members():
+    from typing import Literal
+
+    from pydantic import BaseModel, Field, PositiveInt, ValidationError
+
+    from optimer_merge.io.yaml_config import validation_message
+
+    class Spec(BaseModel):
+        weight: float = Field(gt=0)
+
+    class Config(BaseModel):
+        threads: PositiveInt | Literal["auto"] = "auto"
+        objective: str | Spec = "x"
+
+    def message(**values) -> str:
+        with pytest.raises(ValidationError) as error:
+            Config(**values)
+        return validation_message(error.value, "config")
+
+    # a value of the spec's type: only the spec's complaint, under the field's own name
+    assert message(objective={"weight": 0}) == "invalid config: objective.weight: Input should be greater than 0 (got 0)"
+    # no member fits: each member's requirement, as alternatives
+    assert message(threads=0) == "invalid config: threads: Input should be greater than 0, or Input should be 'auto' (got 0)"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import re
 from pathlib import Path
 from typing import Annotated, Any, TypeVar
 
@@ -61,17 +62,33 @@ def _unique_keys_loader():
     return UniqueKeyLoader
 
 
+_SCHEMA_TAG = re.compile(r"^(constrained-\w+|(function-\w+|literal|lax-or-strict|json-or-python|nullable|tagged-union)\[.*\])$")
+
+
 def validation_message(error, what: str) -> str:
     """A pydantic ValidationError as one line: each problem names its field and the value given."""
-    problems = []
-    for item in error.errors():
-        where = ".".join(str(p) for p in item["loc"])
-        message = item["msg"].removeprefix("Value error, ")
+    items = error.errors()
+    # A value that fits one member of a union (`objective`: a file name or a spec) gets an error from
+    # each member; the members whose type it does not even have say nothing useful.
+    fields = [item["loc"][:1] for item in items]
+    fitting = {f for f, item in zip(fields, items) if not item["type"].endswith("_type")}
+    items = [item for f, item in zip(fields, items) if fields.count(f) == 1 or f not in fitting or not item["type"].endswith("_type")]
+    problems: dict[str, list[str]] = {}  # where -> messages (a union's members: alternatives)
+    got: dict[str, str] = {}
+    for item in items:
+        # union members appear in the location by type or class name (`objective.Objective.tasks.0`)
+        where = ".".join(str(p) for p in item["loc"] if not (isinstance(p, str) and _is_union_tag(p)))
+        problems.setdefault(where, []).append(item["msg"].removeprefix("Value error, "))
         value = item.get("input")
         if item["type"] not in ("missing",) and not isinstance(value, dict) and value is not None:
-            message += f" (got {value!r})"
-        problems.append(f"{where}: {message}" if where else message)  # a check across fields names its own
-    return f"invalid {what}: " + "; ".join(problems)
+            got[where] = f" (got {value!r})"
+    lines = [(f"{where}: " if where else "") + ", or ".join(messages) + got.get(where, "") for where, messages in problems.items()]
+    return f"invalid {what}: " + "; ".join(lines)
+
+
+def _is_union_tag(part: str) -> bool:
+    """``Objective``, ``str``, ``constrained-int``, ``literal['auto']``: a union member, not a field."""
+    return part[:1].isupper() or part in ("str", "int", "float", "bool", "list", "dict", "tuple", "none") or bool(_SCHEMA_TAG.match(part))
 
 
 def load_yaml_config(cls: type[T], path: str | Path | None, overrides: dict[str, Any] | None, what: str) -> T:
