@@ -258,6 +258,10 @@ def test_yaml_config_and_flag_overrides(tmp_path):
     assert config.max_tokens == 5000 and config.max_steps is None and config.lr == 0.1 and config.devices == 2
     assert [(d.name, d.source, d.ratio) for d in config.datasets] == [("zh", "zh", 0.3), ("y", "x/y.jsonl", 2.0)]
     assert config.velocitune.update_every == 7
+    # the config takes the command line's SOURCE[:RATIO] shorthand too
+    path.write_text("base: b\noutput: o\ndatasets: [ja, 'x/y.jsonl:2']\neval_datasets: [zh]\nmax_steps: 10\n")
+    config = load_config(path)
+    assert [(d.name, d.source, d.ratio) for d in config.datasets + config.eval_datasets] == [("ja", "ja", 1.0), ("y", "x/y.jsonl", 2.0), ("zh", "zh", 1.0)]
 
 
 def _bad_run(tmp_path, small_base, *extra: str):

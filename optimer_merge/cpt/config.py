@@ -112,6 +112,12 @@ class TrainConfig(_Frozen):
     keep_checkpoints: int = Field(2, ge=1)
     progress: bool = True
 
+    @field_validator("datasets", "eval_datasets", mode="before")
+    @classmethod
+    def _shorthand(cls, value: Any) -> Any:
+        """``datasets: [ja, zh:0.5, data/x.jsonl]``: the command line's SOURCE[:RATIO] entries."""
+        return [dataset_from_spec(v) if isinstance(v, str) else v for v in value] if isinstance(value, list) else value
+
     @model_validator(mode="after")
     def _check(self) -> "TrainConfig":
         if not self.datasets:

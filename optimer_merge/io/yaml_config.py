@@ -80,7 +80,7 @@ def validation_message(error, what: str) -> str:
         where = ".".join(str(p) for p in item["loc"] if not (isinstance(p, str) and _is_union_tag(p)))
         problems.setdefault(where, []).append(item["msg"].removeprefix("Value error, "))
         value = item.get("input")
-        if item["type"] not in ("missing",) and not isinstance(value, dict) and value is not None:
+        if item["type"] not in ("missing",) and not isinstance(value, dict) and value is not None and "got " not in item["msg"]:
             got[where] = f" (got {value!r})"
     lines = [(f"{where}: " if where else "") + ", or ".join(messages) + got.get(where, "") for where, messages in problems.items()]
     return f"invalid {what}: " + "; ".join(lines)
