@@ -4,11 +4,13 @@ Recipe parameters: per model `weight` (required, any sign); global `scale` (defa
 `normalize` (default false: true divides by the sum of weights). The result is returned in float32
 (float64 for float64 inputs) and mergekit casts it to the recipe's `out_dtype` when one is set.
 Non-finite `weight` or `scale` values are refused when mergekit resolves the parameters, before it
-merges any tensor.
+merges any tensor; values the rule cannot merge with (weights summing to 0 under `normalize`) are
+one `Error:` line under `mergekit-yaml`.
 """
 
 from __future__ import annotations
 
+import click
 import torch
 from mergekit.merge_methods import (
     BasePolicy,
@@ -40,12 +42,20 @@ def optimer_merge(
     normalize: bool = False,
 ) -> torch.Tensor:
     if batch.base_index is None:
-        raise ValueError("optimer needs a base model: set `base_model:` in the recipe")
+        raise RecipeValueError("optimer needs a base model: set `base_model:` in the recipe")
     base = batch.tensors[batch.base_index]
     if not base.is_floating_point():
         raise TypeError("optimer merges floating-point tensors only")
     models = [t for i, t in enumerate(batch.tensors) if i != batch.base_index]
-    return merge_tensor(base, models, weight, scale=scale, normalize=normalize)
+    try:
+        return merge_tensor(base, models, weight, scale=scale, normalize=normalize)
+    except ValueError as error:  # the recipe's values: one line under mergekit-yaml
+        raise RecipeValueError(str(error)) from None
+
+
+class RecipeValueError(click.ClickException, ValueError):
+    """A recipe value the method cannot merge with; click (which runs `mergekit-yaml`) prints it as
+    one `Error: ...` line instead of a traceback."""
 
 
 def register() -> MergeMethod:
