@@ -100,6 +100,7 @@ CASES = [
     Case("search-nan-bounds", search("--set", "bounds=[.nan, 1]"), ["bounds.0", "finite", "nan"]),
     Case("search-inf-bounds", search("--set", "bounds=[0, .inf]"), ["bounds.1", "finite", "inf"]),
     Case("search-fixed-bounds", search("--set", "bounds=[0.5, 0.5]"), ["min = max", "nothing is left to search"]),
+    Case("search-nothing-given", ["search"], ["base: required: give --base", "give --vector NAME=", "give --objective"], []),
     Case("search-zero-trials", search("--trials", "0"), ["--trials", "got 0"]),
     Case("search-batch-size", search("--set", "batch_size=0"), ["batch_size", "greater than 0", "got 0"]),
     Case("search-unknown-dtype", search("--set", "dtype=float8"), ["dtype", "'float8'"]),
@@ -147,6 +148,7 @@ CASES = [
     Case("train-fsdp-devices", train("--strategy", "fsdp", "--devices", "auto"), ["strategy fsdp", "'auto'"]),
     Case("train-malformed-config", ["train", "--config", "{bad_yaml}"], ["bad.yaml:3:", "malformed YAML"], []),
     Case("train-seed-too-large", train("--seed", "4294967296"), ["seed", "4294967295", "got 4294967296"]),
+    Case("train-no-budget", ["train", "--base", "{base}", "--output", "{out}", "--dataset", "ja"], ["exactly one of max_tokens and max_steps", "--max-tokens N"]),
     Case("train-base-without-tokenizer", ["train", "--base", "{no_tokenizer}", "--output", "{out}", "--dataset", "ja", "--max-steps", "2"], ["tokenizerless holds no tokenizer"]),
     # eval
     Case("eval-url-without-server", evaluate("--url", "http://127.0.0.1:9"), ["--url http://127.0.0.1:9 needs --backend server"]),

@@ -123,7 +123,7 @@ class TrainConfig(_Frozen):
         if not self.datasets:
             raise ValueError("datasets is empty: name at least one dataset to train on")
         if (self.max_tokens is None) == (self.max_steps is None):
-            raise ValueError("set exactly one of max_tokens and max_steps")
+            raise ValueError("set exactly one of max_tokens and max_steps (--max-tokens N or --max-steps N)")
         names = [d.name for d in self.datasets + self.eval_datasets]
         duplicates = sorted({n for n in names if names.count(n) > 1})
         if duplicates:
@@ -172,4 +172,5 @@ def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None
     """Read a training config YAML (optional), apply ``overrides`` (dotted keys) and validate."""
     from optimer_merge.io.yaml_config import load_yaml_config
 
-    return load_yaml_config(TrainConfig, path, overrides, "training config")
+    flags = {"base": "--base", "output": "--output", "datasets": "--dataset SOURCE[:RATIO]"}
+    return load_yaml_config(TrainConfig, path, overrides, "training config", flags)

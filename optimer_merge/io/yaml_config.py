@@ -65,8 +65,9 @@ def _unique_keys_loader():
 _SCHEMA_TAG = re.compile(r"^(constrained-\w+|(function-\w+|literal|lax-or-strict|json-or-python|nullable|tagged-union)\[.*\])$")
 
 
-def validation_message(error, what: str) -> str:
-    """A pydantic ValidationError as one line: each problem names its field and the value given."""
+def validation_message(error, what: str, flags: dict[str, str] | None = None) -> str:
+    """A pydantic ValidationError as one line: each problem names its field and the value given
+    (a missing field: the command-line flag in ``flags`` that gives it)."""
     items = error.errors()
     # A value that fits one member of a union (`objective`: a file name or a spec) gets an error from
     # each member; the members whose type it does not even have say nothing useful.
@@ -78,7 +79,10 @@ def validation_message(error, what: str) -> str:
     for item in items:
         # union members appear in the location by type or class name (`objective.Objective.tasks.0`)
         where = ".".join(str(p) for p in item["loc"] if not (isinstance(p, str) and _is_union_tag(p)))
-        problems.setdefault(where, []).append(item["msg"].removeprefix("Value error, "))
+        message = item["msg"].removeprefix("Value error, ")
+        if item["type"] == "missing" and where in (flags or {}):
+            message = f"required: give {flags[where]} (or `{where}:` in --config)"
+        problems.setdefault(where, []).append(message)
         value = item.get("input")
         if item["type"] not in ("missing",) and not isinstance(value, dict) and value is not None and "got " not in item["msg"]:
             got[where] = f" (got {value!r})"
@@ -91,7 +95,7 @@ def _is_union_tag(part: str) -> bool:
     return part[:1].isupper() or part in ("str", "int", "float", "bool", "list", "dict", "tuple", "none") or bool(_SCHEMA_TAG.match(part))
 
 
-def load_yaml_config(cls: type[T], path: str | Path | None, overrides: dict[str, Any] | None, what: str) -> T:
+def load_yaml_config(cls: type[T], path: str | Path | None, overrides: dict[str, Any] | None, what: str, flags: dict[str, str] | None = None) -> T:
     """Read a YAML config (optional), apply ``overrides`` (dotted keys allowed), validate as ``cls``.
 
     Paths inside stay relative to the working directory, as in mergekit recipes.
@@ -117,4 +121,4 @@ def load_yaml_config(cls: type[T], path: str | Path | None, overrides: dict[str,
     try:
         return cls.model_validate(raw)
     except ValidationError as error:
-        raise ConfigError(validation_message(error, what)) from None
+        raise ConfigError(validation_message(error, what, flags)) from None

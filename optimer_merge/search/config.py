@@ -174,4 +174,5 @@ def load_search_config(path: str | Path | None, overrides: dict | None = None) -
     """Read a search config YAML, apply dotted ``overrides`` and validate (one line per problem)."""
     from optimer_merge.io.yaml_config import load_yaml_config
 
-    return load_yaml_config(SearchConfig, path, overrides, "search config")
+    flags = {"base": "--base", "vectors": "--vector NAME=MODEL_OR_VECTOR (one per vector)", "objective": "--objective"}
+    return load_yaml_config(SearchConfig, path, overrides, "search config", flags)
