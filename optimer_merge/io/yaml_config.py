@@ -71,9 +71,9 @@ def validation_message(error, what: str, flags: dict[str, str] | None = None) ->
     items = error.errors()
     # A value that fits one member of a union (`objective`: a file name or a spec) gets an error from
     # each member; the members whose type it does not even have say nothing useful.
-    fields = [item["loc"][:1] for item in items]
-    fitting = {f for f, item in zip(fields, items) if not item["type"].endswith("_type")}
-    items = [item for f, item in zip(fields, items) if fields.count(f) == 1 or f not in fitting or not item["type"].endswith("_type")]
+    unions = [_union_field(item["loc"]) for item in items]
+    fitting = {u for u, item in zip(unions, items) if u is not None and not item["type"].endswith("_type")}
+    items = [item for u, item in zip(unions, items) if u not in fitting or not item["type"].endswith("_type")]
     problems: dict[str, list[str]] = {}  # where -> messages (a union's members: alternatives)
     got: dict[str, str] = {}
     for item in items:
@@ -88,6 +88,14 @@ def validation_message(error, what: str, flags: dict[str, str] | None = None) ->
             got[where] = f" (got {value!r})"
     lines = [(f"{where}: " if where else "") + ", or ".join(messages) + got.get(where, "") for where, messages in problems.items()]
     return f"invalid {what}: " + "; ".join(lines)
+
+
+def _union_field(loc: tuple) -> tuple | None:
+    """The location of the union an error's location passes through (None: it passes none)."""
+    for i, part in enumerate(loc):
+        if isinstance(part, str) and _is_union_tag(part):
+            return loc[:i]
+    return None
 
 
 def _is_union_tag(part: str) -> bool:
