@@ -234,7 +234,7 @@ def test_failed_trials_are_recorded_and_the_search_goes_on(small_base, cpt_runs,
 
 def test_consecutive_failures_stop_the_search_with_the_cause(small_base, cpt_runs, tmp_path, capsys):
     out = tmp_path / "run"
-    args = search_args(small_base, cpt_runs, out, "--optimizer", "random", "--set", "bounds=[1.0e+7, 1.0e+7]", "--set", "max_consecutive_failures=2", "--set", "dtype=float16")
+    args = search_args(small_base, cpt_runs, out, "--optimizer", "random", "--set", "bounds=[1.0e+7, 1.1e+7]", "--set", "max_consecutive_failures=2", "--set", "dtype=float16")
     assert cli.main(args + ["--finalist-limit", "3"]) == 2
     captured = capsys.readouterr()
     assert "stopped after 2 consecutive failed trials" in captured.err and "score is not finite" in captured.err
