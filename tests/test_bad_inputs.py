@@ -136,7 +136,7 @@ CASES = [
     Case("train-threads-zero", train("--threads", "0"), ["--threads", "got 0"]),
     Case("train-precision", train("--precision", "bf99"), ["precision", "'bf99'"]),
     Case("train-not-utf8", train("--dataset", "{latin1}"), ["latin1.jsonl:2: not UTF-8"]),
-    Case("train-non-string-text", train("--dataset", "{numbers}"), ["numbers.jsonl:1: 'text' is a int"]),
+    Case("train-non-string-text", train("--dataset", "{numbers}"), ["numbers.jsonl:1: 'text' is not a string but int 42"]),
     Case("train-unknown-source", train("--dataset", "jp"), ["unknown dataset source 'jp'"]),
     Case("train-base-missing", ["train", "--base", "{tmp}/nobase", "--output", "{out}", "--dataset", "ja", "--max-steps", "2"], ["nobase does not exist"]),
     Case("train-seq-len", train("--seq-len", "100000"), ["seq_len=100000", "maximum"]),

@@ -117,7 +117,7 @@ def _file_documents(path: Path, text_field: str) -> Iterator[str]:
                 if text is None:
                     raise DataError(f"{path}:{number}: expected a JSON object with a {text_field!r} field (set text_field)")
                 if not isinstance(text, str):
-                    raise DataError(f"{path}:{number}: {text_field!r} is a {type(text).__name__}, expected a string")
+                    raise DataError(f"{path}:{number}: {text_field!r} is not a string but {type(text).__name__} {text!r:.40}")
                 if text:
                     yield text
 
