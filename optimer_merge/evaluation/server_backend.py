@@ -68,12 +68,12 @@ class ServerEvaluator(LMEvalEvaluator):
         from optimer_merge.io.checkpoints import check_model_folder, check_tokenizer
 
         if url is None:
-            check_model_folder(model, "model", tokenizer=True)
+            check_model_folder(model, "model")
         super().__init__(model, dtype=dtype, threads=threads, log=log)
         self._server: subprocess.Popen | None = None
         self._server_log = None
         has_config = (self.model_path / "config.json").exists()
-        if has_config and url is not None:  # a local folder tokenizes the requests
+        if has_config:  # a local folder tokenizes the requests
             check_tokenizer(self.model_path, "model")
         key = os.environ.get("OPENAI_API_KEY") or ""
         name = SERVED_NAME

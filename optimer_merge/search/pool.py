@@ -25,7 +25,7 @@ import torch
 from optimer_merge.io.checkpoints import Checkpoint, check_model_folder, fingerprint
 from optimer_merge.io.progress import BytesProgress, human_bytes
 from optimer_merge.merge.rule import CHUNK, coefficients, combine, pieces
-from optimer_merge.vectors.checks import VectorError, check_compatible, check_trained_from, sum_of_squares
+from optimer_merge.vectors.checks import VectorError, check_compatible, check_distinct, check_trained_from, sum_of_squares
 from optimer_merge.vectors.stats import open_vector
 
 Placement = Literal["auto", "device", "host"]
@@ -85,18 +85,16 @@ def check_sources(
     their base, come from this base."""
     base_ckpt = Checkpoint.open(check_model_folder(base, "base", config=False))
     base_fp = fingerprint(base)
+    kinds = {name: "vector" if source.get("vector") else "model" for name, source in sources.items()}
+    paths = {name: Path(source[kinds[name]]) for name, source in sources.items()}
+    for name, path in paths.items():
+        if path.resolve() == Path(base).resolve():
+            raise VectorError(f"{kinds[name]} {name} ({path}) is the base itself: its vector is all zeros and its weight would change nothing; leave it out")
+    for kind in ("model", "vector"):
+        check_distinct({n: p for n, p in paths.items() if kinds[n] == kind}, kind, why="only the sum of their weights would matter")
     checked = []
-    seen: dict[Path, str] = {Path(base).resolve(): "the base"}
-    for name, source in sources.items():
-        kind = "vector" if source.get("vector") else "model"
-        path = Path(source[kind])
-        resolved = path.resolve()
-        other = seen.get(resolved)
-        if other == "the base":
-            raise VectorError(f"{kind} {name} ({path}) is the base itself: its vector is all zeros and its weight would change nothing; leave it out")
-        if other:
-            raise VectorError(f"{kind} {name} ({path}) is the same as {other}: only the sum of their weights would matter; give each once")
-        seen[resolved] = f"vector {name}" if kind == "vector" else f"model {name}"
+    for name, kind in kinds.items():
+        path = paths[name]
         if kind == "model":
             ckpt = Checkpoint.open(check_model_folder(path, f"model {name}", config=False))
             check_compatible(base_ckpt, ckpt, f"model {name} ({path})")

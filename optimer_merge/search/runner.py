@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Callable, Iterator
 
 from optimer_merge.errors import UserError
-from optimer_merge.io.checkpoints import check_model_folder
+from optimer_merge.io.checkpoints import check_tokenizer
 from optimer_merge.io.files import atomic_write_text, write_json, write_yaml
 from optimer_merge.io.jsonl import append_jsonl, read_jsonl
 from optimer_merge.io.progress import duration
@@ -81,7 +81,7 @@ def search(config: SearchConfig, *, export: bool = False, log: Callable[[str], N
     vectors, the run folder, models an export needs); a search refused then leaves no folder."""
     objective = config.load_objective()
     objective.check()
-    check_model_folder(config.base, "base", tokenizer=True)  # the trials evaluate it with its tokenizer
+    check_tokenizer(config.base, "base")  # the trials evaluate it with its tokenizer
     if config.ray_address:
         from optimer_merge.search.workers import check_ray_address
 

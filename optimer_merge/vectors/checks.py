@@ -28,13 +28,13 @@ def check_name(name: str, what: str = "vector") -> str:
     return name
 
 
-def check_distinct(paths: Mapping[str, str | Path], kind: str) -> None:
-    """Refuse one file or folder given under two names."""
+def check_distinct(paths: Mapping[str, str | Path], kind: str, why: str = "") -> None:
+    """Refuse one file or folder given under two names (``why`` says what that would mean)."""
     seen: dict[Path, str] = {}
     for name, path in paths.items():
         other = seen.setdefault(Path(path).resolve(), name)
         if other != name:
-            raise VectorError(f"{kind} {name} ({path}) is the same as {kind} {other}; give each once")
+            raise VectorError(f"{kind} {name} ({path}) is the same as {kind} {other}{': ' + why if why else ''}; give each once")
 
 
 def check_compatible(base: Checkpoint, other: Checkpoint, what: str) -> None:
