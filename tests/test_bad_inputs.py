@@ -90,6 +90,8 @@ CASES = [
     Case("extract-truncated", extract("ja={truncated}"), ["truncated/model.safetensors is not a readable safetensors file"]),
     Case("extract-base-is-file", ["vectors", "extract", "--base", "{file}", "--out", "{out}", "--model", "ja={zoo}/tiny-text/ja"], ["a-file.txt is a file"]),
     Case("extract-out-is-file", extract("ja={zoo}/tiny-text/ja", out="{file}"), ["a-file.txt is a file"], []),
+    Case("extract-into-model-folder", extract("ja={zoo}/tiny-text/ja", out="{zoo}/tiny-text/zh"), ["tiny-text/zh is not empty", "holds no vectors"],
+         ["{zoo}/tiny-text/zh/ja.safetensors", "{zoo}/tiny-text/zh/vectors.json"]),
     Case("extract-no-equals", extract("{zoo}/tiny-text/ja"), ["expects NAME=PATH"]),
     Case("stats-nan", ["vectors", "stats", "nan={nan_vector}", "--out", "{out}"], ["vector nan", "NaN/Inf"]),
     Case("stats-model-folder", ["vectors", "stats", "ja={zoo}/tiny-text/ja", "--out", "{out}"], ["tiny-text/ja is a folder", "model folder"]),

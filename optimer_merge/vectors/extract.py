@@ -17,10 +17,11 @@ import torch
 from optimer_merge.io.checkpoints import DTYPE_NAMES, Checkpoint, check_model_folder, fingerprint
 from optimer_merge.io.files import write_json
 from optimer_merge.io.progress import BytesProgress
-from optimer_merge.io.run_folder import RunFolder
+from optimer_merge.io.run_folder import LOCK, RunFolder
 from optimer_merge.vectors.checks import MANIFEST, VectorError, check_compatible, check_distinct, check_finite, check_name, check_trained_from, read_manifest
 
 STORE_DTYPES = ("float32", "bfloat16", "float16")
+LEFTOVERS = (LOCK, ".partial")  # what a killed extraction leaves behind
 
 
 def extract(
@@ -112,8 +113,11 @@ def extract(
 
 def _earlier_vectors(out_dir: str | Path, base_fp: str, dtype: str, log: Callable[[str], None]) -> dict:
     """The manifest of vectors an earlier extraction left in ``out_dir`` (they stay, listed beside
-    the new ones), after checking they share this base and dtype; {} for a new folder."""
+    the new ones), after checking they share this base and dtype; {} for a new or empty folder.
+    Any other folder (a model's, above all: a vector file there would join its weights) is refused."""
     if not (Path(out_dir) / MANIFEST).is_file():
+        if Path(out_dir).is_dir() and any(not p.name.endswith(LEFTOVERS) for p in Path(out_dir).iterdir()):
+            raise VectorError(f"--out {out_dir} is not empty and holds no vectors ({MANIFEST}); choose a new or empty folder")
         return {}
     earlier = read_manifest(out_dir)
     if earlier.get("base_fingerprint") != base_fp:
