@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 from typing import Sequence
 
@@ -47,7 +48,13 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        return int(args._run(args) or 0)
+        code = int(args._run(args) or 0)
+        sys.stdout.flush()  # a reader gone early (`| head`) shows here, not at interpreter exit
+        return code
+    except BrokenPipeError:
+        if not _stdout_closed():
+            raise  # a socket's, not ours: a crash like any other
+        return 141  # 128 + SIGPIPE, as a Unix tool whose reader went away
     except KeyboardInterrupt:
         resumable = args.command in ("train", "search", "demo")
         print("interrupted" + ("; the same command resumes where this run stopped" if resumable else ""), file=sys.stderr)
@@ -56,6 +63,22 @@ def main(argv: Sequence[str] | None = None) -> int:
         command = " ".join(filter(None, (args.command, getattr(args, "action", None))))  # `vectors extract`, `data build`
         print(f"optimer-merge {command}: error: {error}", file=sys.stderr)
         return 2
+
+
+def _stdout_closed() -> bool:
+    """True if stdout is a pipe whose reader has gone (poll reports an error on the write end);
+    stdout then points at /dev/null, so output still buffered is dropped at exit, not raised."""
+    import select
+
+    try:
+        poller = select.poll()
+        poller.register(sys.stdout.fileno(), select.POLLOUT)
+        closed = any(events & select.POLLERR for _, events in poller.poll(0))
+    except (OSError, ValueError):  # stdout replaced by an object without a file descriptor
+        return False
+    if closed:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    return closed
 
 
 if __name__ == "__main__":

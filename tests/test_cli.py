@@ -100,3 +100,24 @@ def test_a_crash_keeps_its_traceback_through_the_console_script(tmp_path):
     code = "import sys; from optimer_merge import cli; from optimer_merge.report import leaderboard as lb; lb.write = None; sys.exit(cli.main(sys.argv[1:]))"
     crash = subprocess.run([sys.executable, "-c", code, "leaderboard", str(tmp_path / "r.json"), "--output", str(tmp_path / "b2")], capture_output=True, text=True, timeout=300)
     assert crash.returncode == 1 and "Traceback" in crash.stderr and "TypeError" in crash.stderr
+
+
+def test_a_reader_gone_early_ends_quietly_but_other_broken_pipes_are_crashes(monkeypatch):
+    """`optimer-merge ... | head` whose reader exits first: exit 141 (SIGPIPE's), no traceback. A
+    broken pipe that is not stdout's (a server's socket) stays a crash."""
+    import pytest
+
+    from optimer_merge import cli
+    from optimer_merge.commands import leaderboard
+
+    process = subprocess.Popen([CLI, "data", "sizes"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    process.stdout.close()  # before the command prints anything: it starts in about a second
+    err = process.stderr.read()
+    assert process.wait(timeout=300) == 141 and err == ""
+
+    def socket_gone(args):
+        raise BrokenPipeError(32, "Broken pipe")
+
+    monkeypatch.setattr(leaderboard, "run", socket_gone)
+    with pytest.raises(BrokenPipeError):
+        cli.main(["leaderboard", "x.json"])
