@@ -10,7 +10,7 @@ from typing import Sequence
 
 from optimer_merge import __version__
 from optimer_merge.commands import OneLineParser
-from optimer_merge.errors import UserError
+from optimer_merge.errors import UserError, disk_full
 
 # name -> module with `add_arguments(parser)`, `run(args) -> int` and a one-line docstring.
 # Modules are imported lazily so `--help` stays fast.
@@ -24,6 +24,8 @@ COMMANDS = {
     "leaderboard": "optimer_merge.commands.leaderboard",
     "demo": "optimer_merge.commands.demo",
 }
+RESUMABLE = ("train", "search", "demo")
+RESUMES = "; the same command resumes where this run stopped"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -56,10 +58,15 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise  # a socket's, not ours: a crash like any other
         return 141  # 128 + SIGPIPE, as a Unix tool whose reader went away
     except KeyboardInterrupt:
-        resumable = args.command in ("train", "search", "demo")
-        print("interrupted" + ("; the same command resumes where this run stopped" if resumable else ""), file=sys.stderr)
+        print("interrupted" + (RESUMES if args.command in RESUMABLE else ""), file=sys.stderr)
         return 130
-    except UserError as error:  # only these: any other exception keeps its traceback (exit 1)
+    except (UserError, OSError) as error:  # only these: any other exception keeps its traceback (exit 1)
+        if not isinstance(error, UserError):
+            if not disk_full(error):
+                raise
+            where = f" writing {error.filename}" if error.filename else ""
+            resumes = RESUMES if args.command in RESUMABLE else ""
+            error = f"the disk is full{where}: free some space or choose an output folder on another disk{resumes}"
         command = " ".join(filter(None, (args.command, getattr(args, "action", None))))  # `vectors extract`, `data build`
         print(f"optimer-merge {command}: error: {error}", file=sys.stderr)
         return 2

@@ -1,10 +1,12 @@
 """The errors a user can meet: each says what was wrong and what to do, in one line.
 
-The command line prints exactly these as ``optimer-merge CMD: error: ...`` and exits 2; every other
-exception is a bug (or an environment failure) and keeps its traceback.
+The command line prints exactly these (and a full disk) as ``optimer-merge CMD: error: ...`` and
+exits 2; every other exception is a bug (or an environment failure) and keeps its traceback.
 """
 
 from __future__ import annotations
+
+import errno
 
 
 class UserError(Exception):
@@ -28,3 +30,8 @@ class RunFolderError(UserError):
 
 class DataError(UserError, ValueError):
     """A dataset cannot be read as text documents."""
+
+
+def disk_full(error: BaseException) -> bool:
+    """An environment failure reported like a user error: the disk filled up while writing."""
+    return isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT)

@@ -305,3 +305,41 @@ def test_bad_input_is_one_line_before_any_work(case, paths, capfd, tmp_path):
 def test_the_table_covers_every_subcommand():
     assert len(CASES) >= 40
     assert {c.argv[0] for c in CASES} == set(cli.COMMANDS)
+
+
+def test_a_disk_too_small_is_refused_before_any_work(paths, monkeypatch, capfd, tmp_path):
+    """Merges, vectors, an export and training checkpoints that cannot fit are refused up front, with
+    what they need and what the disk has (the disk reports 100 KiB free; a tiny model takes ~400 KiB)."""
+    import errno
+    from collections import namedtuple
+
+    import optimer_merge.io.files as files
+
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(files.shutil, "disk_usage", lambda path: usage(2**30, 2**30 - 100 * 1024, 100 * 1024))
+    out = str(tmp_path / "out" / "run")
+    fields = {**paths, "out": out}
+    for argv, needed in (
+        (["merge", "{recipe_ok}", "{out}"], "the merge needs about 391 KiB"),
+        (extract("ja={zoo}/tiny-text/ja", "zh={zoo}/tiny-text/zh"), "extracting 2 vector(s) needs about 782 KiB"),
+        (search("--export"), "--export needs about 391 KiB"),
+        (train(), "training (3 checkpoints of 1.1 MiB at once, then the model) needs about 3.8 MiB"),
+    ):
+        assert run([a.format(**fields) for a in argv]) == 2
+        lines = [line for line in capfd.readouterr().err.splitlines() if line.strip()]
+        assert len(lines) == 1 and needed in lines[0] and "its disk has 100 KiB" in lines[0], lines
+        assert not (tmp_path / "out").exists()
+    monkeypatch.undo()
+
+    # a disk that fills up anyway (here while the training data is tokenized): one line, no folder left
+    from optimer_merge.cpt import datasets
+
+    def disk_full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(datasets, "tokenize_to_file", disk_full)
+    assert run([a.format(**fields) for a in train()]) == 2
+    lines = [line for line in capfd.readouterr().err.splitlines() if line.strip()]
+    assert lines == ["optimer-merge train: error: the disk is full: free some space or choose an output folder on another disk; "
+                     "the same command resumes where this run stopped"]  # fmt: skip
+    assert not (tmp_path / "out").exists()

@@ -67,7 +67,7 @@ def test_only_user_errors_become_one_line(monkeypatch):
     from optimer_merge import cli
     from optimer_merge.commands import leaderboard
 
-    for error in (ValueError("a bug"), KeyError("a bug"), RuntimeError("a bug")):
+    for error in (ValueError("a bug"), KeyError("a bug"), RuntimeError("a bug"), FileNotFoundError(2, "a bug")):
 
         def crash(args, error=error):
             raise error

@@ -32,7 +32,8 @@ from optimer_merge.cpt import velocitune as vt
 from optimer_merge.cpt.config import TrainConfig
 from optimer_merge.errors import ConfigError, UserError
 from optimer_merge.io.checkpoints import check_model_folder, fingerprint, saved_dtype
-from optimer_merge.io.files import write_json
+from optimer_merge.io.files import check_free_space, write_json
+from optimer_merge.io.progress import human_bytes
 from optimer_merge.io.run_folder import RunFolder
 from optimer_merge.threads import default_threads
 
@@ -418,6 +419,7 @@ def prepare(config: TrainConfig, log: Callable[[str], None] = print) -> Run:
         say(f"warning: precision {config.precision} keeps the weights in 16 bits: an update below "
             f"{'2^-8 (0.4%)' if config.precision == 'bf16-true' else '2^-11 (0.05%)'} of a weight rounds away, and at lr {config.lr:g} "
             "most CPT updates are that small; bf16-mixed keeps float32 master weights")  # fmt: skip
+    _check_disk(config, out, model, trainable)
     if config.max_tokens is not None and config.max_tokens < _tokens_per_step(config, world):
         say(f"warning: max_tokens {config.max_tokens} is less than one step's {_tokens_per_step(config, world)} tokens "
             f"(seq_len x micro_batch_size x grad_accum x {world} devices): training one step")  # fmt: skip
@@ -428,6 +430,19 @@ def prepare(config: TrainConfig, log: Callable[[str], None] = print) -> Run:
         ratios=ratios, targets=targets, total_steps=_total_steps(config, world), tokens_per_step=_tokens_per_step(config, world),
         n_params=n_params, n_trainable=sum(p.numel() for p in trainable), say=say, sharded=sharded, checkpoint_names=saved_names,
     )  # fmt: skip
+
+
+def _check_disk(config: TrainConfig, out: Path, model: torch.nn.Module, trainable: list[torch.nn.Parameter]) -> None:
+    """Refuse a run whose checkpoints and model will not fit on the disk, before its first step: the
+    weights and AdamW's two moments per checkpoint, ``keep_checkpoints`` kept plus the one being
+    written, and the exported model (checkpoints already there count as written)."""
+    weights = sum(p.numel() * p.element_size() for p in model.parameters())
+    checkpoint = weights + 2 * sum(p.numel() * p.element_size() for p in trainable)
+    held = sum(f.stat().st_size for c in _checkpoints(out / CHECKPOINTS_DIR) for f in ([c] if c.is_file() else c.rglob("*")) if f.is_file())
+    dtype = getattr(torch, saved_dtype(config.base) if config.save_dtype == "auto" else config.save_dtype)
+    export = sum(p.numel() for p in model.parameters()) * torch.empty((), dtype=dtype).element_size()
+    kept = config.keep_checkpoints + 1
+    check_free_space(out, kept * checkpoint - held + export, f"training ({kept} checkpoints of {human_bytes(checkpoint)} at once, then the model)")
 
 
 def _strategy(config: TrainConfig):

@@ -75,6 +75,18 @@ class Checkpoint:
         dtype, shape = self.meta[name]
         return math.prod(shape) * _ITEM_BYTES.get(dtype, 1 if dtype.startswith("F8") else 4)
 
+    def size_as(self, dtype: str | torch.dtype | None = None, names: list[str] | None = None) -> int:
+        """Bytes of the tensors (all, or ``names``) with the floating-point ones stored as ``dtype``
+        (default: as they are): what a merge or a vector file written from them takes on disk."""
+        item = getattr(torch, dtype) if isinstance(dtype, str) else dtype
+        size = 0
+        for name in self.names() if names is None else names:
+            if item is not None and self.is_float(name):
+                size += math.prod(self.meta[name][1]) * torch.empty((), dtype=item).element_size()
+            else:
+                size += self.nbytes(name)
+        return size
+
     def float_dtype(self) -> str:
         """The tensors' floating-point dtype (float32 where float32 mixes with others)."""
         names = {str(FLOAT_DTYPES[dtype]).removeprefix("torch.") for dtype, _ in self.meta.values() if dtype in FLOAT_DTYPES}

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 from pathlib import Path
 from typing import Any
 
 from optimer_merge.errors import InputNotFound, RunFolderError
+from optimer_merge.io.progress import human_bytes
 
 
 def atomic_write_text(path: str | Path, text: str) -> None:
@@ -65,3 +67,15 @@ def check_output_file(path: str | Path, what: str = "output file") -> Path:
         raise RunFolderError(f"{what} {path} is a folder; give a file name")
     check_output_dir(path.parent, f"folder of {what}")
     return path
+
+
+def check_free_space(path: str | Path, need: int, what: str) -> None:
+    """Refuse, before any work, a job that will write about ``need`` bytes under ``path`` (a folder
+    that may not exist yet) to a disk with less free space than that."""
+    probe = Path(path).expanduser().absolute()
+    while not probe.exists():
+        probe = probe.parent
+    free = shutil.disk_usage(probe).free
+    if need > free:
+        raise RunFolderError(f"{what} needs about {human_bytes(need)} free under {path}, and its disk has {human_bytes(free)}; "
+                             "free some space or choose a folder on another disk")  # fmt: skip

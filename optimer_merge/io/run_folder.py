@@ -9,7 +9,7 @@ import os
 import shutil
 from pathlib import Path
 
-from optimer_merge.errors import RunFolderError, UserError
+from optimer_merge.errors import RunFolderError, UserError, disk_full
 from optimer_merge.io.files import check_output_dir, write_json
 
 LOCK = ".lock"
@@ -19,8 +19,8 @@ class RunFolder:
     """``with RunFolder(path, "search") as folder:`` creates and locks ``path``.
 
     ``folder.check(record, identity)`` refuses a folder that holds another run; ``folder.keep()``
-    marks the start of real work. A UserError raised before ``keep()`` removes the folders this
-    call created, so a corrected rerun starts clean."""
+    marks the start of real work. A UserError (or a full disk) before ``keep()`` removes the
+    folders this call created, so a corrected rerun starts clean."""
 
     def __init__(self, path: str | Path, what: str, *, fix: str = "choose another output folder or delete this one"):
         self.path, self.what, self.fix = Path(path), what, fix
@@ -57,7 +57,7 @@ class RunFolder:
         if self._lock is not None:
             self._lock.close()  # releases the lock
             self._lock = None
-        refused = exc_type is not None and issubclass(exc_type, UserError) and not self.kept
+        refused = exc is not None and (isinstance(exc, UserError) or disk_full(exc)) and not self.kept
         if refused and self.created is not None:
             shutil.rmtree(self.created, ignore_errors=True)
 

@@ -165,6 +165,20 @@ def check_merge_target(out_dir: str | Path) -> Path:
     return out
 
 
+def merge_size(config) -> int | None:
+    """Bytes of the model a recipe writes (its base's tensors in the output dtype); None where the
+    base is not a local folder."""
+    from mergekit.common import dtype_from_name
+
+    from optimer_merge.io.checkpoints import Checkpoint
+
+    ref = config.base_model or next(iter(config.referenced_models()), None)
+    folder = Path(str(ref.model.path)).expanduser() if ref is not None else None
+    if folder is None or not any(folder.glob("*.safetensors")):
+        return None
+    return Checkpoint.open(folder).size_as(dtype_from_name(config.out_dtype or config.dtype))
+
+
 def run_recipe(
     recipe: str | Path,
     out_dir: str | Path,
@@ -187,10 +201,14 @@ def run_recipe(
     from mergekit.merge import run_merge
     from mergekit.options import MergeOptions
 
+    from optimer_merge.io.files import check_free_space
     from optimer_merge.io.quiet import drop_messages
 
     config, source = load_recipe(recipe)
     out = check_merge_target(out_dir)
+    size = merge_size(config)
+    if size is not None:
+        check_free_space(out, size, "the merge")
     partial = out.with_name(out.name + ".partial")
     shutil.rmtree(partial, ignore_errors=True)
     merge_options = MergeOptions(

@@ -29,8 +29,8 @@ from pathlib import Path
 from typing import Callable, Iterator
 
 from optimer_merge.errors import UserError
-from optimer_merge.io.checkpoints import check_tokenizer
-from optimer_merge.io.files import atomic_write_text, write_json, write_yaml
+from optimer_merge.io.checkpoints import Checkpoint, check_tokenizer
+from optimer_merge.io.files import atomic_write_text, check_free_space, write_json, write_yaml
 from optimer_merge.io.jsonl import append_jsonl, read_jsonl
 from optimer_merge.io.progress import duration
 from optimer_merge.io.run_folder import RunFolder
@@ -101,6 +101,9 @@ def search(config: SearchConfig, *, export: bool = False, log: Callable[[str], N
             if export:
                 raise SearchError(f"--export needs the models behind the vectors, and these no longer exist: {gone}")
             log(f"warning: the models behind {gone} no longer exist; best.yaml names them and cannot be merged until they are back")
+        if export:
+            size = Checkpoint.open(config.base).size_as(config.out_dtype)
+            check_free_space(out / "best-model", size, "--export")
         from optimer_merge.search.pool import check_sources
 
         spec = check_sources(config.base, {v.name: ({"model": v.model} if v.model else {"vector": v.vector}) for v in config.vectors},

@@ -15,7 +15,7 @@ from typing import Callable, Mapping
 import torch
 
 from optimer_merge.io.checkpoints import DTYPE_NAMES, Checkpoint, check_model_folder, fingerprint
-from optimer_merge.io.files import write_json
+from optimer_merge.io.files import check_free_space, write_json
 from optimer_merge.io.progress import BytesProgress
 from optimer_merge.io.run_folder import LOCK, RunFolder
 from optimer_merge.vectors.checks import MANIFEST, VectorError, check_compatible, check_distinct, check_finite, check_name, check_trained_from, read_manifest
@@ -65,6 +65,7 @@ def extract(
     store = getattr(torch, dtype)
     names = [n for n in base_ckpt.names() if base_ckpt.is_float(n)]
     skipped_non_float = [n for n in base_ckpt.names() if n not in names]
+    check_free_space(out_dir, len(ckpts) * base_ckpt.size_as(store, names), f"extracting {len(ckpts)} vector(s)")
     with RunFolder(out_dir, "vector extraction"):  # a fresh folder is removed again if refused midway
         out_dir = Path(out_dir)
         writers = {
