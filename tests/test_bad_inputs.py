@@ -114,6 +114,8 @@ CASES = [
     Case("search-unknown-metric", search("--objective", "{objective_accuracy}"), ["no metric 'accuracy'", "bits_per_byte"]),
     Case("search-reference-lacks-task", search("--objective", "{objective_reference_elsewhere}"), ["results.json: task 'optimer_ja_dev_bpb' is not in the results"]),
     Case("search-reference-not-json", search("--objective", "{objective_reference_not_json}"), ["a-file.txt is not a JSON file"]),
+    Case("search-reference-nan", search("--objective", "{objective_reference_nan}"), ["reference-nan.json", "optimer_ja_dev_bpb/bits_per_byte is nan"]),
+    Case("search-reference-not-a-number", search("--objective", "{objective_reference_text}"), ["reference-text.json", "'N/A', not a number"]),
     Case("search-config-folder", ["search", "--config", "{zoo}"], ["is a folder"], []),
     Case("search-out-is-file", search("--output", "{file}"), ["a-file.txt is a file"], []),
     Case("search-repeated-vector", search("--vector", "ja={zoo}/tiny-text/zh"), ["'ja' is given twice"]),
@@ -265,7 +267,9 @@ def paths(tmp_path_factory, tiny_zoo) -> dict[str, str]:
     p["search_key_twice"] = str(root / "search-key-twice.yaml")
     p["objective_twice"] = str(root / "objective-twice.yaml")
     p["objective_accuracy"] = str(root / "objective-accuracy.yaml")
-    for name, reference in (("elsewhere", "results.json"), ("not-json", "a-file.txt")):  # references without the objective's task
+    for name, value in (("nan", "NaN"), ("text", '"N/A"')):  # references whose value is no score
+        (root / f"reference-{name}.json").write_text('{"results": {"optimer_ja_dev_bpb": {"bits_per_byte,none": %s}}}' % value)
+    for name, reference in (("elsewhere", "results.json"), ("not-json", "a-file.txt"), ("nan", "reference-nan.json"), ("text", "reference-text.json")):
         (root / f"objective-reference-{name}.yaml").write_text(f"tasks:\n- {{task: optimer_ja_dev_bpb, metric: bits_per_byte}}\nreference: {reference}\n")
         p[f"objective_reference_{name.replace('-', '_')}"] = str(root / f"objective-reference-{name}.yaml")
     # datasets

@@ -96,9 +96,11 @@ class Objective(BaseModel):
             if not isinstance(reference, dict) or not isinstance(reference.get("results"), dict):
                 raise ConfigError(f"objective: reference {where} is not lm-eval results (no 'results' table)")
             try:
-                metric_value(reference, term.task, term.metric, term.filter)
+                value, _ = metric_value(reference, term.task, term.metric, term.filter)
             except ValueError as error:
                 raise ConfigError(f"objective: reference {where}: {error}; evaluate the reference on every task of the objective") from None
+            if not math.isfinite(value):  # every score would be NaN, every trial a failure
+                raise ConfigError(f"objective: reference {where}: {term.task}/{term.metric} is {value}; re-evaluate the reference")
         for term in self.tasks:
             members = group_without_metrics(term.task)
             if members is not None:
@@ -159,7 +161,7 @@ def metric_value(results: dict, task: str, metric: str, filter_name: str | None 
         key = f"{metric},{filter_name}"
         if key not in row:
             raise ValueError(f"{task}: no {key!r} in the results")
-        return float(row[key]), key
+        return _number(row[key], task, key), key
     keys = [k for k in row if k.split(",")[0] == metric and not k.endswith("_stderr") and "_stderr," not in k]
     if len(keys) != 1:
         found = sorted(k for k in row if "," in k and "stderr" not in k)
@@ -167,4 +169,13 @@ def metric_value(results: dict, task: str, metric: str, filter_name: str | None 
             f"{task}: metric {metric!r} {'is ambiguous' if keys else 'not found'}; "
             f"available: {', '.join(found)} (set filter: to pick one)"
         )
-    return float(row[keys[0]]), keys[0]
+    return _number(row[keys[0]], task, keys[0]), keys[0]
+
+
+def _number(value, task: str, key: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+        raise ValueError(f"{task}: {key} is {value!r:.40}, not a number")
+    try:
+        return float(value)
+    except ValueError:  # lm-eval writes "N/A" where it has no value
+        raise ValueError(f"{task}: {key} is {value!r:.40}, not a number") from None
