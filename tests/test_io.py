@@ -147,3 +147,24 @@ def test_validation_message_names_the_field_not_the_union_members():
     assert message(objective={"weight": 0}) == "invalid config: objective.weight: Input should be greater than 0 (got 0)"
     # no member fits: each member's requirement, as alternatives
     assert message(threads=0) == "invalid config: threads: Input should be greater than 0, or Input should be 'auto' (got 0)"
+
+
+def test_paths_in_config_files_expand_the_home_folder(tmp_path, monkeypatch):
+    """`~` in a YAML config is the home folder, as on the command line (it was a folder named `~`)."""
+    from optimer_merge.cpt.config import load_config as load_train_config
+    from optimer_merge.evaluation.objective import Objective
+    from optimer_merge.search.config import load_search_config
+
+    monkeypatch.setenv("HOME", str(tmp_path))
+    (tmp_path / "search.yaml").write_text("base: ~/base\nobjective: ~/objective.yaml\noutput: ~/runs/s\n"
+                                          "vectors: [{name: ja, model: ~/ja}, {name: zh, vector: ~/v/zh.safetensors}]\n")  # fmt: skip
+    search = load_search_config(tmp_path / "search.yaml")
+    assert (search.base, search.objective, search.output) == (f"{tmp_path}/base", f"{tmp_path}/objective.yaml", f"{tmp_path}/runs/s")
+    assert [v.model or v.vector for v in search.vectors] == [f"{tmp_path}/ja", f"{tmp_path}/v/zh.safetensors"]
+    (tmp_path / "train.yaml").write_text("base: ~/base\noutput: ~/runs/t\nmax_steps: 2\ndatasets: [{name: mine, source: ~/d.jsonl, eval_source: ~/e.jsonl}]\n")
+    train = load_train_config(tmp_path / "train.yaml")
+    assert (train.base, train.output, train.datasets[0].source, train.datasets[0].eval_source) == (
+        f"{tmp_path}/base", f"{tmp_path}/runs/t", f"{tmp_path}/d.jsonl", f"{tmp_path}/e.jsonl")  # fmt: skip
+    (tmp_path / "objective.yaml").write_text("tasks: [{task: t, metric: acc}]\nreference: ~/results.json\n")
+    (tmp_path / "results.json").write_text("{}")
+    assert Objective.load(tmp_path / "objective.yaml").reference == f"{tmp_path}/results.json"

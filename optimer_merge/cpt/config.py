@@ -7,7 +7,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, PositiveInt, field_validator, model_validator
 
-from optimer_merge.io.yaml_config import Seed
+from optimer_merge.io.yaml_config import LocalPath, Seed
 
 # Lightning Fabric's precision settings.
 PRECISIONS = ("32-true", "32", "16-mixed", "16", "bf16-mixed", "bf16", "bf16-true", "16-true", "64-true", "64", "transformer-engine", "transformer-engine-float16")
@@ -26,10 +26,10 @@ class DatasetSpec(_Frozen):
     """
 
     name: str = Field(pattern=r"^[A-Za-z0-9_][A-Za-z0-9_.-]*$")
-    source: str
+    source: LocalPath
     ratio: float = 1.0
     text_field: str = "text"
-    eval_source: str | None = None
+    eval_source: LocalPath | None = None
 
     @field_validator("ratio")
     @classmethod
@@ -73,8 +73,8 @@ class StrategyConfig(_Frozen):
 class TrainConfig(_Frozen):
     """Everything one CPT run needs; the defaults suit the tiny CPU models."""
 
-    base: str
-    output: str
+    base: LocalPath
+    output: LocalPath
     datasets: list[DatasetSpec]
     eval_datasets: list[DatasetSpec] = []
     mixture: Literal["static", "velocitune"] = "static"

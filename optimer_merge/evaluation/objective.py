@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from pathlib import Path
 from typing import Literal
 
@@ -65,6 +66,7 @@ class Objective(BaseModel):
         spec = load_yaml(path, "objective")
         reference = spec.get("reference") if isinstance(spec, dict) else None
         if isinstance(reference, str):
+            reference = spec["reference"] = os.path.expanduser(reference)
             if not Path(reference).is_absolute():
                 spec["reference"] = str((path.parent / reference).resolve())
             check_input_file(spec["reference"], f"objective {path}: reference")

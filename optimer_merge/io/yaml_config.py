@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import functools
+import os
 import re
 from pathlib import Path
 from typing import Annotated, Any, TypeVar
 
-from pydantic import Field
+from pydantic import AfterValidator, Field
 
 from optimer_merge.errors import ConfigError
 from optimer_merge.io.files import check_input_file
@@ -15,6 +16,7 @@ from optimer_merge.io.files import check_input_file
 T = TypeVar("T")
 
 Seed = Annotated[int, Field(ge=0, le=2**32 - 1)]  # the range numpy, torch and SMAC all accept
+LocalPath = Annotated[str, AfterValidator(os.path.expanduser)]  # a path in a config file: ~ is the home folder, as in a shell
 
 
 def load_yaml(path: str | Path, what: str = "YAML file") -> Any:

@@ -8,7 +8,7 @@ from typing import ClassVar, Literal
 from pydantic import BaseModel, ConfigDict, Field, PositiveInt, model_validator
 
 from optimer_merge.evaluation.objective import Objective
-from optimer_merge.io.yaml_config import Seed
+from optimer_merge.io.yaml_config import LocalPath, Seed
 
 Dtype = Literal["float32", "bfloat16", "float16"]
 # Bounds beyond this move a model further than its own CPT did, several times over: allowed, but warned.
@@ -23,8 +23,8 @@ class VectorSource(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
     name: str = Field(pattern=r"^[A-Za-z0-9_][A-Za-z0-9_.-]*$")
-    model: str | None = None
-    vector: str | None = None
+    model: LocalPath | None = None
+    vector: LocalPath | None = None
     bounds: tuple[float, float] | None = None  # overrides the search's default bounds
 
     @model_validator(mode="after")
@@ -55,10 +55,10 @@ class SearchConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
-    base: str
+    base: LocalPath
     vectors: list[VectorSource]
     bounds: tuple[float, float] = (0.0, 1.0)
-    objective: str | Objective  # a spec file (recipes/objectives/*.yaml) or the spec inline
+    objective: LocalPath | Objective  # a spec file (recipes/objectives/*.yaml) or the spec inline
     limit: PositiveInt | None = 100  # items per task for each trial (the paper: first 100)
     trials: PositiveInt = 100  # can be raised on a later run to extend a finished search
     finalists: int = Field(3, ge=0)  # top trials re-scored at finalist_limit
@@ -84,7 +84,7 @@ class SearchConfig(BaseModel):
     confirm_run_unsafe_code: bool = False
     max_consecutive_failures: PositiveInt = 5
     out_dtype: Dtype | None = None  # dtype of best.yaml's merge and the export (default: the base's)
-    output: str = "runs/search"
+    output: LocalPath = "runs/search"
 
     @model_validator(mode="after")
     def _check(self) -> "SearchConfig":
