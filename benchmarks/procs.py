@@ -23,14 +23,14 @@ def tree(pid: int) -> list[int]:
 
 
 def memory(pid: int) -> dict[str, int]:
-    """One process's resident set (RSS) and proportional set (PSS: shared pages split between
-    the processes that map them), in bytes."""
+    """One process's resident set (RSS), proportional set (PSS: shared pages split between the
+    processes that map them) and anonymous memory (not file pages the kernel can drop), in bytes."""
     try:
         text = Path(f"/proc/{pid}/smaps_rollup").read_text()
     except OSError:
-        return {"rss": 0, "pss": 0}
+        return {"rss": 0, "pss": 0, "anon": 0}
     fields = {line.split(":")[0]: int(line.split()[1]) * 1024 for line in text.splitlines()[1:] if line.split()[-1] == "kB"}
-    return {"rss": fields.get("Rss", 0), "pss": fields.get("Pss", 0)}
+    return {"rss": fields.get("Rss", 0), "pss": fields.get("Pss", 0), "anon": fields.get("Anonymous", 0)}
 
 
 def pss(pid: int) -> int:
@@ -39,25 +39,25 @@ def pss(pid: int) -> int:
 
 
 class PeakSampler:
-    """Samples a process tree every ``interval`` seconds until stopped: the peak PSS of the tree,
-    and each process's own peak RSS and PSS."""
+    """Samples a process tree every ``interval`` seconds until stopped: the peak PSS and anonymous
+    memory of the tree, and each process's own peak RSS and PSS."""
 
     def __init__(self, pid: int, interval: float = 0.1):
         self.pid, self.interval = pid, interval
-        self.tree_pss = 0
+        self.tree_pss = self.tree_anon = 0
         self.per_process: dict[int, dict[str, int]] = {}
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
     def _run(self) -> None:
         while not self._stop.is_set():
-            total = 0
+            total = anon = 0
             for member in tree(self.pid):
                 now = memory(member)
-                total += now["pss"]
+                total, anon = total + now["pss"], anon + now["anon"]
                 peak = self.per_process.setdefault(member, {"rss": 0, "pss": 0})
                 peak["rss"], peak["pss"] = max(peak["rss"], now["rss"]), max(peak["pss"], now["pss"])
-            self.tree_pss = max(self.tree_pss, total)
+            self.tree_pss, self.tree_anon = max(self.tree_pss, total), max(self.tree_anon, anon)
             time.sleep(self.interval)
 
     def __enter__(self) -> "PeakSampler":

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import shutil
+
 import pytest
 
 from optimer_merge.errors import ConfigError, RunFolderError, UserError
@@ -168,3 +170,31 @@ def test_paths_in_config_files_expand_the_home_folder(tmp_path, monkeypatch):
     (tmp_path / "objective.yaml").write_text("tasks: [{task: t, metric: acc}]\nreference: ~/results.json\n")
     (tmp_path / "results.json").write_text("{}")
     assert Objective.load(tmp_path / "objective.yaml").reference == f"{tmp_path}/results.json"
+
+
+def test_vectors_are_extracted_and_measured_a_piece_at_a_time(tmp_path, tiny_zoo, monkeypatch):
+    """Large tensors are read in pieces: a tensor whose first pieces equal the base's is still
+    written whole (zeros there), one equal everywhere is left out, and the result is model - base."""
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    import optimer_merge.io.checkpoints as checkpoints
+    from optimer_merge.vectors.extract import extract
+
+    base = load_file(str(tiny_zoo / "tiny-text/base/model.safetensors"))
+    model = load_file(str(tiny_zoo / "tiny-text/ja/model.safetensors"))
+    embed, norm = "model.embed_tokens.weight", "model.norm.weight"
+    rows = base[embed].shape[0]
+    model[embed][: rows // 2] = base[embed][: rows // 2]  # the first pieces equal the base's
+    model[norm] = base[norm].clone()  # equal everywhere
+    folder = tmp_path / "ja"
+    shutil.copytree(tiny_zoo / "tiny-text/ja", folder)
+    save_file(model, str(folder / "model.safetensors"), metadata={"format": "pt"})
+    monkeypatch.setattr(checkpoints, "PIECE_ELEMENTS", base[embed].shape[1] * 16)  # 16 rows a piece
+    assert len(list(checkpoints.Checkpoint.open(folder).pieces(embed))) == -(-rows // 16) > 2
+    manifest = extract(tiny_zoo / "tiny-text/base", {"ja": folder}, tmp_path / "v", dtype="float32", log=lambda _m: None)
+    vector = load_file(str(tmp_path / "v/ja.safetensors"))
+    assert manifest["skipped"]["equal_in_all_models"] == [norm] and norm not in vector
+    assert not vector[embed][: rows // 2].any() and vector[embed][rows // 2 :].any()
+    for name, delta in vector.items():
+        assert torch.equal(delta, model[name].float() - base[name].float()), name

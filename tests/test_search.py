@@ -106,7 +106,10 @@ def test_tensors_equal_in_all_models_are_skipped_and_recorded(tmp_path, small_ba
     assert frozen in pool.skipped and frozen not in {e.name for e in pool.entries}
 
 
-def test_vector_stats_match_direct_cosines(vectors_dir, tmp_path):
+def test_vector_stats_match_direct_cosines(vectors_dir, tmp_path, monkeypatch):
+    import optimer_merge.io.checkpoints as checkpoints
+
+    monkeypatch.setattr(checkpoints, "PIECE_ELEMENTS", 1000)  # large tensors are read in pieces: many of them here
     assert cli.main(["vectors", "stats", str(vectors_dir), "--out", str(tmp_path)]) == 0
     result = json.loads((tmp_path / "stats.json").read_text())
     assert (tmp_path / "cosine.png").stat().st_size > 10_000
@@ -137,6 +140,24 @@ def test_vector_stats_match_direct_cosines(vectors_dir, tmp_path):
     assert result["per_kind"]["mlp"]["share_of_parameters"] == pytest.approx(mlp_params / sum(t.numel() for t in base.values()), rel=1e-12)
     # Distinct domains give distinct directions: no pair is nearly parallel.
     assert result["off_diagonal_cosine"]["max"] < 0.9
+    # a vector file without a tensor (extracted apart, where that tensor equalled the base's) is 0 there
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    from optimer_merge.vectors.stats import stats
+
+    with safe_open(str(vectors_dir / "zh.safetensors"), "pt") as reader:
+        metadata = reader.metadata()
+    zh = load_file(str(vectors_dir / "zh.safetensors"))
+    dropped = max(zh, key=lambda k: zh[k].numel())
+    save_file({k: v for k, v in zh.items() if k != dropped}, str(tmp_path / "zh-part.safetensors"), metadata=metadata)
+    part = stats({"ja": vectors_dir / "ja.safetensors", "zh": tmp_path / "zh-part.safetensors"}, log=lambda _m: None)
+    ja = load_file(str(vectors_dir / "ja.safetensors"))
+    a = torch.cat([ja[k].double().reshape(-1) for k in sorted(ja)])
+    b_part = torch.cat([zh[k].double().reshape(-1) if k != dropped else torch.zeros(zh[k].numel(), dtype=torch.float64) for k in sorted(ja)])
+    assert zh[dropped].any()
+    assert part["cosine"][0][1] == pytest.approx(float(a @ b_part / a.norm() / b_part.norm()), abs=1e-9)
+    assert part["l2_norm"]["zh"] == pytest.approx(float(b_part.norm()), rel=1e-9)
 
 
 def test_search_writes_every_artefact(search_run, small_base):

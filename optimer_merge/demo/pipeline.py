@@ -211,7 +211,7 @@ def _vectors(ctx: _Context) -> dict:
     out = ctx.run / "vectors"
     models = {d: ctx.result(f"cpt-{d}")["model"] for d in DOMAINS}
     manifest = vectors.extract(ctx.base, models, out, log=ctx.log)
-    result = vectors.stats({d: out / manifest["vectors"][d]["file"] for d in DOMAINS}, out, base=ctx.base)
+    result = vectors.stats({d: out / manifest["vectors"][d]["file"] for d in DOMAINS}, out, base=ctx.base, log=ctx.log)
     kinds = kind_summary(result)
     return {  # the rest: stats.json
         "l2_norm": result["l2_norm"],

@@ -6,6 +6,7 @@ import hashlib
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Iterator
 
 import torch
 
@@ -13,6 +14,7 @@ from optimer_merge.errors import InputNotFound, UserError
 
 FLOAT_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
 DTYPE_NAMES = {v: k for k, v in FLOAT_DTYPES.items()}
+PIECE_ELEMENTS = 2**22  # values read at once from a large tensor (32 MiB in float64)
 _ITEM_BYTES = {"F64": 8, "I64": 8, "U64": 8, "F32": 4, "I32": 4, "U32": 4, "F16": 2, "BF16": 2, "I16": 2, "U16": 2, "I8": 1, "U8": 1, "BOOL": 1}
 
 
@@ -95,6 +97,20 @@ class Checkpoint:
     def get(self, name: str) -> torch.Tensor:
         with _open(self.files[name]) as reader:
             return reader.get_tensor(name)
+
+    def pieces(self, name: str, elements: int | None = None) -> Iterator[torch.Tensor]:
+        """The tensor flattened, in consecutive pieces of whole rows, about ``elements`` values each:
+        a 27B model's embedding (1.4 G values) is read a piece at a time, never whole. Tensors of
+        one shape are cut at the same places."""
+        shape, elements = self.meta[name][1], elements or PIECE_ELEMENTS
+        if len(shape) == 0 or math.prod(shape) <= elements:
+            yield self.get(name).reshape(-1)
+            return
+        rows = max(1, elements // (math.prod(shape[1:]) or 1))
+        with _open(self.files[name]) as reader:
+            view = reader.get_slice(name)
+            for start in range(0, shape[0], rows):
+                yield view[start : start + rows].reshape(-1)
 
 
 # Files that hold a tokenizer's vocabulary (transformers builds an empty tokenizer, without an

@@ -1,7 +1,7 @@
 """Extraction of distribution vectors v_i = theta_i - theta_base into safetensors files.
 
-Checkpoints are read one tensor at a time (safetensors are memory-mapped), so extraction needs
-memory for a few tensors whatever the model size.
+Checkpoints are read a piece of a tensor at a time (``Checkpoint.pieces``: a few million values),
+so extraction needs memory for a few pieces per model, whatever the model's size.
 """
 
 from __future__ import annotations
@@ -69,24 +69,35 @@ def extract(
     with RunFolder(out_dir, "vector extraction"):  # a fresh folder is removed again if refused midway
         out_dir = Path(out_dir)
         writers = {
-            name: _StreamingSafetensors(out_dir / f"{name}.safetensors", [(n, store, base_ckpt.meta[n][1]) for n in names])
+            name: _StreamingSafetensors(out_dir / f"{name}.safetensors", store, [(n, base_ckpt.meta[n][1]) for n in names])
             for name in ckpts
         }
         equal, norms = [], {name: 0.0 for name in ckpts}
         readers = [base_ckpt, *ckpts.values()]
         progress = BytesProgress(sum(c.nbytes(n) for c in readers for n in names), log, what="read ")
         try:
-            for tensor_name in names:
-                b = base_ckpt.get(tensor_name).to(torch.float32)
-                deltas = {name: ckpt.get(tensor_name).to(b.dtype) - b for name, ckpt in ckpts.items()}
-                if all(not bool(d.any()) for d in deltas.values()):
-                    equal.append(tensor_name)
+            for tensor_name in names:  # a piece at a time: memory for a few pieces, whatever the model's size
+                shape = base_ckpt.meta[tensor_name][1]
+                changed, held = False, 0  # values equal in every model so far: written (zeros) once a later piece differs
+                for pieces in zip(*(c.pieces(tensor_name) for c in readers)):
+                    b = pieces[0].to(torch.float32)
+                    deltas = {name: piece.to(b.dtype) - b for name, piece in zip(ckpts, pieces[1:])}
+                    if not changed and all(not bool(d.any()) for d in deltas.values()):
+                        held += b.numel()
+                    else:
+                        for name, delta in deltas.items():
+                            if not changed:
+                                writers[name].start(held)
+                            check_finite(delta, f"model {name}", tensor_name)
+                            norms[name] += float(delta.double().square().sum())
+                            writers[name].append(delta.to(store))
+                        changed = True
+                    progress.advance(sum(c.nbytes(tensor_name) for c in readers) * b.numel() / math.prod(shape))
+                if changed:
+                    for writer in writers.values():
+                        writer.finish(tensor_name, shape)
                 else:
-                    for name, delta in deltas.items():
-                        check_finite(delta, f"model {name}", tensor_name)
-                        norms[name] += float(delta.double().square().sum())
-                        writers[name].write(tensor_name, delta.to(store))
-                progress.advance(sum(c.nbytes(tensor_name) for c in readers))
+                    equal.append(tensor_name)  # left out of every vector
             for name, writer in writers.items():
                 writer.close({"base_fingerprint": base_fp, "source": str(Path(models[name]).resolve())})
         except BaseException:
@@ -136,24 +147,38 @@ class _StreamingSafetensors:
 
     Which tensors end up in the file is known only at the end (equal tensors are skipped), so the
     header slot is sized for all candidates, then filled in and padded with spaces, as the format
-    allows. The file appears under its name only when complete.
+    allows. A tensor is written in pieces (``start``, ``append``..., ``finish``). The file appears
+    under its name only when complete.
     """
 
-    def __init__(self, path: Path, candidates: list[tuple[str, torch.dtype, tuple[int, ...]]]):
-        self.path, self.partial = path, path.with_name(path.name + ".partial")
-        total = sum(math.prod(shape) * torch.empty((), dtype=dt).element_size() for _, dt, shape in candidates)
-        worst = {n: {"dtype": DTYPE_NAMES[dt], "shape": list(s), "data_offsets": [total, total]} for n, dt, s in candidates}
+    def __init__(self, path: Path, dtype: torch.dtype, candidates: list[tuple[str, tuple[int, ...]]]):
+        self.path, self.partial, self.dtype = path, path.with_name(path.name + ".partial"), dtype
+        total = sum(math.prod(shape) for _, shape in candidates) * torch.empty((), dtype=dtype).element_size()
+        worst = {n: {"dtype": DTYPE_NAMES[dtype], "shape": list(s), "data_offsets": [total, total]} for n, s in candidates}
         worst["__metadata__"] = {"base_fingerprint": "0" * 64, "source": "x" * 4096, "format": "pt"}
         self.slot = (len(json.dumps(worst).encode()) + 7) // 8 * 8
         self.file = open(self.partial, "wb")
         self.file.seek(8 + self.slot)
-        self.entries, self.offset = {}, 0
+        self.entries, self.offset, self.begin = {}, 0, 0
 
-    def write(self, name: str, tensor: torch.Tensor) -> None:
-        data = tensor.contiguous().view(torch.uint8).numpy().tobytes() if tensor.numel() else b""
+    def start(self, zeros: int) -> None:
+        """A tensor begins, with ``zeros`` values equal to the base's (written as zeros)."""
+        self.begin = self.offset
+        item = torch.empty((), dtype=self.dtype).element_size()
+        left = zeros * item
+        while left:
+            chunk = min(left, 2**24)
+            self.file.write(bytes(chunk))
+            left -= chunk
+        self.offset += zeros * item
+
+    def append(self, piece: torch.Tensor) -> None:
+        data = piece.contiguous().view(torch.uint8).numpy().tobytes() if piece.numel() else b""
         self.file.write(data)
-        self.entries[name] = {"dtype": DTYPE_NAMES[tensor.dtype], "shape": list(tensor.shape), "data_offsets": [self.offset, self.offset + len(data)]}
         self.offset += len(data)
+
+    def finish(self, name: str, shape: tuple[int, ...]) -> None:
+        self.entries[name] = {"dtype": DTYPE_NAMES[self.dtype], "shape": list(shape), "data_offsets": [self.begin, self.offset]}
 
     def close(self, metadata: dict[str, str]) -> None:
         header = {"__metadata__": {**metadata, "format": "pt"}, **self.entries}

@@ -7,12 +7,13 @@ from __future__ import annotations
 import math
 import re
 from pathlib import Path
-from typing import Mapping
+from typing import Callable, Mapping
 
 import torch
 
 from optimer_merge.io.checkpoints import Checkpoint
 from optimer_merge.io.files import check_output_dir, write_json
+from optimer_merge.io.progress import BytesProgress
 from optimer_merge.vectors.checks import VectorError, check_distinct, check_finite
 
 _LAYER = re.compile(r"layers\.(\d+)\.")
@@ -57,11 +58,13 @@ def open_vector(name: str, path: str | Path) -> Checkpoint:
     return ckpt
 
 
-def stats(vectors: Mapping[str, str | Path], out_dir: str | Path | None = None, base: str | Path | None = None) -> dict:
+def stats(vectors: Mapping[str, str | Path], out_dir: str | Path | None = None, base: str | Path | None = None,
+          log: Callable[[str], None] = print) -> dict:
     """L2 norms and pairwise cosine similarities of vector files, overall, per layer and per kind
     of tensor; with the ``base`` they were extracted from, each norm relative to the base's.
 
-    Streams tensor by tensor; with ``out_dir`` writes stats.json and cosine.png there.
+    Streams a piece of a tensor at a time (long reads log progress with an ETA); with ``out_dir``
+    writes stats.json and cosine.png there.
     """
     from optimer_merge.io.checkpoints import check_model_folder, fingerprint
 
@@ -80,34 +83,36 @@ def stats(vectors: Mapping[str, str | Path], out_dir: str | Path | None = None, 
         if fingerprint(base) != first.metadata.get("base_fingerprint"):
             raise VectorError(f"base {base} is not the base these vectors were extracted from; give that base, or leave --base out")
     keys = sorted(set().union(*(c.meta for c in ckpts.values())))
+    in_vectors = set(keys)
     k = len(names)
     grams: dict[str, torch.Tensor] = {}
     kinds: dict[str, torch.Tensor] = {}
     base_sq: dict[str, float] = dict.fromkeys(KINDS, 0.0)
     numel: dict[str, int] = dict.fromkeys(KINDS, 0)  # parameters per kind: the vectors' tensors, and the base's unchanged ones
-    for key in keys:
-        rows = []
+    base_keys = [key for key in base_ckpt.names() if base_ckpt.is_float(key)] if base_ckpt is not None else []
+    total_bytes = sum(c.nbytes(key) for c in ckpts.values() for key in c.meta) + sum(base_ckpt.nbytes(key) for key in base_keys)
+    progress = BytesProgress(total_bytes, log, what="read ")
+    for key in keys:  # each tensor a piece at a time: memory for k pieces, whatever the model's size
         shape = next(c.meta[key][1] for c in ckpts.values() if key in c.meta)
-        for name in names:
-            if key in ckpts[name].meta:
-                row = ckpts[name].get(key).double().reshape(-1)
-                check_finite(row, f"vector {name}", key)
-            else:
-                row = torch.zeros(math.prod(shape), dtype=torch.float64)
-            rows.append(row)
-        stack = torch.stack(rows)
-        gram = stack @ stack.T
         group, kind = layer_of(key), kind_of(key)
+        present = [i for i, name in enumerate(names) if key in ckpts[name].meta]  # a vector without it is 0 there
+        at = torch.tensor(present)
+        gram = torch.zeros(k, k, dtype=torch.float64)
+        for piece in zip(*(ckpts[names[i]].pieces(key) for i in present)):
+            stack = torch.stack([p.double() for p in piece])
+            for i, row in zip(present, stack):
+                check_finite(row, f"vector {names[i]}", key)
+            gram[at[:, None], at[None, :]] += stack @ stack.T
+            progress.advance(sum(ckpts[names[i]].nbytes(key) for i in present) * stack.shape[1] / math.prod(shape))
         grams[group] = grams.get(group, torch.zeros(k, k, dtype=torch.float64)) + gram
         kinds[kind] = kinds.get(kind, torch.zeros(k, k, dtype=torch.float64)) + gram
         numel[kind] += math.prod(shape)
-        if base_ckpt is not None and key in base_ckpt.meta:
-            base_sq[kind] += float(base_ckpt.get(key).double().pow(2).sum())
-    if base_ckpt is not None:  # tensors no model changed (left out of the vectors) count in the base's norm
-        for key in set(base_ckpt.names()) - set(keys):
-            if base_ckpt.is_float(key):
-                base_sq[kind_of(key)] += float(base_ckpt.get(key).double().pow(2).sum())
-                numel[kind_of(key)] += math.prod(base_ckpt.meta[key][1])
+    for key in base_keys:  # tensors no model changed (left out of the vectors) count in the base's norm
+        kind = kind_of(key)
+        base_sq[kind] += sum(float(piece.double().pow(2).sum()) for piece in base_ckpt.pieces(key))
+        if key not in in_vectors:
+            numel[kind] += math.prod(base_ckpt.meta[key][1])
+        progress.advance(base_ckpt.nbytes(key))
     total = sum(grams.values(), torch.zeros(k, k, dtype=torch.float64))
 
     def cosine(g: torch.Tensor) -> list[list[float]]:
