@@ -347,3 +347,28 @@ def test_a_disk_too_small_is_refused_before_any_work(paths, monkeypatch, capfd, 
     assert lines == ["optimer-merge train: error: the disk is full: free some space or choose an output folder on another disk; "
                      "the same command resumes where this run stopped"]  # fmt: skip
     assert not (tmp_path / "out").exists()
+
+
+def test_a_search_does_not_resume_over_changed_weights(paths, capfd, tmp_path):
+    """A vector's source retrained in place (same path, new weights) between two runs of a search:
+    the trials so far scored another pool, so the rerun is refused; unchanged, it resumes."""
+    from safetensors.torch import load_file, save_file
+
+    shutil.copytree(Path(paths["zoo"]) / "tiny-text/ja", tmp_path / "ja")
+    fields = {**paths, "out": str(tmp_path / "run")}
+    argv = [[a.format(**fields).replace(f"{paths['zoo']}/tiny-text/ja", str(tmp_path / "ja")) for a in search("--trials", t)] for t in ("2", "3")]
+    assert run(argv[0]) == 0
+    record = json.loads((tmp_path / "run/search_config.json").read_text())["inputs"]
+    assert set(record) == {"base", "vector ja", "vector zh"}
+    weights = load_file(str(tmp_path / "ja/model.safetensors"))
+    name = next(iter(weights))
+    weights[name] = weights[name] + 0.01
+    save_file(weights, str(tmp_path / "ja/model.safetensors"), metadata={"format": "pt"})
+    capfd.readouterr()
+    assert run(argv[1]) == 2
+    lines = [line for line in capfd.readouterr().err.splitlines() if line.strip()]
+    assert len(lines) == 1 and "vector ja changed since" in lines[0], lines
+    assert len((tmp_path / "run/trials.jsonl").read_text().splitlines()) == 2  # nothing ran, nothing was lost
+    shutil.copy(Path(paths["zoo"]) / "tiny-text/ja/model.safetensors", tmp_path / "ja/model.safetensors")
+    assert run(argv[1]) == 0
+    assert len((tmp_path / "run/trials.jsonl").read_text().splitlines()) == 3

@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Callable, Iterator
 
 from optimer_merge.errors import UserError
-from optimer_merge.io.checkpoints import Checkpoint, check_tokenizer
+from optimer_merge.io.checkpoints import Checkpoint, check_tokenizer, fingerprint
 from optimer_merge.io.files import atomic_write_text, check_free_space, write_json, write_yaml
 from optimer_merge.io.jsonl import append_jsonl, read_jsonl
 from optimer_merge.io.progress import duration
@@ -38,6 +38,20 @@ from optimer_merge.search.config import LARGE_BOUND, SearchConfig
 from optimer_merge.search.optimizers import make_optimizer
 
 RECORD = "search_config.json"
+
+
+def input_fingerprints(config: SearchConfig) -> dict[str, str]:
+    """What the trials' scores depend on besides the settings: the weights of the base and of each
+    vector's source, and the objective's reference results (paths are in the identity; these are
+    their contents, so a resumed search cannot mix trials of two pools)."""
+    import hashlib
+
+    found = {"base": fingerprint(config.base)}
+    found.update({f"vector {v.name}": fingerprint(v.model or v.vector) for v in config.vectors})
+    reference = config.load_objective().reference
+    if isinstance(reference, str):
+        found["objective reference"] = hashlib.sha256(Path(reference).read_bytes()).hexdigest()[:16]
+    return found
 
 
 class SearchError(UserError, RuntimeError):
@@ -94,7 +108,7 @@ def search(config: SearchConfig, *, export: bool = False, log: Callable[[str], N
             "fewer items than every trial saw, and the best is picked on that noisier score")  # fmt: skip
     out = Path(config.output)
     with RunFolder(out, "search") as folder:
-        folder.check(RECORD, config.identity(), ignore=config.may_differ_on_resume(), added=SearchConfig.ADDED)
+        resumed = folder.check(RECORD, config.identity(), ignore=config.may_differ_on_resume(), added=SearchConfig.ADDED)
         sources, missing = model_sources(config)
         if missing:
             gone = ", ".join(f"{n} ({sources[n]})" for n in missing)
@@ -108,7 +122,13 @@ def search(config: SearchConfig, *, export: bool = False, log: Callable[[str], N
 
         spec = check_sources(config.base, {v.name: ({"model": v.model} if v.model else {"vector": v.vector}) for v in config.vectors},
                              pool_dtype=config.pool_dtype, placement=config.pool_device)  # fmt: skip
-        folder.record(RECORD, config.identity(), config=config.model_dump(mode="json"))
+        inputs = input_fingerprints(config)
+        earlier = json.loads((out / RECORD).read_text()).get("inputs", {}) if resumed else {}  # runs before this record: {}
+        changed = [key for key, value in inputs.items() if earlier.get(key, value) != value]
+        if changed:
+            raise SearchError(f"{out} holds trials scored with other weights or reference results: {', '.join(changed)} changed since "
+                              "(same path, new content); choose another output folder")  # fmt: skip
+        folder.record(RECORD, config.identity(), config=config.model_dump(mode="json"), inputs=inputs)
         (out / "recipes").mkdir(exist_ok=True)
         return _Search(config, objective, spec, sources, missing, out, log, folder).run(export)
 
