@@ -305,6 +305,20 @@ def test_tokenizer_mismatch_on_resume_is_refused(tmp_path, small_base, tiny_toke
     assert code == 2 and "tokenizer mismatch" in err and not (out / "model").exists()
 
 
+def test_data_changed_before_a_resume_is_refused(tmp_path, small_base, capsys):
+    data = tmp_path / "mine.jsonl"
+    data.write_text("\n".join(json.dumps({"text": f"document {i}: " + "a quick brown fox. " * 30}) for i in range(20)))
+    code, out = _bad_run(tmp_path, small_base, "--dataset", str(data), "--set", "checkpoint_every=1")
+    assert code == 0
+    shutil.rmtree(out / "model")
+    (out / "train_meta.json").unlink()  # as if killed after its last checkpoint
+    data.write_text(data.read_text() + "\n" + json.dumps({"text": "one more document"}))
+    code, out = _bad_run(tmp_path, small_base, "--dataset", str(data), "--set", "checkpoint_every=1")
+    err = capsys.readouterr().err
+    assert code == 2 and "training data changed since checkpoint step-00000002.ckpt: mine" in err, err
+    assert not (out / "model").exists()
+
+
 def test_rerun_with_different_settings_is_refused(tmp_path, small_base, capsys):
     assert _bad_run(tmp_path, small_base, "--dataset", "ja")[0] == 0
     code, _ = _bad_run(tmp_path, small_base, "--dataset", "zh")

@@ -485,6 +485,7 @@ def fit(run: Run) -> dict:
         ckpt_dir.mkdir(parents=True, exist_ok=True)
     existing = _checkpoints(ckpt_dir)
     token_fp = ds.tokenizer_fingerprint(run.tokenizer)
+    data = [blocks.path.name for blocks in run.train_sets]  # each named by its content's fingerprint
     state = {
         "model": model,
         "optimizer": optimizer,
@@ -505,9 +506,16 @@ def fit(run: Run) -> dict:
                 f"tokenizer mismatch: checkpoint {existing[-1]} was trained with a different tokenizer "
                 f"than the base {config.base}; use the same base or a new output folder"
             )
+        changed = [n for n, cache in zip(names, state.get("data", data)) if cache not in data]  # checkpoints from before: no record
+        if changed:
+            raise ConfigError(
+                f"training data changed since checkpoint {existing[-1].name}: {', '.join(changed)} (files of another size or time); "
+                "resuming would continue on other data: restore the files, or pass --overwrite to start over"
+            )
         sampler.load_state_dict(state["sampler"])
         resume_step = state["step"]
         say(f"resuming {run.out} from step {resume_step} of {run.total_steps}")
+    state["data"] = data  # saved with every checkpoint, and back as a remainder (older checkpoints lack it)
 
     columns = (
         ["step", "tokens", "lr", "train_loss", "tokens_per_s"]
