@@ -49,3 +49,20 @@ def test_leaderboard_errors(tmp_path, capsys):
     assert "not an lm-eval results file" in capsys.readouterr().err
     assert cli.main(["leaderboard", str(tmp_path / "missing"), "--output", str(tmp_path)]) == 2
     assert "no such file or folder" in capsys.readouterr().err
+
+
+def test_rows_scored_on_different_items_or_shots_are_flagged(tmp_path, capsys):
+    def results(effective: int, shots: int = 0) -> dict:
+        return {"results": {"t": {"acc,none": 0.5}}, "higher_is_better": {"t": {"acc": True}},
+                "n-samples": {"t": {"original": 300, "effective": effective}}, "n-shot": {"t": shots}}  # fmt: skip
+
+    for name, r in (("a", results(100)), ("b", results(100)), ("c", results(300, shots=5)), ("plain", {"results": {"t": {"acc,none": 0.4}}})):
+        (tmp_path / f"{name}.json").write_text(json.dumps(r))
+    rows = lambda *names: [f"{n}={tmp_path / n}.json" for n in names]  # noqa: E731
+    assert cli.main(["leaderboard", *rows("a", "b", "plain"), "--output", str(tmp_path / "same")]) == 0
+    assert "warning" not in capsys.readouterr().err and "warning" not in (tmp_path / "same/leaderboard.md").read_text()
+    assert cli.main(["leaderboard", *rows("a", "b", "plain", "c"), "--output", str(tmp_path / "mixed")]) == 0
+    err = capsys.readouterr().err.splitlines()
+    assert err == ["warning: t: rows scored on different numbers of items (100 for a, b; 300 for c): their values are not comparable",
+                   "warning: t: rows scored on different numbers of shots (0 for a, b; 5 for c): their values are not comparable"]  # fmt: skip
+    assert "> warning: t: rows scored on different numbers of items" in (tmp_path / "mixed/leaderboard.md").read_text()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import sys
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -30,5 +31,7 @@ def run(args: argparse.Namespace) -> int:
     board = leaderboard(read_rows(args.results), metrics, tasks)
     paths = write(board, out)
     print(to_markdown(board))
+    for warning in board["warnings"]:
+        print(f"warning: {warning}", file=sys.stderr)
     print(f"wrote {paths['md']}, {paths['csv']}, {paths['png']}")
     return 0

@@ -122,7 +122,26 @@ def leaderboard(rows: list[tuple[str, dict]], metrics: list[str] | None = None, 
     for j, hib in enumerate(higher):
         present = [row["values"][j] for row in table if row["values"][j] is not None and math.isfinite(row["values"][j])]
         best.append((max(present) if hib else min(present)) if present else None)
-    return {"columns": [column_label(t, k) for t, k in columns], "higher_is_better": higher, "rows": table, "best": best}
+    board = {"columns": [column_label(t, k) for t, k in columns], "higher_is_better": higher, "rows": table, "best": best}
+    return {**board, "warnings": incomparable(rows, list(dict.fromkeys(t for t, _ in columns)))}
+
+
+def incomparable(rows: list[tuple[str, dict]], tasks: list[str]) -> list[str]:
+    """A line per task whose rows were scored on different numbers of items (``--limit``) or shots:
+    their values are not comparable (rows whose results do not say are left out)."""
+    lines = []
+    for task in tasks:
+        for field, what in (("n-samples", "items"), ("n-shot", "shots")):
+            seen = {}
+            for name, results in rows:
+                value = results.get(field, {}).get(task)
+                value = value.get("effective") if isinstance(value, dict) else value
+                if value is not None:
+                    seen.setdefault(value, []).append(name)
+            if len(seen) > 1:
+                groups = "; ".join(f"{value} for {', '.join(names)}" for value, names in seen.items())
+                lines.append(f"{task}: rows scored on different numbers of {what} ({groups}): their values are not comparable")
+    return lines
 
 
 def to_markdown(board: dict) -> str:
@@ -137,6 +156,7 @@ def to_markdown(board: dict) -> str:
                 text = f"{value:.4f}"
                 cells.append(f"**{text}**" if best is not None and value == best else text)
         lines.append(f"| {row['model']} | " + " | ".join(cells) + " |")
+    lines += ["", *(f"> warning: {w}" for w in board.get("warnings", []))] if board.get("warnings") else []
     return "\n".join(lines) + "\n"
 
 
