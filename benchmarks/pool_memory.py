@@ -18,6 +18,7 @@ and the pool's share. Goal: at most K + 2.5 copies; merge well under the evaluat
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import subprocess
@@ -26,11 +27,10 @@ import tempfile
 import time
 from pathlib import Path
 
-from procs import PeakSampler
+from procs import REPO, PeakSampler, worktree
 
 from optimer_merge.commands import positive_int
 
-REPO = Path(__file__).resolve().parents[1]
 K = 4
 MODEL = dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=8,
              num_key_value_heads=4, head_dim=128, max_position_embeddings=1024, sliding_window=512)  # fmt: skip
@@ -89,13 +89,6 @@ def run_search(code: Path, backend: str, base: Path, models: list[Path], out: Pa
     }
 
 
-def checkout(revision: str, root: Path) -> Path:
-    target = root / f"code-{revision}"
-    if not target.exists():
-        subprocess.run(["git", "-C", str(REPO), "worktree", "add", "--detach", str(target), revision], check=True, capture_output=True, timeout=120)
-    return target
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--backends", default="hf,vllm")
@@ -108,10 +101,10 @@ def main() -> None:
     base, models, copy_bytes = build(root / "models", **MODEL)
     tiny_base, tiny_models, _ = build(root / "tiny")  # the tiny factory's defaults: a few MB
     versions = {"new": REPO}
-    if args.baseline:
-        versions["baseline"] = checkout(args.baseline, root)
     results = {"bf16_copy_bytes": copy_bytes, "K": K, "limit": args.limit, "runs": {}}
-    try:
+    with contextlib.ExitStack() as stack:
+        if args.baseline:
+            versions["baseline"] = stack.enter_context(worktree(args.baseline, root))
         for backend in args.backends.split(","):
             for name, code in versions.items():
                 overhead = run_search(code, backend, tiny_base, tiny_models, root / f"{name}-{backend}-tiny")["peak_pss_bytes"]
@@ -125,9 +118,6 @@ def main() -> None:
                       f"less the processes' own {overhead / 2**30:.2f} GiB: {run['net_copies']:4.1f} (goal <= {K + 2.5}); "
                       f"trial: merge {run['merge_seconds']:.2f}s, eval {run['eval_seconds']:.2f}s "
                       f"({run['merge_seconds'] / max(run['eval_seconds'], 1e-9):.1%}); sent per trial {sent}", flush=True)  # fmt: skip
-    finally:
-        if args.baseline:
-            subprocess.run(["git", "-C", str(REPO), "worktree", "remove", "--force", str(versions["baseline"])], capture_output=True, timeout=120)
     for backend in args.backends.split(","):
         if f"baseline/{backend}" in results["runs"]:
             new, old = results["runs"][f"new/{backend}"], results["runs"][f"baseline/{backend}"]

@@ -1,11 +1,17 @@
-"""Memory of a process tree, read from /proc: the benchmarks' shared sampling helpers."""
+"""The benchmarks' shared helpers: memory of a process tree read from /proc, and checkouts of an
+earlier revision to measure against."""
 
 from __future__ import annotations
 
+import contextlib
 import os
+import subprocess
 import threading
 import time
 from pathlib import Path
+from typing import Iterator
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 def tree(pid: int) -> list[int]:
@@ -67,3 +73,15 @@ class PeakSampler:
     def __exit__(self, *_exc) -> None:
         self._stop.set()
         self._thread.join()
+
+
+@contextlib.contextmanager
+def worktree(revision: str, root: Path) -> Iterator[Path]:
+    """This repository at ``revision``, checked out under ``root`` (a git worktree), removed on exit."""
+    target = root / f"code-{revision}"
+    if not target.exists():
+        subprocess.run(["git", "-C", str(REPO), "worktree", "add", "--detach", str(target), revision], check=True, capture_output=True, timeout=120)
+    try:
+        yield target
+    finally:
+        subprocess.run(["git", "-C", str(REPO), "worktree", "remove", "--force", str(target)], capture_output=True, timeout=120)

@@ -16,6 +16,7 @@ does not grow with the largest tensor (a few pieces of it).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import subprocess
@@ -24,9 +25,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from procs import PeakSampler
+from procs import REPO, PeakSampler, worktree
 
-REPO = Path(__file__).resolve().parents[1]
 K = 4
 EMBED = (262144, 640)
 
@@ -65,13 +65,6 @@ def measure(code: Path, argv: list[str], log: Path) -> dict:
     return {"peak_pss_mib": round(sampler.tree_pss / 2**20), "peak_anon_mib": round(sampler.tree_anon / 2**20), "seconds": round(time.perf_counter() - start, 1)}
 
 
-def checkout(revision: str, root: Path) -> Path:
-    target = root / f"code-{revision}"
-    if not target.exists():
-        subprocess.run(["git", "-C", str(REPO), "worktree", "add", "--detach", str(target), revision], check=True, capture_output=True, timeout=120)
-    return target
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--baseline", default="31d978e", help="git revision that read whole tensors ('' to skip)")
@@ -81,10 +74,10 @@ def main() -> None:
     base, models = build(root)
     embed_mib = EMBED[0] * EMBED[1] * 2 / 2**20
     versions = {"this checkout": REPO}
-    if args.baseline:
-        versions[f"baseline {args.baseline}"] = checkout(args.baseline, root)
     results = {}
-    try:
+    with contextlib.ExitStack() as stack:
+        if args.baseline:
+            versions[f"baseline {args.baseline}"] = stack.enter_context(worktree(args.baseline, root))
         for label, code in versions.items():
             out = root / f"vectors-{label.split()[-1]}"
             subprocess.run(["rm", "-rf", str(out)], check=True)
@@ -96,9 +89,6 @@ def main() -> None:
                 r["anon_embeddings"] = round(r["peak_anon_mib"] / embed_mib, 2)
                 print(f"{label:>22s}  {step:8s} peak PSS {r['peak_pss_mib']:6d} MiB, anonymous {r['peak_anon_mib']:6d} MiB "
                       f"= {r['anon_embeddings']:5.2f} x the bf16 embedding, {r['seconds']:6.1f} s", flush=True)  # fmt: skip
-    finally:
-        if args.baseline:
-            subprocess.run(["git", "-C", str(REPO), "worktree", "remove", "--force", str(versions[f"baseline {args.baseline}"])], capture_output=True, timeout=120)
     print(json.dumps({"embedding_mib": embed_mib, "models": K, "results": results}, indent=2))
 
 
