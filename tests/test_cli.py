@@ -37,6 +37,28 @@ def test_merge_subcommand_matches_formula_with_progress(tiny_zoo):
     assert (tiny_zoo / "out-cli" / "tokenizer.json").exists()
 
 
+def test_a_second_merge_into_one_folder_waits_its_turn(tiny_zoo, tmp_path, monkeypatch, capsys):
+    """While a merge writes OUT (its OUT.partial locked), another into OUT is refused and touches
+    nothing; what a killed merge left in OUT.partial is cleared by the next."""
+    import os
+
+    from optimer_merge import cli
+    from optimer_merge.merge.recipes import _lock_partial
+
+    monkeypatch.chdir(tiny_zoo)  # the recipe's model paths are relative
+    recipe, out = str(REPO / "recipes" / "tiny" / "optimer-text.yml"), tmp_path / "merged"
+    partial = tmp_path / "merged.partial"
+    lock = _lock_partial(partial, out)  # a merge in progress
+    (partial / "model-00001-of-00002.safetensors").write_text("half written")
+    assert cli.main(["merge", recipe, str(out), "--quiet"]) == 2
+    assert f"another merge is writing {out}" in capsys.readouterr().err
+    assert (partial / "model-00001-of-00002.safetensors").exists() and not out.exists()
+    os.close(lock)  # it was killed: its files stay, unlocked
+    assert cli.main(["merge", recipe, str(out), "--quiet"]) == 0
+    assert not partial.exists() and not (out / "model-00001-of-00002.safetensors").exists()
+    assert max_abs_diff(load_weights(out), reference_merge(REPO / "recipes" / "tiny" / "optimer-text.yml", tiny_zoo)) < 1e-6
+
+
 def test_merge_errors_are_one_line(tmp_path):
     missing = run_cli("merge", str(tmp_path / "none.yml"), str(tmp_path / "out"))
     assert missing.returncode == 2 and missing.stderr.strip().endswith("none.yml does not exist")

@@ -179,6 +179,27 @@ def merge_size(config) -> int | None:
     return Checkpoint.open(folder).size_as(dtype_from_name(config.out_dtype or config.dtype))
 
 
+def _lock_partial(partial: Path, out: Path) -> int:
+    """Create and lock the folder a merge writes before renaming it to ``out``: a second merge into
+    the same folder is refused while the first runs. Files a killed merge left there are removed.
+    Returns the lock's descriptor (closing it unlocks)."""
+    import fcntl
+    import shutil
+
+    from optimer_merge.errors import RunFolderError
+
+    partial.mkdir(parents=True, exist_ok=True)
+    lock = os.open(partial, os.O_RDONLY)
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(lock)
+        raise RunFolderError(f"another merge is writing {out} ({partial} is locked); wait for it to finish or choose another folder") from None
+    for entry in partial.iterdir():
+        shutil.rmtree(entry) if entry.is_dir() and not entry.is_symlink() else entry.unlink()
+    return lock
+
+
 def run_recipe(
     recipe: str | Path,
     out_dir: str | Path,
@@ -209,8 +230,6 @@ def run_recipe(
     size = merge_size(config)
     if size is not None:
         check_free_space(out, size, "the merge")
-    partial = out.with_name(out.name + ".partial")
-    shutil.rmtree(partial, ignore_errors=True)
     merge_options = MergeOptions(
         device=device,
         lazy_unpickle=lazy_unpickle,
@@ -222,16 +241,20 @@ def run_recipe(
     )
     merge_options.apply_global_options()
     start = time.perf_counter()
+    partial = out.with_name(out.name + ".partial")
+    lock = _lock_partial(partial, out)
     # mergekit sets the deprecated `torch_dtype` on the configs it writes; transformers says so
     try:
         with drop_messages(("transformers.configuration_utils", "transformers.modeling_utils"), ("`torch_dtype` is deprecated",)):
             run_merge(config, str(partial), options=merge_options, config_source=source)
+        if out.exists():
+            shutil.rmtree(out)
+        os.replace(partial, out)
     except BaseException:
         shutil.rmtree(partial, ignore_errors=True)  # nothing half-written stays behind
         raise
-    if out.exists():
-        shutil.rmtree(out)
-    os.replace(partial, out)
+    finally:
+        os.close(lock)
     return {
         "method": config.merge_method,
         "models": [str(m.model.path) for m in config.referenced_models()],
