@@ -264,6 +264,20 @@ def test_yaml_config_and_flag_overrides(tmp_path):
     assert [(d.name, d.source, d.ratio) for d in config.datasets + config.eval_datasets] == [("ja", "ja", 1.0), ("y", "x/y.jsonl", 2.0), ("zh", "zh", 1.0)]
 
 
+def test_a_domain_name_is_the_corpus_even_where_a_folder_has_that_name(tmp_path, small_base, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "ja").mkdir()
+    (tmp_path / "ja/mine.jsonl").write_text("\n".join(json.dumps({"text": "local text " * 40}) for _ in range(8)))
+    base = ["train", "--base", str(small_base), "--max-steps", "1", "--seq-len", "64", "--no-progress"]
+    assert cli.main([*base, "--output", "corpus", "--dataset", "ja"]) == 0
+    out = capsys.readouterr().out
+    assert "warning: dataset source 'ja' is the shipped ja corpus, not the local ja/ here; write ./ja to train on that" in out
+    assert "held-out loss ja" in out  # the corpus's dev split: local files have none
+    assert cli.main([*base, "--output", "local", "--dataset", "./ja"]) == 0
+    out = capsys.readouterr().out
+    assert "warning" not in out and "no held-out set" in out
+
+
 def _bad_run(tmp_path, small_base, *extra: str):
     out = tmp_path / "bad"
     code = cli.main(["train", "--base", str(small_base), "--output", str(out), "--max-steps", "2", "--seq-len", "64", "--no-progress", *extra])

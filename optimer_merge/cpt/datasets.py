@@ -32,13 +32,18 @@ def tokenizer_fingerprint(tokenizer) -> str:
 
 
 def _is_corpus(source: str) -> bool:
-    return source in corpora.ALL_DOMAINS and not Path(source).exists()
+    """A bare domain name is always the shipped corpus; files of that name are written as a path (``./ja``)."""
+    return source in corpora.ALL_DOMAINS
 
 
-def check_source(source: str) -> None:
-    """Raise ValueError unless ``source`` is a corpus domain or readable files."""
+def check_source(source: str) -> str | None:
+    """Raise unless ``source`` is a corpus domain or readable files; returns a warning where a
+    domain name is also a path here (the corpus is used)."""
     if not _is_corpus(source):
         source_files(source)
+    elif Path(source).exists():
+        return f"dataset source {source!r} is the shipped {source} corpus, not the local {source}/ here; write ./{source} to train on that"
+    return None
 
 
 def source_files(source: str) -> list[Path]:

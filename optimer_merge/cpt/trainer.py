@@ -346,9 +346,10 @@ def prepare(config: TrainConfig, log: Callable[[str], None] = print) -> Run:
     if max_len is not None and config.seq_len > max_len:
         raise ConfigError(f"seq_len={config.seq_len} is above the model's maximum of {max_len} positions")
     for spec in config.datasets + config.eval_datasets:
-        ds.check_source(spec.source)
-        if spec.eval_source:
-            ds.check_source(spec.eval_source)
+        for source in filter(None, (spec.source, spec.eval_source)):
+            warning = ds.check_source(source)
+            if warning and _is_primary_process():
+                log(f"warning: {warning}")
     if config.mixture == "velocitune":
         lacking = [d.name for d in config.datasets if ds.eval_source(d) is None]
         if lacking:
