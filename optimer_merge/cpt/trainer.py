@@ -510,7 +510,7 @@ def fit(run: Run) -> dict:
         changed = [n for n, cache in zip(names, state.get("data", data)) if cache not in data]  # checkpoints from before: no record
         if changed:
             raise ConfigError(
-                f"training data changed since checkpoint {existing[-1].name}: {', '.join(changed)} (files of another size or time); "
+                f"training data changed since checkpoint {existing[-1].name}: {', '.join(changed)} (its files or corpus changed); "
                 "resuming would continue on other data: restore the files, or pass --overwrite to start over"
             )
         sampler.load_state_dict(state["sampler"])
