@@ -10,7 +10,7 @@ from typing import Sequence
 
 from optimer_merge import __version__
 from optimer_merge.commands import OneLineParser
-from optimer_merge.errors import UserError, disk_full
+from optimer_merge.errors import Stopped, UserError, disk_full
 
 # name -> module with `add_arguments(parser)`, `run(args) -> int` and a one-line docstring.
 # Modules are imported lazily so `--help` stays fast.
@@ -57,9 +57,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         if not _stdout_closed():
             raise  # a socket's, not ours: a crash like any other
         return 141  # 128 + SIGPIPE, as a Unix tool whose reader went away
-    except KeyboardInterrupt:
-        print("interrupted" + (RESUMES if args.command in RESUMABLE else ""), file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as stop:
+        print(f"{stop if isinstance(stop, Stopped) else 'interrupted'}" + (RESUMES if args.command in RESUMABLE else ""), file=sys.stderr)
+        return 128 + stop.signum if isinstance(stop, Stopped) else 130
     except (UserError, OSError) as error:  # only these: any other exception keeps its traceback (exit 1)
         if not isinstance(error, UserError):
             if not disk_full(error):

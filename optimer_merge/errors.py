@@ -32,6 +32,15 @@ class DataError(UserError, ValueError):
     """A dataset cannot be read as text documents."""
 
 
+class Stopped(KeyboardInterrupt):
+    """A run stopped on a signal (a scheduler's SIGTERM) after saving its progress; rerunning the
+    same command resumes it. Handled like Ctrl-C, with exit code 128 + the signal's number."""
+
+    def __init__(self, message: str, signum: int):
+        super().__init__(message)
+        self.signum = signum
+
+
 def disk_full(error: BaseException) -> bool:
     """An environment failure reported like a user error: the disk filled up while writing."""
     return isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT)

@@ -108,6 +108,23 @@ def test_resume_after_kill_matches_uninterrupted_run(small_base, tmp_path):
     again = subprocess.run(_train_cmd(small_base, part), check=True, env=env, capture_output=True, text=True, timeout=600)
     assert "already trained" in again.stdout
 
+    # SIGTERM (a scheduler's preemption): a checkpoint at the step it arrived in, exit 143, and the rerun ends the same
+    term = tmp_path / "term"
+    proc = subprocess.Popen(_train_cmd(small_base, term), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    while not (term / "checkpoints" / "step-00000005.ckpt").exists():
+        assert proc.poll() is None and time.time() < deadline + 120, "training ended before it could be stopped"
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGTERM)
+    err = proc.stderr.read()
+    assert proc.wait(timeout=120) == 143, err
+    step = int(err.split("stopped by SIGTERM at step ")[1].split()[0])
+    assert "of 30, after saving a checkpoint; the same command resumes where this run stopped" in err and "Traceback" not in err
+    assert (term / "checkpoints" / f"step-{step:08d}.ckpt").exists() and not (term / "model").exists()
+    done = subprocess.run(_train_cmd(small_base, term), check=True, env=env, capture_output=True, text=True, timeout=600)
+    assert f"from step {step} of 30" in done.stdout
+    assert max_abs_diff(load_weights(tmp_path / "full" / "model"), load_weights(term / "model")) <= 1e-6
+    assert strip((term / "metrics.csv").read_text().splitlines()) == strip(full_rows)
+
 
 def test_velocitune_rule_and_scaling_law():
     v = vt.velocities({"a": 3.0, "b": 2.0}, initial={"a": 4.0, "b": 4.0}, targets={"a": 2.0, "b": 2.5})

@@ -19,6 +19,8 @@ import json
 import math
 import os
 import shutil
+import signal
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,7 +32,7 @@ import torch
 from optimer_merge.cpt import datasets as ds
 from optimer_merge.cpt import velocitune as vt
 from optimer_merge.cpt.config import TrainConfig
-from optimer_merge.errors import ConfigError, UserError
+from optimer_merge.errors import ConfigError, Stopped, UserError
 from optimer_merge.io.checkpoints import check_model_folder, fingerprint, saved_dtype
 from optimer_merge.io.files import check_free_space, write_json
 from optimer_merge.io.progress import human_bytes
@@ -570,60 +572,83 @@ def fit(run: Run) -> dict:
     # the metrics window: its loss and steps, and its seconds before this process (a resumed run)
     window = dict(state["window"])
     window_t = time.perf_counter()
-    for step in range(start, run.total_steps):
-        lr = lr_at(step, run.total_steps, config)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        step_loss = 0.0
-        for micro in range(config.grad_accum):
-            picks = sampler.take(slots)[fabric.global_rank * config.micro_batch_size : (fabric.global_rank + 1) * config.micro_batch_size]
-            x = torch.from_numpy(np.stack([run.train_sets[d].block(b) for d, b in picks])).to(fabric.device)
-            # FSDP would keep whole unsharded gradients across the skipped syncs: it syncs every micro-step
-            with fabric.no_backward_sync(model, enabled=micro < config.grad_accum - 1 and not run.sharded):
-                loss = model(input_ids=x, labels=x).loss
-                fabric.backward(loss / config.grad_accum)
-            step_loss += loss.item() / config.grad_accum
-        if config.grad_clip is not None and not config.strategy_config.name.startswith("deepspeed"):
-            fabric.clip_gradients(model, optimizer, max_norm=config.grad_clip)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        done = step + 1
-        window["loss"] += step_loss
-        window["steps"] += 1
-        bar.update(1)
+    with _stop_on_sigterm() as stop:
+        for step in range(start, run.total_steps):
+            lr = lr_at(step, run.total_steps, config)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            step_loss = 0.0
+            for micro in range(config.grad_accum):
+                picks = sampler.take(slots)[fabric.global_rank * config.micro_batch_size : (fabric.global_rank + 1) * config.micro_batch_size]
+                x = torch.from_numpy(np.stack([run.train_sets[d].block(b) for d, b in picks])).to(fabric.device)
+                # FSDP would keep whole unsharded gradients across the skipped syncs: it syncs every micro-step
+                with fabric.no_backward_sync(model, enabled=micro < config.grad_accum - 1 and not run.sharded):
+                    loss = model(input_ids=x, labels=x).loss
+                    fabric.backward(loss / config.grad_accum)
+                step_loss += loss.item() / config.grad_accum
+            if config.grad_clip is not None and not config.strategy_config.name.startswith("deepspeed"):
+                fabric.clip_gradients(model, optimizer, max_norm=config.grad_clip)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            done = step + 1
+            window["loss"] += step_loss
+            window["steps"] += 1
+            bar.update(1)
 
-        update_due = config.mixture == "velocitune" and done % config.velocitune.update_every == 0
-        if done % config.eval_every == 0 or done == run.total_steps or update_due:
-            seconds = window["seconds"] + time.perf_counter() - window_t
-            tps = window["steps"] * run.tokens_per_step / max(seconds, 1e-9)
-            losses = evaluate()
-            if update_due and done < run.total_steps:
-                current = {n: losses[n] for n in names}
-                seen = {n: c * config.seq_len for n, c in zip(names, sampler.counts)}
-                weights = dict(zip(names, sampler.weights))
-                targets = run.targets["targets"]
-                if config.velocitune.refit:
-                    remaining = (run.total_steps - done) * run.tokens_per_step
-                    targets = vt.refit_targets(state["trajectory"][1:], current, seen, weights, remaining, targets, run.targets["fits"])
-                velocity = vt.velocities(current, state["initial_eval"], targets)
-                new = vt.update_weights(weights, velocity)
-                sampler.set_weights([new[n] for n in names])
-                state["trajectory"].append({"step": done, "losses": current, "tokens": seen, "targets": targets, "velocity": velocity, "weights": new})
-            train_loss = window["loss"] / window["steps"]
-            metrics.write(row(done, lr, train_loss, tps, losses))
-            bar.set_postfix(loss=f"{train_loss:.3f}", tok_s=f"{tps:,.0f}", refresh=False)
-            window, window_t = {"loss": 0.0, "steps": 0, "seconds": 0.0}, time.perf_counter()
-        if done % config.checkpoint_every == 0 or done == run.total_steps:
-            now = time.perf_counter()
-            state["elapsed"] = {
-                "wall": state["elapsed"]["wall"] + now - wall0,
-                "cpu": state["elapsed"]["cpu"] + time.process_time() - cpu0,
-            }
-            wall0, cpu0 = now, time.process_time()
-            state["window"] = {**window, "seconds": window["seconds"] + now - window_t}
-            save_checkpoint(done)
+            update_due = config.mixture == "velocitune" and done % config.velocitune.update_every == 0
+            if done % config.eval_every == 0 or done == run.total_steps or update_due:
+                seconds = window["seconds"] + time.perf_counter() - window_t
+                tps = window["steps"] * run.tokens_per_step / max(seconds, 1e-9)
+                losses = evaluate()
+                if update_due and done < run.total_steps:
+                    current = {n: losses[n] for n in names}
+                    seen = {n: c * config.seq_len for n, c in zip(names, sampler.counts)}
+                    weights = dict(zip(names, sampler.weights))
+                    targets = run.targets["targets"]
+                    if config.velocitune.refit:
+                        remaining = (run.total_steps - done) * run.tokens_per_step
+                        targets = vt.refit_targets(state["trajectory"][1:], current, seen, weights, remaining, targets, run.targets["fits"])
+                    velocity = vt.velocities(current, state["initial_eval"], targets)
+                    new = vt.update_weights(weights, velocity)
+                    sampler.set_weights([new[n] for n in names])
+                    state["trajectory"].append({"step": done, "losses": current, "tokens": seen, "targets": targets, "velocity": velocity, "weights": new})
+                train_loss = window["loss"] / window["steps"]
+                metrics.write(row(done, lr, train_loss, tps, losses))
+                bar.set_postfix(loss=f"{train_loss:.3f}", tok_s=f"{tps:,.0f}", refresh=False)
+                window, window_t = {"loss": 0.0, "steps": 0, "seconds": 0.0}, time.perf_counter()
+            stopping = bool(stop)
+            if fabric.world_size > 1:  # every rank stops at the same step, whichever got the signal
+                stopping = bool(fabric.all_reduce(torch.tensor(float(stopping), device=fabric.device), reduce_op="sum") > 0)
+            if done % config.checkpoint_every == 0 or done == run.total_steps or stopping:
+                now = time.perf_counter()
+                state["elapsed"] = {
+                    "wall": state["elapsed"]["wall"] + now - wall0,
+                    "cpu": state["elapsed"]["cpu"] + time.process_time() - cpu0,
+                }
+                wall0, cpu0 = now, time.process_time()
+                state["window"] = {**window, "seconds": window["seconds"] + now - window_t}
+                save_checkpoint(done)
+            if stopping and done < run.total_steps:
+                bar.close()
+                raise Stopped(f"stopped by SIGTERM at step {done} of {run.total_steps}, after saving a checkpoint", signal.SIGTERM)
     bar.close()
     return state
+
+
+@contextlib.contextmanager
+def _stop_on_sigterm():
+    """While the loop runs, SIGTERM (a scheduler's preemption notice; a launcher passes it to every
+    rank) asks it to save a checkpoint and stop after the current step, instead of killing it and
+    losing the steps since the last checkpoint. Yields a list that is non-empty once asked."""
+    asked: list[int] = []
+    if threading.current_thread() is not threading.main_thread():
+        yield asked
+        return
+    previous = signal.signal(signal.SIGTERM, lambda signum, _frame: asked.append(signum))
+    try:
+        yield asked
+    finally:
+        signal.signal(signal.SIGTERM, previous if previous is not None else signal.SIG_DFL)
 
 
 def finalize(run: Run, state: dict, export: bool = True) -> dict:
