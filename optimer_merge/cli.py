@@ -5,7 +5,9 @@ from __future__ import annotations
 import argparse
 import importlib
 import os
+import signal
 import sys
+import threading
 from typing import Sequence
 
 from optimer_merge import __version__
@@ -49,6 +51,27 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    previous = _on_sigterm(_terminated)
+    try:
+        return _run(args)
+    finally:
+        _on_sigterm(previous)
+
+
+def _on_sigterm(handler):
+    """Install a SIGTERM handler (main thread only); returns the one it replaces."""
+    if threading.current_thread() is not threading.main_thread():
+        return None
+    return signal.signal(signal.SIGTERM, handler if handler is not None else signal.SIG_DFL)
+
+
+def _terminated(signum: int, _frame) -> None:
+    """SIGTERM unwinds like Ctrl-C: files being written are removed, workers stopped, a resumable
+    run says so (training saves a checkpoint first: it handles the signal itself)."""
+    raise Stopped(f"stopped by {signal.Signals(signum).name}", signum)
+
+
+def _run(args: argparse.Namespace) -> int:
     try:
         code = int(args._run(args) or 0)
         sys.stdout.flush()  # a reader gone early (`| head`) shows here, not at interpreter exit

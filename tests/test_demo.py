@@ -31,19 +31,32 @@ def demo(run_dir: Path, *extra: str, timeout: int = 600) -> subprocess.Completed
 
 @pytest.fixture(scope="session")
 def demo_run(tmp_path_factory) -> tuple[Path, subprocess.CompletedProcess]:
-    """A reduced demo, killed (SIGKILL) once the first CPT run has finished, then resumed to the end."""
+    """A reduced demo, stopped (SIGTERM, as a scheduler does) once the first CPT run has finished,
+    then resumed to the end."""
     run_dir = tmp_path_factory.mktemp("demo") / "run"
-    first = subprocess.Popen([CLI, "demo", "--run-dir", str(run_dir), *REDUCED], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    first = subprocess.Popen([CLI, "demo", "--run-dir", str(run_dir), *REDUCED], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 300
     while not list((run_dir / "state").glob("cpt-*.json")) and first.poll() is None and time.monotonic() < deadline:
         time.sleep(0.2)
     assert first.poll() is None, "the demo ended before it could be interrupted"
-    first.send_signal(signal.SIGKILL)
-    first.wait()
+    workers = [p for p in Path("/proc").iterdir() if p.name.isdigit() and _parent(p) == first.pid]
+    assert workers, "the demo runs its jobs in worker processes"
+    first.send_signal(signal.SIGTERM)
+    err = first.stderr.read()
+    assert first.wait(timeout=300) == 143, err
+    assert "stopped by SIGTERM; the same command resumes where this run stopped" in err and "Traceback" not in err and "leaked" not in err, err
+    assert not any(w.exists() and _parent(w) == first.pid for w in workers), "workers outlived the demo"
     assert not (run_dir / "report.md").exists()
     resumed = demo(run_dir)
     assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
     return run_dir, resumed
+
+
+def _parent(proc: Path) -> int | None:
+    try:
+        return int((proc / "stat").read_text().rsplit(")", 1)[1].split()[1])
+    except (OSError, ValueError, IndexError):
+        return None
 
 
 def test_resumed_run_reuses_finished_jobs(demo_run):

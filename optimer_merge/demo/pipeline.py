@@ -25,6 +25,7 @@ import contextlib
 import json
 import multiprocessing
 import os
+import sys
 import time
 import traceback
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
@@ -293,6 +294,19 @@ def _stage(name: str) -> Callable[[_Context], dict]:
     return lambda ctx: stages[kind](ctx, arg)
 
 
+def _stop_workers(running: dict) -> None:
+    """Stop the jobs still running when the demo stops (Ctrl-C, SIGTERM, a failed job): SIGTERM
+    first, so a training job saves a checkpoint at the end of its step, then SIGKILL for every
+    worker, busy or idle (a pool whose worker died mid-queue would wait for the others forever)."""
+    workers = multiprocessing.active_children()
+    for worker in workers:
+        worker.terminate()
+    wait(running, timeout=STOP_GRACE_SECONDS)
+    for worker in workers:
+        worker.kill()
+        worker.join()
+
+
 def _worker_init() -> None:
     """Workers die with the demo process (Linux), so a killed demo leaves no stray training."""
     import signal
@@ -350,6 +364,7 @@ def _summary_line(name: str, state: dict) -> str:
 
 
 HEARTBEAT_SECONDS = 60.0
+STOP_GRACE_SECONDS = 120.0  # for running jobs to stop cleanly (a training step and its checkpoint)
 
 
 def _progress(run: Path, settings: DemoSettings, name: str) -> str:
@@ -402,6 +417,10 @@ def _schedule(run: Path, settings: DemoSettings, log: Callable[[str], None], ran
         log(f"resuming {run}: {len(states)} of {len(jobs)} jobs already done")
     start = time.perf_counter()
     context = multiprocessing.get_context("spawn")
+    # the semaphore tracker (started with the pool, with these warning options) would report the
+    # pool's locks as "leaked" after a stop that kills the workers: nothing a user can act on
+    if "ignore:resource_tracker:UserWarning" not in sys.warnoptions:
+        sys.warnoptions.append("ignore:resource_tracker:UserWarning")
     with ProcessPoolExecutor(max_workers=settings.workers, mp_context=context, initializer=_worker_init) as pool:
         running: dict = {}
         try:
@@ -430,7 +449,6 @@ def _schedule(run: Path, settings: DemoSettings, log: Callable[[str], None], ran
                     elapsed = time.perf_counter() - start
                     log(f"[{len(states)}/{len(jobs)}] {name} ({states[name]['seconds']:.0f}s, {elapsed / 60:.1f} min in): {_summary_line(name, states[name])}")
         except BaseException:
-            for future in running:
-                future.cancel()
+            _stop_workers(running)
             raise
     return states

@@ -13,7 +13,9 @@ started again.
 from __future__ import annotations
 
 import math
+import signal
 import socket
+import threading
 import time
 from typing import Callable, Iterator
 
@@ -133,8 +135,11 @@ class RayWorkers:
         if self.started_ray:
             # without ray_address a new local Ray, even where a cluster runs or RAY_ADDRESS is set
             address = config.ray_address or "local"
+            sigterm = signal.getsignal(signal.SIGTERM)
             try:
                 ray.init(address=address, include_dashboard=False, log_to_driver=False, logging_level="ERROR", configure_logging=True)
+                if callable(sigterm) and threading.current_thread() is threading.main_thread():
+                    signal.signal(signal.SIGTERM, sigterm)  # Ray's own would end the driver without stopping its workers
             except ConnectionError as error:
                 hint = ""
                 if "InvalidAuthToken" in str(error.__cause__):  # the head was started with token authentication
