@@ -13,6 +13,7 @@ from typing import Sequence
 from optimer_merge import __version__
 from optimer_merge.commands import OneLineParser
 from optimer_merge.errors import Stopped, UserError, disk_full
+from optimer_merge.io.run_folder import is_primary_process
 
 # name -> module with `add_arguments(parser)`, `run(args) -> int` and a one-line docstring.
 # Modules are imported lazily so `--help` stays fast.
@@ -81,7 +82,8 @@ def _run(args: argparse.Namespace) -> int:
             raise  # a socket's, not ours: a crash like any other
         return 141  # 128 + SIGPIPE, as a Unix tool whose reader went away
     except KeyboardInterrupt as stop:
-        print(f"{stop if isinstance(stop, Stopped) else 'interrupted'}" + (RESUMES if args.command in RESUMABLE else ""), file=sys.stderr)
+        if is_primary_process():  # the other ranks of a distributed run stop with it, silently
+            print(f"{stop if isinstance(stop, Stopped) else 'interrupted'}" + (RESUMES if args.command in RESUMABLE else ""), file=sys.stderr)
         return 128 + stop.signum if isinstance(stop, Stopped) else 130
     except (UserError, OSError) as error:  # only these: any other exception keeps its traceback (exit 1)
         if not isinstance(error, UserError):

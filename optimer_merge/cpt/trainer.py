@@ -36,7 +36,7 @@ from optimer_merge.errors import ConfigError, Stopped, UserError
 from optimer_merge.io.checkpoints import check_model_folder, fingerprint, saved_dtype
 from optimer_merge.io.files import check_free_space, write_json
 from optimer_merge.io.progress import human_bytes
-from optimer_merge.io.run_folder import RunFolder
+from optimer_merge.io.run_folder import RunFolder, is_primary_process
 from optimer_merge.threads import default_threads
 
 # Fields that may change between a run and its resumption without changing the result.
@@ -263,11 +263,6 @@ def _total_steps(config: TrainConfig, world_size: int = 1) -> int:
     return max(1, math.ceil(config.max_tokens / _tokens_per_step(config, world_size)))
 
 
-def _is_primary_process() -> bool:
-    """False in the extra ranks a distributed launcher starts (they share the primary's folder)."""
-    return os.environ.get("RANK", "0") == "0" and os.environ.get("LOCAL_RANK", "0") == "0"
-
-
 def identity(config: TrainConfig) -> dict:
     """What must match for a run folder to be resumed."""
     return {k: v for k, v in config.model_dump(mode="json").items() if k not in RESUMABLE_FIELDS}
@@ -286,7 +281,7 @@ def train(
     folder behind. The final model appears at ``output/model`` only once it is completely written.
     """
     out = Path(config.output)
-    primary = _is_primary_process()
+    primary = is_primary_process()
     folder = RunFolder(out, "training run", fix="choose another output folder or pass --overwrite") if primary else None
     with folder or contextlib.nullcontext():
         if folder is not None:
@@ -350,7 +345,7 @@ def prepare(config: TrainConfig, log: Callable[[str], None] = print) -> Run:
     for spec in config.datasets + config.eval_datasets:
         for source in filter(None, (spec.source, spec.eval_source)):
             warning = ds.check_source(source)
-            if warning and _is_primary_process():
+            if warning and is_primary_process():
                 log(f"warning: {warning}")
     if config.mixture == "velocitune":
         lacking = [d.name for d in config.datasets if ds.eval_source(d) is None]

@@ -15,6 +15,12 @@ from optimer_merge.io.files import check_output_dir, write_json
 LOCK = ".lock"
 
 
+def is_primary_process() -> bool:
+    """False in the extra ranks a distributed launcher starts (they share the primary's folder and
+    leave its bookkeeping, and what is said to the user, to it)."""
+    return os.environ.get("RANK", "0") == "0" and os.environ.get("LOCAL_RANK", "0") == "0"
+
+
 class RunFolder:
     """``with RunFolder(path, "search") as folder:`` creates and locks ``path``.
 
