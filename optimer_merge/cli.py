@@ -7,13 +7,13 @@ import importlib
 import os
 import signal
 import sys
-import threading
 from typing import Sequence
 
 from optimer_merge import __version__
 from optimer_merge.commands import OneLineParser
 from optimer_merge.errors import Stopped, UserError, disk_full
 from optimer_merge.io.run_folder import is_primary_process
+from optimer_merge.signals import on_sigterm
 
 # name -> module with `add_arguments(parser)`, `run(args) -> int` and a one-line docstring.
 # Modules are imported lazily so `--help` stays fast.
@@ -52,18 +52,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    previous = _on_sigterm(_terminated)
+    previous = on_sigterm(_terminated)
     try:
         return _run(args)
     finally:
-        _on_sigterm(previous)
-
-
-def _on_sigterm(handler):
-    """Install a SIGTERM handler (main thread only); returns the one it replaces."""
-    if threading.current_thread() is not threading.main_thread():
-        return None
-    return signal.signal(signal.SIGTERM, handler if handler is not None else signal.SIG_DFL)
+        on_sigterm(previous)
 
 
 def _terminated(signum: int, _frame) -> None:
@@ -73,6 +66,7 @@ def _terminated(signum: int, _frame) -> None:
 
 
 def _run(args: argparse.Namespace) -> int:
+    resumes = RESUMES if args.command in RESUMABLE else ""
     try:
         code = int(args._run(args) or 0)
         sys.stdout.flush()  # a reader gone early (`| head`) shows here, not at interpreter exit
@@ -82,19 +76,23 @@ def _run(args: argparse.Namespace) -> int:
             raise  # a socket's, not ours: a crash like any other
         return 141  # 128 + SIGPIPE, as a Unix tool whose reader went away
     except KeyboardInterrupt as stop:
+        stopped = isinstance(stop, Stopped)
         if is_primary_process():  # the other ranks of a distributed run stop with it, silently
-            print(f"{stop if isinstance(stop, Stopped) else 'interrupted'}" + (RESUMES if args.command in RESUMABLE else ""), file=sys.stderr)
-        return 128 + stop.signum if isinstance(stop, Stopped) else 130
-    except (UserError, OSError) as error:  # only these: any other exception keeps its traceback (exit 1)
-        if not isinstance(error, UserError):
-            if not disk_full(error):
-                raise
-            where = f" writing {error.filename}" if error.filename else ""
-            resumes = RESUMES if args.command in RESUMABLE else ""
-            error = f"the disk is full{where}: free some space or choose an output folder on another disk{resumes}"
-        command = " ".join(filter(None, (args.command, getattr(args, "action", None))))  # `vectors extract`, `data build`
-        print(f"optimer-merge {command}: error: {error}", file=sys.stderr)
-        return 2
+            print(f"{stop if stopped else 'interrupted'}{resumes}", file=sys.stderr)
+        return 128 + stop.signum if stopped else 130
+    except UserError as error:  # only these (and a full disk): any other exception keeps its traceback (exit 1)
+        return _error(args, str(error))
+    except OSError as error:
+        if not disk_full(error):
+            raise
+        where = f" writing {error.filename}" if error.filename else ""
+        return _error(args, f"the disk is full{where}: free some space or choose an output folder on another disk{resumes}")
+
+
+def _error(args: argparse.Namespace, message: str) -> int:
+    command = " ".join(filter(None, (args.command, getattr(args, "action", None))))  # `vectors extract`, `data build`
+    print(f"optimer-merge {command}: error: {message}", file=sys.stderr)
+    return 2
 
 
 def _stdout_closed() -> bool:

@@ -20,7 +20,6 @@ import math
 import os
 import shutil
 import signal
-import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -37,6 +36,7 @@ from optimer_merge.io.checkpoints import check_model_folder, fingerprint, saved_
 from optimer_merge.io.files import check_free_space, write_json
 from optimer_merge.io.progress import human_bytes
 from optimer_merge.io.run_folder import RunFolder, is_primary_process
+from optimer_merge.signals import on_sigterm
 from optimer_merge.threads import default_threads
 
 # Fields that may change between a run and its resumption without changing the result.
@@ -434,11 +434,12 @@ def _check_disk(config: TrainConfig, out: Path, model: torch.nn.Module, trainabl
     """Refuse a run whose checkpoints and model will not fit on the disk, before its first step: the
     weights and AdamW's two moments per checkpoint, ``keep_checkpoints`` kept plus the one being
     written, and the exported model (checkpoints already there count as written)."""
-    weights = sum(p.numel() * p.element_size() for p in model.parameters())
-    checkpoint = weights + 2 * sum(p.numel() * p.element_size() for p in trainable)
-    held = sum(f.stat().st_size for c in _checkpoints(out / CHECKPOINTS_DIR) for f in ([c] if c.is_file() else c.rglob("*")) if f.is_file())
+    params = list(model.parameters())
+    checkpoint = sum(p.numel() * p.element_size() for p in params) + 2 * sum(p.numel() * p.element_size() for p in trainable)
+    files = [f for c in _checkpoints(out / CHECKPOINTS_DIR) for f in ([c] if c.is_file() else c.rglob("*"))]  # sharded: folders
+    held = sum(f.stat().st_size for f in files if f.is_file())
     dtype = getattr(torch, saved_dtype(config.base) if config.save_dtype == "auto" else config.save_dtype)
-    export = sum(p.numel() for p in model.parameters()) * torch.empty((), dtype=dtype).element_size()
+    export = sum(p.numel() for p in params) * torch.empty((), dtype=dtype).element_size()
     kept = config.keep_checkpoints + 1
     check_free_space(out, kept * checkpoint - held + export, f"training ({kept} checkpoints of {human_bytes(checkpoint)} at once, then the model)")
 
@@ -636,14 +637,11 @@ def _stop_on_sigterm():
     rank) asks it to save a checkpoint and stop after the current step, instead of killing it and
     losing the steps since the last checkpoint. Yields a list that is non-empty once asked."""
     asked: list[int] = []
-    if threading.current_thread() is not threading.main_thread():
-        yield asked
-        return
-    previous = signal.signal(signal.SIGTERM, lambda signum, _frame: asked.append(signum))
+    previous = on_sigterm(lambda signum, _frame: asked.append(signum))
     try:
         yield asked
     finally:
-        signal.signal(signal.SIGTERM, previous if previous is not None else signal.SIG_DFL)
+        on_sigterm(previous)
 
 
 def finalize(run: Run, state: dict, export: bool = True) -> dict:

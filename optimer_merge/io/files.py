@@ -50,9 +50,7 @@ def check_output_dir(path: str | Path, what: str = "output folder") -> Path:
     path = Path(path).expanduser()
     if path.exists() and not path.is_dir():
         raise RunFolderError(f"{what} {path} is a file; give a folder")
-    probe = path
-    while not probe.exists():
-        probe = probe.parent
+    probe = _existing_ancestor(path)
     if not probe.is_dir():
         raise RunFolderError(f"{what} {path} cannot be created: {probe} is a file")
     if not os.access(probe, os.W_OK | os.X_OK):
@@ -72,10 +70,15 @@ def check_output_file(path: str | Path, what: str = "output file") -> Path:
 def check_free_space(path: str | Path, need: int, what: str) -> None:
     """Refuse, before any work, a job that will write about ``need`` bytes under ``path`` (a folder
     that may not exist yet) to a disk with less free space than that."""
-    probe = Path(path).expanduser().absolute()
-    while not probe.exists():
-        probe = probe.parent
-    free = shutil.disk_usage(probe).free
+    free = shutil.disk_usage(_existing_ancestor(Path(path).expanduser())).free
     if need > free:
         raise RunFolderError(f"{what} needs about {human_bytes(need)} free under {path}, and its disk has {human_bytes(free)}; "
                              "free some space or choose a folder on another disk")  # fmt: skip
+
+
+def _existing_ancestor(path: Path) -> Path:
+    """``path`` itself if it exists, else its nearest ancestor that does."""
+    probe = path
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    return probe

@@ -156,7 +156,8 @@ def to_markdown(board: dict) -> str:
                 text = f"{value:.4f}"
                 cells.append(f"**{text}**" if best is not None and value == best else text)
         lines.append(f"| {row['model']} | " + " | ".join(cells) + " |")
-    lines += ["", *(f"> warning: {w}" for w in board.get("warnings", []))] if board.get("warnings") else []
+    if board.get("warnings"):
+        lines += ["", *(f"> warning: {w}" for w in board["warnings"])]
     return "\n".join(lines) + "\n"
 
 

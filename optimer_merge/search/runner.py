@@ -40,7 +40,7 @@ from optimer_merge.search.optimizers import make_optimizer
 RECORD = "search_config.json"
 
 
-def input_fingerprints(config: SearchConfig) -> dict[str, str]:
+def input_fingerprints(config: SearchConfig, objective) -> dict[str, str]:
     """What the trials' scores depend on besides the settings: the weights of the base and of each
     vector's source, and the objective's reference results (paths are in the identity; these are
     their contents, so a resumed search cannot mix trials of two pools)."""
@@ -48,7 +48,7 @@ def input_fingerprints(config: SearchConfig) -> dict[str, str]:
 
     found = {"base": fingerprint(config.base)}
     found.update({f"vector {v.name}": fingerprint(v.model or v.vector) for v in config.vectors})
-    reference = config.load_objective().reference
+    reference = objective.reference
     if isinstance(reference, str):
         found["objective reference"] = hashlib.sha256(Path(reference).read_bytes()).hexdigest()[:16]
     return found
@@ -122,7 +122,7 @@ def search(config: SearchConfig, *, export: bool = False, log: Callable[[str], N
 
         spec = check_sources(config.base, {v.name: ({"model": v.model} if v.model else {"vector": v.vector}) for v in config.vectors},
                              pool_dtype=config.pool_dtype, placement=config.pool_device)  # fmt: skip
-        inputs = input_fingerprints(config)
+        inputs = input_fingerprints(config, objective)
         earlier = json.loads((out / RECORD).read_text()).get("inputs", {}) if resumed else {}  # runs before this record: {}
         changed = [key for key, value in inputs.items() if earlier.get(key, value) != value]
         if changed:

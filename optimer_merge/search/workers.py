@@ -15,11 +15,11 @@ from __future__ import annotations
 import math
 import signal
 import socket
-import threading
 import time
 from typing import Callable, Iterator
 
 from optimer_merge.errors import ConfigError
+from optimer_merge.signals import on_sigterm
 
 
 class TrialScorer:
@@ -138,8 +138,8 @@ class RayWorkers:
             sigterm = signal.getsignal(signal.SIGTERM)
             try:
                 ray.init(address=address, include_dashboard=False, log_to_driver=False, logging_level="ERROR", configure_logging=True)
-                if callable(sigterm) and threading.current_thread() is threading.main_thread():
-                    signal.signal(signal.SIGTERM, sigterm)  # Ray's own would end the driver without stopping its workers
+                if callable(sigterm):
+                    on_sigterm(sigterm)  # Ray's own would end the driver without stopping its workers
             except ConnectionError as error:
                 hint = ""
                 if "InvalidAuthToken" in str(error.__cause__):  # the head was started with token authentication
