@@ -178,6 +178,29 @@ def test_progress_of_running_jobs_is_read_from_their_files(demo_run):
     assert _progress(run_dir, settings, "test-base") == "running"
 
 
+def test_eta_scales_the_expected_costs_by_this_machines_speed(demo_run):
+    from optimer_merge.demo.pipeline import DemoSettings, eta, plan
+
+    run_dir, resumed = demo_run
+    finished = [line for line in resumed.stdout.splitlines() if re.match(r"\[\d+/25\]", line)]
+    assert finished and all(re.search(r"min in, ETA [\d.]+ (s|min)\)", line) for line in finished[:-1]), finished
+    assert finished[-1].startswith("[25/25]") and "ETA" not in finished[-1]
+    jobs = plan(DemoSettings(**json.loads((run_dir / "demo_settings.json").read_text())["settings"]))
+    states = {job.name: json.loads((run_dir / "state" / f"{job.name}.json").read_text()) for job in jobs}
+    assert eta(jobs, states, {}, {}, 2) == 0
+    cost = {job.name: job.cost for job in jobs}
+    done, rest = [job.name for job in jobs[:10]], [job.name for job in jobs[10:]]
+    # the finished jobs took twice their expected cost (plus 30 s of it at the reference speed):
+    # so will the rest, over 2 workers
+    slow = {name: 2 * cost[name] for name in done}
+    speed = (2 * sum(cost[n] for n in done) + 30) / (sum(cost[n] for n in done) + 30)
+    assert eta(jobs, {n: states[n] for n in done}, {}, slow, 2) == pytest.approx(speed * sum(cost[n] for n in rest) / 2)
+    # what a running job has done is taken off, never more than its own cost
+    running = {rest[0]: 1.0, rest[1]: 1e6}
+    left = speed * sum(cost[n] for n in rest[2:]) + speed * cost[rest[0]] - 1.0
+    assert eta(jobs, {n: states[n] for n in done}, running, slow, 2) == pytest.approx(left / 2)
+
+
 def test_shipped_recipes_run_on_the_demos_folders(demo_run, tmp_path, monkeypatch):
     """recipes/train and recipes/search name runs/demo/base/model and runs/demo/cpt/<domain>/model,
     which `make demo` (optimer-merge demo --run-dir runs/demo) creates."""

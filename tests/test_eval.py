@@ -186,6 +186,16 @@ def test_eval_cli_writes_results_table_and_objective(small_base, tmp_path, capsy
     assert "optimer_math_dev_mc" in (tmp_path / "out" / "results.md").read_text()
     objective = json.loads((tmp_path / "out" / "objective.json").read_text())
     assert objective["score"] == results["results"]["optimer_math_dev_mc"]["acc,none"]
+    # one evaluation at a time writes a folder; a rerun without --objective leaves no stale score
+    from optimer_merge.io.run_folder import RunFolder
+
+    again = ["eval", str(small_base), "--tasks", "optimer_math_dev_mc", "--limit", "3", "--output", str(tmp_path / "out")]
+    with RunFolder(tmp_path / "out", "evaluation"):
+        assert cli.main(again) == 2
+    assert "is in use by another evaluation" in capsys.readouterr().err
+    assert cli.main(again) == 0
+    assert json.loads((tmp_path / "out" / "results.json").read_text())["n-samples"]["optimer_math_dev_mc"]["effective"] == 3
+    assert not (tmp_path / "out" / "objective.json").exists()
     code = cli.main(["eval", str(small_base), "--tasks", "optimer_nope", "--output", str(tmp_path / "bad")])
     assert code == 2 and "unknown lm-eval task(s): optimer_nope" in capsys.readouterr().err
 

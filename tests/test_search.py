@@ -264,6 +264,21 @@ def test_consecutive_failures_stop_the_search_with_the_cause(small_base, cpt_run
     assert len(trials(out)) == 2
 
 
+def test_finalists_are_not_rescored_on_the_items_the_trials_saw(small_base, cpt_runs, tmp_path, capsys):
+    # optimer_code_dev_bpb has 138 items: a limit of 200 scores all of them, so a finalist limit
+    # of 300 would score the very same items again
+    objective = tmp_path / "code.yaml"
+    objective.write_text("tasks:\n- {task: optimer_code_dev_bpb, metric: bits_per_byte}\n")
+    out = tmp_path / "run"
+    args = search_args(small_base, cpt_runs, out, "--objective", str(objective), "--optimizer", "random", "--trials", "2")
+    assert cli.main(args + ["--limit", "200", "--finalists", "1", "--finalist-limit", "300"]) == 0
+    assert [r["items"] for r in trials(out)] == [{"optimer_code_dev_bpb": 138}] * 2
+    assert "finalists keep their trial scores" in capsys.readouterr().out
+    assert not (out / "finalists.jsonl").exists()
+    best = json.loads((out / "summary.json").read_text())["best"]
+    assert best["final_score"] == best["score"] == max(r["score"] for r in trials(out))
+
+
 def _fails_before_work(args: list[str], capsys, out: Path) -> str:
     start = time.perf_counter()
     assert cli.main(args) == 2

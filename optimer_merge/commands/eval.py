@@ -40,6 +40,7 @@ def run(args: argparse.Namespace) -> int:
     from optimer_merge.evaluation.objective import Objective
     from optimer_merge.evaluation.tasks import resolve
     from optimer_merge.io.files import atomic_write_text, check_output_dir, write_json
+    from optimer_merge.io.run_folder import RunFolder
 
     if args.url and args.backend != "server":
         raise ConfigError(f"--url {args.url} needs --backend server (got --backend {args.backend})")
@@ -74,20 +75,23 @@ def run(args: argparse.Namespace) -> int:
         settings["tensor_parallel_size"] = args.tensor_parallel_size
     if args.backend == "server":
         settings["url"] = url
-    with open_evaluator(args.backend, args.model, **settings) as evaluator:
-        results = evaluator.evaluate(tasks, args.limit, confirm_run_unsafe_code=args.confirm_run_unsafe_code, log_samples=args.log_samples)
-    results["config"]["model"] = f"optimer-merge/{args.backend}"
-    results["config"]["model_args"] = f"pretrained={Path(args.model).resolve()}"
-    score = None
-    if objective is not None:
-        score, breakdown = objective.score(results)
-    out.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(out / "results.json", json.dumps(results, indent=2, default=handle_non_serializable, ensure_ascii=False))
-    table = make_table(results) + ("\n" + make_table(results, "groups") if results.get("groups") else "")
-    atomic_write_text(out / "results.md", table)
+    with RunFolder(out, "evaluation"):  # one evaluation at a time writes here
+        with open_evaluator(args.backend, args.model, **settings) as evaluator:
+            results = evaluator.evaluate(tasks, args.limit, confirm_run_unsafe_code=args.confirm_run_unsafe_code, log_samples=args.log_samples)
+        results["config"]["model"] = f"optimer-merge/{args.backend}"
+        results["config"]["model_args"] = f"pretrained={Path(args.model).resolve()}"
+        score = None
+        if objective is not None:
+            score, breakdown = objective.score(results)
+        atomic_write_text(out / "results.json", json.dumps(results, indent=2, default=handle_non_serializable, ensure_ascii=False))
+        table = make_table(results) + ("\n" + make_table(results, "groups") if results.get("groups") else "")
+        atomic_write_text(out / "results.md", table)
+        if objective is not None:
+            write_json(out / "objective.json", {"score": score, "breakdown": breakdown})
+        else:
+            (out / "objective.json").unlink(missing_ok=True)  # an earlier evaluation's score would not be this one's
     print(table)
     if objective is not None:
-        write_json(out / "objective.json", {"score": score, "breakdown": breakdown})
         print(f"objective score: {score:.6g}")
     print(f"results: {out / 'results.json'}")
     return 0

@@ -35,6 +35,7 @@ from typing import Callable, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from optimer_merge.io.progress import duration
 from optimer_merge.io.yaml_config import Seed
 
 DOMAINS = ("ja", "zh", "math", "code")
@@ -112,26 +113,46 @@ class Job:
     name: str
     deps: tuple[str, ...]
     what: str
+    cost: float = 1.0  # expected seconds on one core of a reference machine (for the ETA)
 
 
 def plan(settings: DemoSettings) -> list[Job]:
     """Jobs in priority order (the all-domain search and the mixture that needs it come early)."""
     s, k = settings, len(DOMAINS)
     cpts = tuple(f"cpt-{d}" for d in DOMAINS)
-    jobs = [Job("base", (), "the shipped base, checked against its BUILD.json")]
-    jobs += [Job(f"cpt-{d}", ("base",), f"CPT on {d}, {s.cpt_tokens:,} tokens") for d in DOMAINS]
+    # costs: seconds per training token and per scored item measured on a 2-core x86 machine
+    train, mix = 2e-4 * s.cpt_tokens + 1, 1.9e-4 * k * s.cpt_tokens + 1
+
+    def search(objective: str, trials: int) -> float:
+        return 8 + 0.027 * len(OBJECTIVES[objective]) * (trials * s.limit + s.finalists * s.finalist_limit)
+
+    test = 2 + 0.03 * len(TEST_TASKS) * (s.test_limit or 500)
+    jobs = [Job("base", (), "the shipped base, checked against its BUILD.json", 0.5)]
+    jobs += [Job(f"cpt-{d}", ("base",), f"CPT on {d}, {s.cpt_tokens:,} tokens", train) for d in DOMAINS]
     jobs += [
-        Job("vectors", cpts, "distribution vectors and their stats"),
-        Job("search-all", ("vectors",), f"OptiMer search, {s.trials} trials on dev (all domains)"),
-        Job("mix-uniform", ("base",), f"data-mixture CPT, uniform ratios, {k * s.cpt_tokens:,} tokens"),
-        Job("mix-velocitune", ("base",), f"Velocitune mixture CPT, {k * s.cpt_tokens:,} tokens"),
-        Job("mix-optimer", ("search-all",), f"data-mixture CPT with OptiMer's ratios, {k * s.cpt_tokens:,} tokens"),
-        Job("average", ("vectors",), "model averaging merged by mergekit"),
-        Job("search-ja", ("vectors",), f"re-optimisation for ja, {s.reopt_trials} trials"),
-        Job("search-math-code", ("vectors",), f"re-optimisation for math+code, {s.reopt_trials} trials"),
+        Job("vectors", cpts, "distribution vectors and their stats", 4),
+        Job("search-all", ("vectors",), f"OptiMer search, {s.trials} trials on dev (all domains)", search("all", s.trials)),
+        Job("mix-uniform", ("base",), f"data-mixture CPT, uniform ratios, {k * s.cpt_tokens:,} tokens", mix),
+        Job("mix-velocitune", ("base",), f"Velocitune mixture CPT, {k * s.cpt_tokens:,} tokens", 1.4 * mix),
+        Job("mix-optimer", ("search-all",), f"data-mixture CPT with OptiMer's ratios, {k * s.cpt_tokens:,} tokens", mix),
+        Job("average", ("vectors",), "model averaging merged by mergekit", 1),
+        Job("search-ja", ("vectors",), f"re-optimisation for ja, {s.reopt_trials} trials", search("ja", s.reopt_trials)),
+        Job("search-math-code", ("vectors",), f"re-optimisation for math+code, {s.reopt_trials} trials", search("math-code", s.reopt_trials)),
     ]
-    jobs += [Job(f"test-{c.name}", (c.job,), f"{c.label} on the test tasks") for c in CANDIDATES]
+    jobs += [Job(f"test-{c.name}", (c.job,), f"{c.label} on the test tasks", test) for c in CANDIDATES]
     return jobs
+
+
+def eta(jobs: list[Job], states: dict, running: dict[str, float], ran: dict[str, float], workers: int) -> float:
+    """Seconds left: the expected cost of the jobs not done, scaled by how this machine did on the
+    jobs this invocation finished (``ran``: job -> seconds), less what the running jobs (``running``:
+    job -> seconds so far) have done, spread over the workers. The critical path is not modelled."""
+    cost = {job.name: job.cost for job in jobs}
+    prior = 30.0  # seconds of expected cost at the reference speed, so that a few short jobs do not decide it
+    speed = (sum(ran.values()) + prior) / (sum(cost[name] for name in ran) + prior)
+    left = sum(cost[job.name] * speed for job in jobs if job.name not in states)
+    left -= sum(min(seconds, cost[name] * speed) for name, seconds in running.items())
+    return max(left, 0.0) / max(1, min(workers, sum(job.name not in states for job in jobs)))
 
 
 # -- the stages (run in worker processes) ------------------------------------------------------
@@ -416,6 +437,14 @@ def _schedule(run: Path, settings: DemoSettings, log: Callable[[str], None], ran
     if states:
         log(f"resuming {run}: {len(states)} of {len(jobs)} jobs already done")
     start = time.perf_counter()
+    started: dict[str, float] = {}
+
+    def left() -> str:
+        now = time.perf_counter()
+        seconds = eta(jobs, states, {name: now - started[name] for name in running.values()},
+                      {name: states[name]["seconds"] for name in ran}, settings.workers)  # fmt: skip
+        return f"ETA {duration(seconds)}"
+
     context = multiprocessing.get_context("spawn")
     # the semaphore tracker (started with the pool, with these warning options) would report the
     # pool's locks as "leaked" after a stop that kills the workers: nothing a user can act on
@@ -432,11 +461,12 @@ def _schedule(run: Path, settings: DemoSettings, log: Callable[[str], None], ran
                         continue
                     log(f"  start  {job.name}: {job.what}")
                     running[pool.submit(run_job, str(run), settings.model_dump(), job.name)] = job.name
+                    started[job.name] = time.perf_counter()
                 if not running:
                     raise RuntimeError("no job can start (a dependency cycle?)")
                 finished, _ = wait(running, timeout=HEARTBEAT_SECONDS, return_when=FIRST_COMPLETED)
                 if not finished:
-                    log("  ... " + "; ".join(f"{name} {_progress(run, settings, name)}" for name in running.values()))
+                    log("  ... " + "; ".join(f"{name} {_progress(run, settings, name)}" for name in running.values()) + f"; {left()}")
                 for future in finished:
                     name = running.pop(future)
                     try:
@@ -447,7 +477,8 @@ def _schedule(run: Path, settings: DemoSettings, log: Callable[[str], None], ran
                         tail = job_log.read_text(errors="replace")[-3000:] if job_log.exists() else ""
                         raise DemoJobFailed(f"{name} failed: {type(error).__name__}: {error}\n--- end of {job_log} ---\n{tail}") from None
                     elapsed = time.perf_counter() - start
-                    log(f"[{len(states)}/{len(jobs)}] {name} ({states[name]['seconds']:.0f}s, {elapsed / 60:.1f} min in): {_summary_line(name, states[name])}")
+                    done = f"{elapsed / 60:.1f} min in" + (f", {left()}" if len(states) < len(jobs) else "")
+                    log(f"[{len(states)}/{len(jobs)}] {name} ({states[name]['seconds']:.0f}s, {done}): {_summary_line(name, states[name])}")
         except BaseException:
             _stop_workers(running)
             raise

@@ -343,7 +343,12 @@ class _Search:
         c = self.config
         ok = sorted((r for r in records if r["status"] == "ok"), key=lambda r: (-r["score"], r["trial"]))
         top = ok[: c.finalists]
-        if c.finalist_limit == c.limit:
+        every_item = c.finalist_limit != c.limit and all(_every_item(r, c.limit) for r in top)
+        if top and every_item:
+            scored = "limit null" if c.limit is None else f"every task has fewer than {c.limit} items"
+            self.log(f"finalists: the trials scored every item ({scored}); finalist_limit {c.finalist_limit} "
+                     "would score no new ones: the finalists keep their trial scores")  # fmt: skip
+        if c.finalist_limit == c.limit or every_item:
             return [{"trial": r["trial"], "weights": r["weights"], "score": r["score"], "final_score": r["score"], "metrics": r["metrics"]} for r in top]
         path = self.out / "finalists.jsonl"
         done = {(r["trial"], r["limit"]): r for r in read_jsonl(path)}
@@ -359,6 +364,13 @@ class _Search:
             f = done[(r["trial"], c.finalist_limit)]
             finalists.append({"trial": r["trial"], "weights": r["weights"], "score": r["score"], "final_score": f["score"], "metrics": f["metrics"], "status": f["status"], "reason": f.get("reason")})
         return finalists
+
+
+def _every_item(record: dict, limit: int | None) -> bool:
+    """Whether a trial scored every item of every task (no limit, or each task had fewer items), so
+    no finalist limit scores new ones; records from before items were logged say no."""
+    items = record.get("items")
+    return limit is None or (bool(items) and all(n < limit for n in items.values()))
 
 
 def _crash_value(records: list[dict]) -> float:

@@ -67,6 +67,7 @@ class TrialScorer:
         try:
             results = ev.evaluate(self.objective.task_names(), limit, confirm_run_unsafe_code=c.confirm_run_unsafe_code, quiet=True)
             value, breakdown = self.objective.score(results)
+            result["items"] = {task: n["effective"] for task, n in sorted(results.get("n-samples", {}).items())}
             result["metrics"] = {k: v["value"] for k, v in breakdown.items()}
             if not math.isfinite(value):
                 bad = [k for k, v in result["metrics"].items() if not math.isfinite(v)]
