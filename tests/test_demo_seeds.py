@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import sys
 from pathlib import Path
 
@@ -91,6 +92,8 @@ def test_two_seeds_for_real(tmp_path):
     argv = [CLI, "demo", "--run-dir", str(run), "--seeds", "2", "--seed", "5", "--report-dir", str(copy), *REDUCED]
     out = subprocess.run(argv, capture_output=True, text=True, timeout=900)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    assert f"== seed 5 (1/2) into {run / 'seed-5'}\n" in out.stdout
+    assert re.search(rf"== seed 6 \(2/2\) into {re.escape(str(run / 'seed-6'))}, ETA for the seeds left [\d.]+ (s|min)\n", out.stdout)
     per_seed = {s: json.loads((run / f"seed-{s}" / "summary.json").read_text()) for s in (5, 6)}
     assert per_seed[5]["settings"]["seed"] == 5 and per_seed[6]["settings"]["seed"] == 6
     assert per_seed[5]["test_mean_bits_per_byte"] != per_seed[6]["test_mean_bits_per_byte"]  # the seeds really differ

@@ -49,6 +49,9 @@ def parallel_run(tmp_path_factory, tiny_zoo) -> Path:
     done = subprocess.run(args(tiny_zoo, out), capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     assert "starting 2 trial workers on Ray (local)" in done.stdout
+    # the finalists, re-scored side by side, each get a line (the first with an ETA for the rest)
+    finalist = re.findall(r"^finalist (\d)/2: trial \d+ score -?[\d.]+ at limit 4 \(-?[\d.]+ at 3\) merge [\d.]+s eval [\d.]+s(, ETA .+)?$", done.stdout, re.M)
+    assert [(n, bool(eta)) for n, eta in finalist] == [("1", True), ("2", False)], done.stdout[-2000:]
     return out
 
 

@@ -24,6 +24,7 @@ from __future__ import annotations
 import json
 import math
 import statistics
+import sys
 import time
 from pathlib import Path
 from typing import Callable, Iterator
@@ -317,7 +318,7 @@ class _Search:
 
             target = out / "best-model"
             self.log(f"exporting the best merge with mergekit -> {target}")
-            run_recipe(out / "best.yaml", target, quiet=True)
+            run_recipe(out / "best.yaml", target, quiet=not sys.stderr.isatty())  # mergekit's progress bar on a terminal
             summary["export"] = str(target)
             write_json(out / "summary.json", summary)
         return summary
@@ -337,6 +338,16 @@ class _Search:
             return f"{head} FAILED: {record['reason']}{tail}"
         return f"{head} score {record['score']:.5f} (best {max(ok):.5f}){tail}"
 
+    def finalist_line(self, i: int, n: int, trial: dict, outcome: dict, elapsed: float) -> str:
+        """One line per re-scored finalist, with an ETA from the finalists' pace so far."""
+        head = f"finalist {i}/{n}: trial {trial['trial']}"
+        eta = f", ETA {duration(elapsed / i * (n - i))}" if i < n else ""
+        s = outcome["seconds"]
+        timing = f"merge {s.get('merge', 0):.2f}s eval {s.get('eval', 0):.1f}s"
+        if outcome["status"] != "ok":
+            return f"{head} FAILED: {outcome['reason']} {timing}{eta}"
+        return f"{head} score {outcome['score']:.5f} at limit {self.config.finalist_limit} ({trial['score']:.5f} at {self.config.limit}) {timing}{eta}"
+
     def finalists(self, records: list[dict]) -> list[dict]:
         """Re-score the top trials at the finalist limit, side by side on the workers (each once;
         logged so a rerun reuses them)."""
@@ -355,10 +366,12 @@ class _Search:
         todo = [r for r in top if (r["trial"], c.finalist_limit) not in done]
         if todo:
             self.log(f"finalists: trials {', '.join(str(r['trial']) for r in todo)} at limit {c.finalist_limit}")
+            start = time.perf_counter()
             outcomes = self.get_workers().score([(r["weights"], c.finalist_limit) for r in todo])
-            for r, outcome in zip(todo, outcomes):
+            for i, (r, outcome) in enumerate(zip(todo, outcomes), 1):
                 done[(r["trial"], c.finalist_limit)] = {"trial": r["trial"], "limit": c.finalist_limit, **outcome}
                 append_jsonl(path, done[(r["trial"], c.finalist_limit)])
+                self.log(self.finalist_line(i, len(todo), r, outcome, time.perf_counter() - start))
         finalists = []
         for r in top:
             f = done[(r["trial"], c.finalist_limit)]
