@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 
 import pytest
@@ -51,6 +52,9 @@ def test_run_folder_locks_checks_identity_and_removes_what_a_refusal_created(tmp
         folder.record("record.json", {"seed": 0, "threads": 1})
         with pytest.raises(RunFolderError, match=r"is in use by another search \(process \d+\)"):
             with RunFolder(out, "search"):
+                pass
+        with pytest.raises(RunFolderError, match=rf"is in use by another search \(process {os.getpid()}\)"):
+            with RunFolder(out, "training run"):  # the message names what holds the folder
                 pass
         folder.keep()
     with RunFolder(out, "search") as folder:

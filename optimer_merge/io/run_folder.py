@@ -46,15 +46,15 @@ class RunFolder:
             fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             lock.seek(0)
-            holder = lock.read().strip()
+            pid, _, what = lock.read().strip().partition(" ")  # "PID WHAT" (older locks: "PID")
             lock.close()
             raise RunFolderError(
-                f"{self.path} is in use by another {self.what}{f' (process {holder})' if holder else ''}; "
+                f"{self.path} is in use by another {what or self.what}{f' (process {pid})' if pid else ''}; "
                 "wait for it to finish or choose another output folder"
             ) from None
         lock.seek(0)
         lock.truncate()
-        lock.write(str(os.getpid()))
+        lock.write(f"{os.getpid()} {self.what}")
         lock.flush()
         self._lock = lock
         return self
