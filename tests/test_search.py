@@ -279,6 +279,26 @@ def test_finalists_are_not_rescored_on_the_items_the_trials_saw(small_base, cpt_
     assert best["final_score"] == best["score"] == max(r["score"] for r in trials(out))
 
 
+def test_a_failed_finalist_is_said_and_scored_again_once_a_setting_changed(small_base, cpt_runs, tmp_path, capsys):
+    out = tmp_path / "run"
+    args = search_args(small_base, cpt_runs, out, "--optimizer", "random", "--trials", "3", "--limit", "2", "--finalist-limit", "3")
+    assert cli.main(args) == 0
+    best = json.loads((out / "summary.json").read_text())["best"]
+    # the best finalist failed (as an out-of-memory at the longer limit would)
+    lines = [json.loads(line) for line in (out / "finalists.jsonl").read_text().splitlines()]
+    failed = next(r for r in lines if r["trial"] == best["trial"])
+    failed.update(status="failed", score=None, reason="evaluation failed: OutOfMemoryError: simulated")
+    (out / "finalists.jsonl").write_text("".join(json.dumps(r) + "\n" for r in lines))
+    capsys.readouterr()
+    assert cli.main(args) == 0  # the same settings: it would fail again, so it stays failed, and is said
+    assert f"warning: finalist trial {best['trial']} failed at limit 3 (evaluation failed: OutOfMemoryError: simulated)" in capsys.readouterr().out
+    assert json.loads((out / "summary.json").read_text())["best"]["trial"] != best["trial"]
+    assert cli.main(args + ["--set", "batch_size=8"]) == 0  # a changed setting: scored again
+    assert f"finalist 1/1: trial {best['trial']} score {best['final_score']:.5f} at limit 3" in capsys.readouterr().out
+    again = json.loads((out / "summary.json").read_text())["best"]
+    assert again["trial"] == best["trial"] and again["final_score"] == pytest.approx(best["final_score"], abs=1e-9)
+
+
 def _fails_before_work(args: list[str], capsys, out: Path) -> str:
     start = time.perf_counter()
     assert cli.main(args) == 2

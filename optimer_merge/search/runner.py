@@ -362,7 +362,10 @@ class _Search:
         if c.finalist_limit == c.limit or every_item:
             return [{"trial": r["trial"], "weights": r["weights"], "score": r["score"], "final_score": r["score"], "metrics": r["metrics"]} for r in top]
         path = self.out / "finalists.jsonl"
-        done = {(r["trial"], r["limit"]): r for r in read_jsonl(path)}
+        done = {(r["trial"], r["limit"]): r for r in read_jsonl(path)}  # a later line (a retry) wins
+        now = c.operational()
+        # failed under settings since changed (the fix for an out-of-memory): scored again
+        done = {k: r for k, r in done.items() if r["status"] == "ok" or r.get("settings") == now}
         todo = [r for r in top if (r["trial"], c.finalist_limit) not in done]
         if todo:
             self.log(f"finalists: trials {', '.join(str(r['trial']) for r in todo)} at limit {c.finalist_limit}")
@@ -376,6 +379,9 @@ class _Search:
         for r in top:
             f = done[(r["trial"], c.finalist_limit)]
             finalists.append({"trial": r["trial"], "weights": r["weights"], "score": r["score"], "final_score": f["score"], "metrics": f["metrics"], "status": f["status"], "reason": f.get("reason")})
+            if f["status"] != "ok":
+                self.log(f"warning: finalist trial {r['trial']} failed at limit {c.finalist_limit} ({f['reason']}); the best is picked "
+                         "without it. If a setting caused it, fix it and rerun: it is then scored again")  # fmt: skip
         return finalists
 
 
