@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -348,6 +349,20 @@ def test_data_changed_before_a_resume_is_refused(tmp_path, small_base, capsys):
     err = capsys.readouterr().err
     assert code == 2 and "training data changed since checkpoint step-00000002.ckpt: mine" in err, err
     assert not (out / "model").exists()
+
+
+@pytest.mark.parametrize("clip", ["1.0", "null"])
+def test_a_diverging_run_stops_before_a_nan_reaches_the_weights(tmp_path, small_base, capsys, clip):
+    args = ["--dataset", "ja", "--max-steps", "12", "--lr", "1e4", "--set", "checkpoint_every=1", "--set", f"grad_clip={clip}"]
+    code, out = _bad_run(tmp_path, small_base, *args)
+    err = capsys.readouterr().err
+    found = re.search(r"error: training diverged at step (\d+) of 12: the loss is \S+, the gradient norm \S+ \(on this rank\); nothing of this step", err)
+    assert code == 2 and found and "Traceback" not in err, err
+    assert not (out / "model").exists() and not (out / "train_meta.json").exists()
+    checkpoints = sorted((out / "checkpoints").glob("step-*.ckpt"))
+    assert checkpoints and checkpoints[-1].name == f"step-{int(found.group(1)) - 1:08d}.ckpt"  # every step before it saved
+    state = torch.load(checkpoints[-1], weights_only=False)["model"]
+    assert all(torch.isfinite(t).all() for t in state.values() if t.is_floating_point())
 
 
 def test_rerun_with_different_settings_is_refused(tmp_path, small_base, capsys):

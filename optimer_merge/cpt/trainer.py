@@ -582,8 +582,10 @@ def fit(run: Run) -> dict:
                     loss = model(input_ids=x, labels=x).loss
                     fabric.backward(loss / config.grad_accum)
                 step_loss += loss.item() / config.grad_accum
-            if config.grad_clip is not None and not config.strategy_config.name.startswith("deepspeed"):
-                fabric.clip_gradients(model, optimizer, max_norm=config.grad_clip)
+            norm = None
+            if not config.strategy_config.name.startswith("deepspeed"):  # without clipping: the norm alone (x1)
+                norm = fabric.clip_gradients(model, optimizer, max_norm=config.grad_clip or math.inf, error_if_nonfinite=False)
+            _check_finite(fabric, step + 1, run.total_steps, step_loss, norm, config, state["step"])
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             done = step + 1
@@ -629,6 +631,27 @@ def fit(run: Run) -> dict:
                 raise Stopped(f"stopped by SIGTERM at step {done} of {run.total_steps}, after saving a checkpoint", signal.SIGTERM)
     bar.close()
     return state
+
+
+class TrainingDiverged(UserError):
+    """The loss or the gradients became NaN or infinite: the settings make this run diverge."""
+
+
+def _check_finite(fabric, step: int, total: int, loss: float, norm, config: TrainConfig, saved: int) -> None:
+    """Stop before a non-finite step reaches the weights (every rank at once): a diverged run would
+    otherwise train on, checkpoint and export NaN weights. Under fp16's loss scaling an infinite
+    gradient is expected now and then (the scaler skips that step); a non-finite loss never is."""
+    norm = None if norm is None or config.precision in ("16-mixed", "16") else float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
+    finite = math.isfinite(loss) and (norm is None or math.isfinite(norm))
+    if fabric.world_size > 1:
+        finite = bool(fabric.all_reduce(torch.tensor(float(not finite), device=fabric.device), reduce_op="sum") == 0)
+    if not finite:
+        what = f"the loss is {loss:g}" + (f", the gradient norm {norm:g}" if norm is not None else "")
+        raise TrainingDiverged(
+            f"training diverged at step {step} of {total}: {what} (on this rank); nothing of this step was applied or saved "
+            f"({f'last checkpoint: step {saved}' if saved else 'no checkpoint yet'}). Lower lr ({config.lr:g}) or check the data, and train again into another "
+            "output folder (or with --overwrite)"
+        )
 
 
 @contextlib.contextmanager
