@@ -170,3 +170,48 @@ def test_a_merge_that_fails_midway_leaves_nothing_behind(tiny_zoo, tmp_path, mon
     with pytest.raises(RuntimeError, match="model.norm.weight required but not present"):
         cli.main(["merge", str(recipe), str(tmp_path / "out"), "--quiet"])
     assert not (tmp_path / "out").exists() and not (tmp_path / "out.partial").exists()
+
+
+def test_a_model_with_nan_weights_is_one_error_and_no_output(tiny_zoo, tmp_path, capfd, monkeypatch):
+    """A NaN in a model (a diverged run's export) is found in the merged tensor, by stock
+    mergekit-yaml and by `optimer-merge merge`: one line, nothing written."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    from optimer_merge import cli
+
+    nan_model = tmp_path / "nan-model"
+    shutil.copytree(tiny_zoo / "tiny-text/zh", nan_model)
+    path = nan_model / "model.safetensors"
+    with safe_open(str(path), "pt") as reader:
+        metadata = reader.metadata()
+    tensors = load_file(str(path))
+    tensors["model.norm.weight"][3] = float("nan")
+    save_file(tensors, str(path), metadata=metadata)
+    config = text_recipe()
+    config["models"][1]["model"] = str(nan_model)
+    recipe = tmp_path / "nan.yml"
+    recipe.write_text(yaml.safe_dump(config))
+    result = stock_merge(recipe, tiny_zoo, str(tmp_path / "stock"))
+    assert result.returncode != 0 and "Traceback" not in result.stderr, result.stderr[-3000:]
+    assert "Error: optimer: the merged weights have NaN/Inf values: an input model holds some" in result.stderr
+    assert not list((tmp_path / "stock").glob("*.safetensors"))
+    capfd.readouterr()
+    monkeypatch.chdir(tiny_zoo)  # the recipe's other paths are relative to the zoo
+    assert cli.main(["merge", str(recipe), str(tmp_path / "ours"), "--quiet"]) == 2
+    err = capfd.readouterr().err
+    assert err.strip().splitlines() == [
+        "optimer-merge merge: error: optimer: the merged weights have NaN/Inf values: an input model holds some (a diverged training run? "
+        "`optimer-merge vectors extract` names the model and tensor) or the weights are too large for float32"
+    ], err
+    assert not (tmp_path / "ours").exists() and not (tmp_path / "ours.partial").exists()
+
+
+def test_a_recipe_read_from_a_pipe_is_read_once(tiny_zoo, tmp_path):
+    """`optimer-merge merge /dev/stdin OUT` (or `<(envsubst < recipe.yml)`): a pipe can be read only once."""
+    cli = str(Path(sys.executable).with_name("optimer-merge"))
+    recipe = REPO / "recipes" / "tiny" / "optimer-text.yml"
+    for source, out, stdin in (("/dev/stdin", "piped", recipe.read_text()), (str(recipe), "file", None)):
+        done = subprocess.run([cli, "merge", source, str(tmp_path / out), "--quiet"], input=stdin, cwd=tiny_zoo, capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0, done.stderr[-3000:]
+    assert max_abs_diff(load_weights(tmp_path / "piped"), load_weights(tmp_path / "file")) == 0

@@ -44,7 +44,8 @@ def run(args: argparse.Namespace) -> int:
     except ValueError:
         raise ConfigError(f"--out-shard-size {args.out_shard_size!r} is not a size such as 2B, 500M or 1000000") from None
     check_device(args.device)
-    config, _ = load_recipe(args.recipe)
+    loaded = load_recipe(args.recipe)  # read once: the recipe may come through a pipe
+    config = loaded[0]
     check_merge_target(args.out)
     if not args.quiet:
         names = ", ".join(str(m.model.path) for m in config.referenced_models())
@@ -58,6 +59,7 @@ def run(args: argparse.Namespace) -> int:
         write_model_card=not args.no_model_card,
         out_shard_size=shard_size,
         quiet=args.quiet,
+        loaded=loaded,
     )
     if not args.quiet:
         print(f"done in {summary['seconds']:.1f}s: {args.out}", flush=True)

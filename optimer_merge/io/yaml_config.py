@@ -21,13 +21,22 @@ LocalPath = Annotated[str, AfterValidator(os.path.expanduser)]  # a path in a co
 
 def load_yaml(path: str | Path, what: str = "YAML file") -> Any:
     """Parse a YAML file; a missing file, a folder, bad UTF-8 or bad YAML is one clear error."""
-    import yaml
+    return parse_yaml(read_text(path, what), path)
 
+
+def read_text(path: str | Path, what: str) -> str:
+    """A UTF-8 text file's content, read once (so a pipe, e.g. ``<(envsubst < recipe.yml)``, works)."""
     path = check_input_file(path, what)
     try:
-        text = path.read_text(encoding="utf-8")
+        return path.read_text(encoding="utf-8")
     except UnicodeDecodeError as error:
         raise ConfigError(f"{path}: not UTF-8 text (byte {error.start}); save it as UTF-8") from None
+
+
+def parse_yaml(text: str, path: str | Path) -> Any:
+    """Parse YAML read from ``path``; an error names the file, line and column."""
+    import yaml
+
     try:
         return yaml.load(text, Loader=_unique_keys_loader())
     except yaml.YAMLError as error:

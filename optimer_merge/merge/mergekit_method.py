@@ -4,8 +4,8 @@ Recipe parameters: per model `weight` (required, any sign); global `scale` (defa
 `normalize` (default false: true divides by the sum of weights). The result is returned in float32
 (float64 for float64 inputs) and mergekit casts it to the recipe's `out_dtype` when one is set.
 Non-finite `weight` or `scale` values are refused when mergekit resolves the parameters, before it
-merges any tensor; values the rule cannot merge with (weights summing to 0 under `normalize`) are
-one `Error:` line under `mergekit-yaml`.
+merges any tensor; values the rule cannot merge with (weights summing to 0 under `normalize`), and
+a merge with NaN/Inf values (an input model holds some), are one `Error:` line under `mergekit-yaml`.
 """
 
 from __future__ import annotations
@@ -24,7 +24,9 @@ from mergekit.merge_methods import (
 from pydantic import FiniteFloat
 from typing_extensions import Annotated
 
+from optimer_merge.errors import UserError
 from optimer_merge.merge.rule import merge_tensor
+from optimer_merge.vectors.checks import is_finite
 
 METHOD_NAME = "optimer"
 
@@ -48,14 +50,20 @@ def optimer_merge(
         raise TypeError("optimer merges floating-point tensors only")
     models = [t for i, t in enumerate(batch.tensors) if i != batch.base_index]
     try:
-        return merge_tensor(base, models, weight, scale=scale, normalize=normalize)
+        merged = merge_tensor(base, models, weight, scale=scale, normalize=normalize)
     except ValueError as error:  # the recipe's values: one line under mergekit-yaml
         raise RecipeValueError(str(error)) from None
+    if not is_finite(merged):  # never written: a NaN model looks like any other until it is used
+        raise RecipeValueError(
+            "optimer: the merged weights have NaN/Inf values: an input model holds some (a diverged training run? "
+            "`optimer-merge vectors extract` names the model and tensor) or the weights are too large for float32"
+        )
+    return merged
 
 
-class RecipeValueError(click.ClickException, ValueError):
-    """A recipe value the method cannot merge with; click (which runs `mergekit-yaml`) prints it as
-    one `Error: ...` line instead of a traceback."""
+class RecipeValueError(click.ClickException, ValueError, UserError):
+    """A recipe value or input the method cannot merge with; click (which runs `mergekit-yaml`), and
+    `optimer-merge merge`, print it as one `Error: ...` line instead of a traceback."""
 
 
 def register() -> MergeMethod:

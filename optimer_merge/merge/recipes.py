@@ -130,9 +130,10 @@ def load_recipe(path: str | Path):
     from pydantic import ValidationError
 
     from optimer_merge.io.checkpoints import Checkpoint
-    from optimer_merge.io.yaml_config import load_yaml, validation_message
+    from optimer_merge.io.yaml_config import parse_yaml, read_text, validation_message
 
-    raw = load_yaml(path, "recipe")
+    text = read_text(path, "recipe")
+    raw = parse_yaml(text, path)
     check_recipe(raw, path)
     try:
         config = MergeConfiguration.model_validate(raw)
@@ -151,7 +152,7 @@ def load_recipe(path: str | Path):
             raise InputNotFound(f"{path}: model {model} does not exist" + ("" if local else " locally (HF_HUB_OFFLINE is set)"))
         if folder.is_dir() and any(folder.glob("*.safetensors")):
             Checkpoint.open(folder)  # a truncated or corrupt shard is named now, not midway through the merge
-    return config, Path(path).read_text(encoding="utf-8")
+    return config, text
 
 
 def check_merge_target(out_dir: str | Path) -> Path:
@@ -210,10 +211,12 @@ def run_recipe(
     write_model_card: bool = True,
     threads: int | None = None,
     quiet: bool = False,
+    loaded: tuple | None = None,
     **options: Any,
 ) -> dict:
     """Merge with mergekit's own `run_merge`, exactly as `mergekit-yaml RECIPE OUT` does, into
     ``OUT.partial`` renamed into place when complete (an earlier merge there is replaced).
+    ``loaded``: the recipe as ``load_recipe`` returned it, when the caller read it already.
 
     Returns a summary (method, inputs, seconds) for logging.
     """
@@ -225,7 +228,7 @@ def run_recipe(
     from optimer_merge.io.files import check_free_space
     from optimer_merge.io.quiet import drop_messages
 
-    config, source = load_recipe(recipe)
+    config, source = loaded or load_recipe(recipe)
     out = check_merge_target(out_dir)
     size = merge_size(config)
     if size is not None:
