@@ -365,6 +365,19 @@ def test_a_diverging_run_stops_before_a_nan_reaches_the_weights(tmp_path, small_
     assert all(torch.isfinite(t).all() for t in state.values() if t.is_floating_point())
 
 
+def test_bad_data_under_two_ranks_is_one_line_before_the_second_starts(tmp_path, small_base):
+    data = tmp_path / "numbers.jsonl"
+    data.write_text('{"text": "a fine first document, long enough to tokenize"}\n{"text": 42}\n')
+    out = tmp_path / "run"
+    argv = [str(Path(sys.executable).with_name("optimer-merge")), "train", "--base", str(small_base), "--output", str(out), "--dataset", str(data),
+            "--max-steps", "2", "--seq-len", "8", "--no-progress", "--devices", "2", "--accelerator", "cpu", "--strategy", "ddp"]  # fmt: skip
+    done = subprocess.run(argv, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 2, done.stderr[-3000:]
+    assert done.stderr.strip().splitlines() == [f"optimer-merge train: error: {data}:2: 'text' is not a string but int 42"], done.stderr[-3000:]
+    assert "Initializing distributed" not in done.stdout + done.stderr  # refused before rank 1 started
+    assert not out.exists()
+
+
 def test_rerun_with_different_settings_is_refused(tmp_path, small_base, capsys):
     assert _bad_run(tmp_path, small_base, "--dataset", "ja")[0] == 0
     code, _ = _bad_run(tmp_path, small_base, "--dataset", "zh")

@@ -352,6 +352,9 @@ def prepare(config: TrainConfig, log: Callable[[str], None] = print) -> Run:
         if lacking:
             raise ConfigError(f"velocitune needs held-out data for every dataset; set eval_source for: {', '.join(lacking)}")
     sharded = config.strategy_config.name == "fsdp"
+    token_dir = out / TOKENS_DIR
+    if is_primary_process():  # a bad line in the data is one error before any other rank starts (then: cached)
+        _load_data(config, tokenizer, token_dir)
     try:
         fabric = Fabric(
             accelerator=config.accelerator,
@@ -386,14 +389,8 @@ def prepare(config: TrainConfig, log: Callable[[str], None] = print) -> Run:
     elif config.threads is not None:
         torch.set_num_threads(config.threads)
 
-    token_dir = out / TOKENS_DIR
     with fabric.rank_zero_first(local=False):
-        train_sets = [ds.load_blocks(s, "train", tokenizer, config.seq_len, token_dir) for s in config.datasets]
-        eval_sets = {}
-        for spec in config.datasets + config.eval_datasets:
-            source = ds.eval_source(spec) if spec in config.datasets else (spec.eval_source or spec.source)
-            if source is not None:
-                eval_sets[spec.name] = ds.load_blocks(spec, "dev", tokenizer, config.seq_len, token_dir, source)
+        train_sets, eval_sets = _load_data(config, tokenizer, token_dir)
     targets = velocitune_targets(config, log=say) if config.mixture == "velocitune" else None
     fabric.seed_everything(config.seed, verbose=False)
 
@@ -428,6 +425,17 @@ def prepare(config: TrainConfig, log: Callable[[str], None] = print) -> Run:
         ratios=ratios, targets=targets, total_steps=_total_steps(config, world), tokens_per_step=_tokens_per_step(config, world),
         n_params=n_params, n_trainable=sum(p.numel() for p in trainable), say=say, sharded=sharded, checkpoint_names=saved_names,
     )  # fmt: skip
+
+
+def _load_data(config: TrainConfig, tokenizer, token_dir: Path) -> tuple[list, dict]:
+    """The training sets and the held-out sets by name, tokenized into ``token_dir`` on first use."""
+    train_sets = [ds.load_blocks(s, "train", tokenizer, config.seq_len, token_dir) for s in config.datasets]
+    eval_sets = {}
+    for spec in config.datasets + config.eval_datasets:
+        source = ds.eval_source(spec) if spec in config.datasets else (spec.eval_source or spec.source)
+        if source is not None:
+            eval_sets[spec.name] = ds.load_blocks(spec, "dev", tokenizer, config.seq_len, token_dir, source)
+    return train_sets, eval_sets
 
 
 def _check_disk(config: TrainConfig, out: Path, model: torch.nn.Module, trainable: list[torch.nn.Parameter]) -> None:
