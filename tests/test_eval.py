@@ -228,3 +228,22 @@ def test_shipped_objectives_name_known_tasks(path):
     from optimer_merge.evaluation.tasks import resolve
 
     resolve(Objective.load(path).task_names())
+
+
+def test_an_evaluation_stopped_with_ctrl_c_leaves_no_folder(small_base, tmp_path):
+    import signal
+    import time
+
+    out = tmp_path / "new" / "out"
+    argv = [str(Path(sys.executable).with_name("optimer-merge")), "eval", str(small_base), "--output", str(out),
+            "--tasks", "optimer_ja_dev_bpb,optimer_zh_dev_bpb,optimer_math_dev_bpb", "--limit", "400"]  # fmt: skip
+    process = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while not (out / ".lock").exists() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    time.sleep(1.0)  # into the evaluation
+    assert process.poll() is None, "the evaluation ended before it could be interrupted"
+    process.send_signal(signal.SIGINT)
+    err = process.communicate(timeout=120)[1]
+    assert process.returncode == 130 and err.strip().splitlines()[-1] == "interrupted", err[-2000:]
+    assert not (tmp_path / "new").exists()  # the folders it created are gone

@@ -46,6 +46,10 @@ def test_run_folder_locks_checks_identity_and_removes_what_a_refusal_created(tmp
             assert out.is_dir()
             raise ConfigError("refused")
     assert not (tmp_path / "a").exists()  # the parents it created go too
+    with pytest.raises(KeyboardInterrupt):  # so does a stop before any work
+        with RunFolder(out, "search"):
+            raise KeyboardInterrupt
+    assert not (tmp_path / "a").exists()
 
     with RunFolder(out, "search") as folder:
         assert folder.check("record.json", {"seed": 0}) is False

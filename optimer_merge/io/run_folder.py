@@ -25,8 +25,8 @@ class RunFolder:
     """``with RunFolder(path, "search") as folder:`` creates and locks ``path``.
 
     ``folder.check(record, identity)`` refuses a folder that holds another run; ``folder.keep()``
-    marks the start of real work. A UserError (or a full disk) before ``keep()`` removes the
-    folders this call created, so a corrected rerun starts clean."""
+    marks the start of real work. A UserError, a full disk or a stop (Ctrl-C, SIGTERM) before
+    ``keep()`` removes the folders this call created, so a rerun starts clean."""
 
     def __init__(self, path: str | Path, what: str, *, fix: str = "choose another output folder or delete this one"):
         self.path, self.what, self.fix = Path(path), what, fix
@@ -63,7 +63,8 @@ class RunFolder:
         if self._lock is not None:
             self._lock.close()  # releases the lock
             self._lock = None
-        refused = exc is not None and (isinstance(exc, UserError) or disk_full(exc)) and not self.kept
+        # refused, or stopped (Ctrl-C, SIGTERM) before real work: nothing worth keeping was written
+        refused = exc is not None and (isinstance(exc, (UserError, KeyboardInterrupt)) or disk_full(exc)) and not self.kept
         if refused and self.created is not None:
             shutil.rmtree(self.created, ignore_errors=True)
 
