@@ -206,3 +206,13 @@ def test_vectors_are_extracted_and_measured_a_piece_at_a_time(tmp_path, tiny_zoo
     assert not vector[embed][: rows // 2].any() and vector[embed][rows // 2 :].any()
     for name, delta in vector.items():
         assert torch.equal(delta, model[name].float() - base[name].float()), name
+
+
+def test_an_atomic_write_that_fails_leaves_neither_file_nor_partial(tmp_path):
+    from optimer_merge.io.files import atomic_write_text
+
+    with pytest.raises(UnicodeEncodeError):
+        atomic_write_text(tmp_path / "a.txt", "fine, then a lone surrogate \ud800")
+    assert list(tmp_path.iterdir()) == []
+    atomic_write_text(tmp_path / "a.txt", "whole")
+    assert [p.name for p in tmp_path.iterdir()] == ["a.txt"] and (tmp_path / "a.txt").read_text() == "whole"

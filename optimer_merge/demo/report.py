@@ -13,7 +13,7 @@ from pathlib import Path
 
 from optimer_merge.demo.costs import cost_accounting
 from optimer_merge.demo.pipeline import CANDIDATES, DOMAINS, OBJECTIVES, DemoSettings
-from optimer_merge.report.plots import pyplot
+from optimer_merge.report.plots import pyplot, save
 
 
 def plot_velocitune(trajectory: list[dict], path: Path) -> None:
@@ -28,8 +28,7 @@ def plot_velocitune(trajectory: list[dict], path: Path) -> None:
     ax.legend()
     ax.grid(alpha=0.3)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save(fig, path)
 
 
 def plot_linearity(linearity: dict[str, dict], path: Path) -> None:
@@ -49,8 +48,7 @@ def plot_linearity(linearity: dict[str, dict], path: Path) -> None:
     ax.legend(fontsize=8)
     ax.grid(alpha=0.3)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save(fig, path)
 
 
 def plot_reoptimization(weights: dict[str, dict[str, float]], path: Path) -> None:
@@ -65,8 +63,7 @@ def plot_reoptimization(weights: dict[str, dict[str, float]], path: Path) -> Non
     ax.legend()
     ax.grid(axis="y", alpha=0.3)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save(fig, path)
 
 
 def _pct(new: float, old: float) -> str:

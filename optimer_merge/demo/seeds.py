@@ -24,7 +24,7 @@ from typing import Callable
 from optimer_merge.demo.pipeline import CANDIDATES, DOMAINS, SETTINGS_RECORD, DemoSettings, run_demo
 from optimer_merge.errors import ConfigError
 from optimer_merge.io.progress import duration
-from optimer_merge.report.plots import pyplot
+from optimer_merge.report.plots import pyplot, save
 
 SEEDS_RECORD = "seeds.json"
 # (key, claim, what the per-seed measure is, threshold it must clear)
@@ -142,8 +142,7 @@ def _interval_chart(rows: list[tuple], xlabel: str, path: Path, row_height: floa
     ax.set_xlabel(xlabel)
     ax.grid(axis="x", alpha=0.3)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save(fig, path)
 
 
 def plot_claims(agg: dict, path: Path) -> None:

@@ -16,8 +16,11 @@ def atomic_write_text(path: str | Path, text: str) -> None:
     """Write ``text`` to a partial file, then rename it into place: readers never see half a file."""
     path = Path(path)
     partial = path.with_name(f"{path.name}.{os.getpid()}.partial")
-    partial.write_text(text, encoding="utf-8")
-    os.replace(partial, path)
+    try:
+        partial.write_text(text, encoding="utf-8")
+        os.replace(partial, path)
+    finally:
+        partial.unlink(missing_ok=True)  # only there if the write failed (a full disk, Ctrl-C)
 
 
 def write_json(path: str | Path, data: Any) -> None:

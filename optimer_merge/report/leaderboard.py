@@ -7,6 +7,7 @@ lm-eval's ``higher_is_better`` marks each column's direction and the best value 
 from __future__ import annotations
 
 import csv
+import io
 import json
 import math
 from pathlib import Path
@@ -163,22 +164,25 @@ def to_markdown(board: dict) -> str:
 
 def write(board: dict, out_dir: str | Path) -> dict[str, Path]:
     """leaderboard.md, leaderboard.csv and leaderboard.png in ``out_dir``."""
+    from optimer_merge.io.files import atomic_write_text
+
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     paths = {"md": out_dir / "leaderboard.md", "csv": out_dir / "leaderboard.csv", "png": out_dir / "leaderboard.png"}
-    paths["md"].write_text(to_markdown(board), encoding="utf-8")
-    with open(paths["csv"], "w", newline="", encoding="utf-8") as f:
-        writer = csv.writer(f)
-        writer.writerow(["model", *board["columns"]])
-        for row in board["rows"]:
-            writer.writerow([row["model"], *("" if v is None else repr(v) for v in row["values"])])
+    atomic_write_text(paths["md"], to_markdown(board))
+    table = io.StringIO(newline="")
+    writer = csv.writer(table)
+    writer.writerow(["model", *board["columns"]])
+    for row in board["rows"]:
+        writer.writerow([row["model"], *("" if v is None else repr(v) for v in row["values"])])
+    atomic_write_text(paths["csv"], table.getvalue())
     plot(board, paths["png"])
     return paths
 
 
 def plot(board: dict, path: Path) -> None:
     """One panel per column, a bar per model; the best bar is outlined."""
-    from optimer_merge.report.plots import pyplot
+    from optimer_merge.report.plots import pyplot, save
 
     plt = pyplot()
     n = len(board["columns"])
@@ -206,5 +210,4 @@ def plot(board: dict, path: Path) -> None:
     for j in range(n, nrows * cols):
         axes[j // cols][j % cols].axis("off")
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save(fig, path)

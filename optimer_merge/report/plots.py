@@ -11,3 +11,19 @@ def pyplot():
     import matplotlib.pyplot as plt
 
     return plt
+
+
+def save(fig, path) -> None:
+    """Write ``fig`` as PNG to ``path`` whole or not at all (a temporary name, then renamed), and
+    close it."""
+    import os
+    from pathlib import Path
+
+    path = Path(path)
+    partial = path.with_name(f"{path.name}.{os.getpid()}.partial")
+    try:
+        fig.savefig(partial, dpi=110, format="png")
+        os.replace(partial, path)
+    finally:
+        partial.unlink(missing_ok=True)
+        pyplot().close(fig)

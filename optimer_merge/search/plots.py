@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from optimer_merge.report.plots import pyplot
+from optimer_merge.report.plots import pyplot, save
 
 
 def plot_trace(records: list[dict], path: Path) -> None:
@@ -27,8 +27,7 @@ def plot_trace(records: list[dict], path: Path) -> None:
     ax.legend(loc="lower right")
     ax.grid(alpha=0.3)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save(fig, path)
 
 
 def plot_weights(weights: dict[str, float], ratios: dict[str, float] | None, path: Path) -> None:
@@ -43,5 +42,4 @@ def plot_weights(weights: dict[str, float], ratios: dict[str, float] | None, pat
     for ax in axes[0]:
         ax.grid(axis="y", alpha=0.3)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save(fig, path)

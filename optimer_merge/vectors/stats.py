@@ -171,7 +171,7 @@ def kind_summary(result: dict) -> dict[str, dict]:
 
 def plot_cosines(result: dict, path: Path) -> None:
     """Heatmap of the overall cosine matrix, and each pair's cosine per layer."""
-    from optimer_merge.report.plots import pyplot
+    from optimer_merge.report.plots import pyplot, save
 
     plt = pyplot()
     names, k = result["vectors"], len(result["vectors"])
@@ -195,5 +195,4 @@ def plot_cosines(result: dict, path: Path) -> None:
         ax.set_xticks(range(len(layers)), layers, rotation=90, fontsize=7)
         ax.set_title("per layer")
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save(fig, path)
