@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import io
 import json
 import math
 import os
@@ -33,7 +34,7 @@ from optimer_merge.cpt import velocitune as vt
 from optimer_merge.cpt.config import TrainConfig
 from optimer_merge.errors import ConfigError, Stopped, UserError
 from optimer_merge.io.checkpoints import check_model_folder, fingerprint, saved_dtype
-from optimer_merge.io.files import check_free_space, write_json
+from optimer_merge.io.files import atomic_write_text, check_free_space, write_json
 from optimer_merge.io.progress import human_bytes
 from optimer_merge.io.run_folder import RunFolder, is_primary_process
 from optimer_merge.signals import on_sigterm
@@ -109,10 +110,11 @@ class MetricsLog:
         if resume_step is not None and path.exists():
             with open(path, newline="") as handle:
                 rows = [r for r in csv.DictReader(handle) if int(r["step"]) <= resume_step]
-        with open(path, "w", newline="") as handle:
-            writer = csv.DictWriter(handle, fieldnames=columns, extrasaction="ignore")
-            writer.writeheader()
-            writer.writerows(rows)
+        table = io.StringIO(newline="")
+        writer = csv.DictWriter(table, fieldnames=columns, extrasaction="ignore")
+        writer.writeheader()
+        writer.writerows(rows)
+        atomic_write_text(path, table.getvalue())  # a kill while resuming loses no row
         try:
             from torch.utils.tensorboard import SummaryWriter
 

@@ -409,6 +409,7 @@ def _progress(run: Path, settings: DemoSettings, name: str) -> str:
 
 def run_demo(run_dir: str | Path, settings: DemoSettings, log: Callable[[str], None] = print) -> dict:
     """Run (or resume) every job of the demo; returns {job: state}."""
+    from optimer_merge.io.files import write_json
     from optimer_merge.io.run_folder import RunFolder
 
     run = Path(run_dir).resolve()
@@ -424,7 +425,7 @@ def run_demo(run_dir: str | Path, settings: DemoSettings, log: Callable[[str], N
                 path = run / "invocations.json"
                 items = json.loads(path.read_text()) if path.exists() else []
                 items.append({"ended": time.strftime("%Y-%m-%d %H:%M:%S"), "seconds": time.perf_counter() - start, "jobs": ran})
-                path.write_text(json.dumps(items, indent=2))
+                write_json(path, items)
 
 
 def _schedule(run: Path, settings: DemoSettings, log: Callable[[str], None], ran: list[str]) -> dict:

@@ -9,6 +9,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from optimer_merge.io.files import write_json
+
 VISION_PREFIX, HUB_VISION_PREFIX = "vision_tower.", "vision_tower.vision_model."
 
 
@@ -47,7 +49,7 @@ def to_hub_layout(model_dir: str | Path) -> bool:
     if renamed and index_path.exists():
         index = json.loads(index_path.read_text())
         index["weight_map"] = {hub_name(k): v for k, v in index["weight_map"].items()}
-        index_path.write_text(json.dumps(index, indent=2))
+        write_json(index_path, index)
     return renamed
 
 
