@@ -378,6 +378,18 @@ def test_bad_data_under_two_ranks_is_one_line_before_the_second_starts(tmp_path,
     assert not out.exists()
 
 
+def test_progress_away_from_a_terminal_is_plain_lines_with_an_eta(tmp_path, small_base, capsys, monkeypatch):
+    from optimer_merge.cpt import trainer
+
+    monkeypatch.setattr(trainer._StepProgress, "PROGRESS_SECONDS", 0.0)  # a line every step (60 s in use)
+    code, _ = _bad_run(tmp_path, small_base, "--dataset", "ja", "--max-steps", "4", "--set", "eval_every=2", "--set", "progress=true")
+    captured = capsys.readouterr()
+    assert code == 0 and "\r" not in captured.err  # no bar: stderr is not a terminal here
+    lines = [line for line in captured.out.splitlines() if line.startswith("step ")]
+    assert [line.split(",")[0] for line in lines] == ["step 1/4 (25%)", "step 2/4 (50%)", "step 3/4 (75%)"], captured.out
+    assert re.fullmatch(r"step 3/4 \(75%\), loss \d+\.\d{3}, [\d,]+ tokens/s, ETA \d+ s", lines[-1]), lines
+
+
 def test_rerun_with_different_settings_is_refused(tmp_path, small_base, capsys):
     assert _bad_run(tmp_path, small_base, "--dataset", "ja")[0] == 0
     code, _ = _bad_run(tmp_path, small_base, "--dataset", "zh")

@@ -35,7 +35,7 @@ from optimer_merge.cpt.config import TrainConfig
 from optimer_merge.errors import ConfigError, Stopped, UserError
 from optimer_merge.io.checkpoints import check_model_folder, fingerprint, saved_dtype
 from optimer_merge.io.files import atomic_write_text, check_free_space, write_json
-from optimer_merge.io.progress import human_bytes
+from optimer_merge.io.progress import duration, human_bytes
 from optimer_merge.io.run_folder import RunFolder, is_primary_process
 from optimer_merge.signals import on_sigterm
 from optimer_merge.threads import default_threads
@@ -562,17 +562,8 @@ def fit(run: Run) -> dict:
                 shutil.rmtree(old) if old.is_dir() else old.unlink()
         fabric.barrier()
 
-    from tqdm.auto import tqdm
-
     start = state["step"]
-    bar = tqdm(
-        total=run.total_steps,
-        initial=start,
-        unit="step",
-        disable=not (config.progress and fabric.is_global_zero),
-        dynamic_ncols=True,
-        mininterval=2.0,
-    )
+    bar = _StepProgress(run.total_steps, start, config.progress and fabric.is_global_zero, run.say)
     slots = config.micro_batch_size * fabric.world_size
     wall0, cpu0 = time.perf_counter(), time.process_time()
     # the metrics window: its loss and steps, and its seconds before this process (a resumed run)
@@ -601,7 +592,7 @@ def fit(run: Run) -> dict:
             done = step + 1
             window["loss"] += step_loss
             window["steps"] += 1
-            bar.update(1)
+            bar.step(done)
 
             update_due = config.mixture == "velocitune" and done % config.velocitune.update_every == 0
             if done % config.eval_every == 0 or done == run.total_steps or update_due:
@@ -622,7 +613,7 @@ def fit(run: Run) -> dict:
                     state["trajectory"].append({"step": done, "losses": current, "tokens": seen, "targets": targets, "velocity": velocity, "weights": new})
                 train_loss = window["loss"] / window["steps"]
                 metrics.write(row(done, lr, train_loss, tps, losses))
-                bar.set_postfix(loss=f"{train_loss:.3f}", tok_s=f"{tps:,.0f}", refresh=False)
+                bar.metrics(train_loss, tps)
                 window, window_t = {"loss": 0.0, "steps": 0, "seconds": 0.0}, time.perf_counter()
             stopping = bool(stop)
             if fabric.world_size > 1:  # every rank stops at the same step, whichever got the signal
@@ -662,6 +653,48 @@ def _check_finite(fabric, step: int, total: int, loss: float, norm, config: Trai
             f"({f'last checkpoint: step {saved}' if saved else 'no checkpoint yet'}). Lower lr ({config.lr:g}) or check the data, and train again into another "
             "output folder (or with --overwrite)"
         )
+
+
+class _StepProgress:
+    """The training loop's progress: tqdm's bar on a terminal; elsewhere (a scheduler's log file,
+    where a bar's carriage returns make one endless line) a plain line every PROGRESS_SECONDS
+    with the step, the last logged loss and tokens/s, and the ETA."""
+
+    PROGRESS_SECONDS = 60.0
+
+    def __init__(self, total: int, start: int, enabled: bool, say: Callable[[str], None]):
+        import sys
+
+        self.total, self.start, self.say = total, start, say
+        self.enabled = enabled
+        self.bar = None
+        if enabled and sys.stderr.isatty():
+            from tqdm.auto import tqdm
+
+            self.bar = tqdm(total=total, initial=start, unit="step", dynamic_ncols=True, mininterval=2.0)
+        self.t0 = self.last = time.perf_counter()
+        self.loss = self.tps = None
+
+    def step(self, done: int) -> None:
+        if self.bar is not None:
+            self.bar.update(1)
+            return
+        now = time.perf_counter()
+        if not self.enabled or now - self.last < self.PROGRESS_SECONDS or done >= self.total:
+            return
+        self.last = now
+        eta = (self.total - done) * (now - self.t0) / max(done - self.start, 1)
+        logged = f", loss {self.loss:.3f}, {self.tps:,.0f} tokens/s" if self.loss is not None else ""
+        self.say(f"step {done}/{self.total} ({100 * done / self.total:.0f}%){logged}, ETA {duration(eta)}")
+
+    def metrics(self, loss: float, tps: float) -> None:
+        self.loss, self.tps = loss, tps
+        if self.bar is not None:
+            self.bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{tps:,.0f}", refresh=False)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
 
 
 @contextlib.contextmanager
