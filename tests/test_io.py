@@ -216,3 +216,17 @@ def test_an_atomic_write_that_fails_leaves_neither_file_nor_partial(tmp_path):
     assert list(tmp_path.iterdir()) == []
     atomic_write_text(tmp_path / "a.txt", "whole")
     assert [p.name for p in tmp_path.iterdir()] == ["a.txt"] and (tmp_path / "a.txt").read_text() == "whole"
+
+
+def test_a_file_system_without_locks_is_said_and_the_run_goes_on(tmp_path, monkeypatch, capsys):
+    import errno
+    import fcntl
+
+    def no_locks(fd, operation):
+        raise OSError(errno.ENOLCK, os.strerror(errno.ENOLCK))
+
+    monkeypatch.setattr(fcntl, "flock", no_locks)  # as on a Lustre mount without flock
+    with RunFolder(tmp_path / "run", "search") as folder:
+        folder.keep()
+    assert f"warning: {tmp_path / 'run'}: cannot lock (No locks available): nothing stops a second search" in capsys.readouterr().err
+    assert (tmp_path / "run").is_dir()

@@ -13,6 +13,7 @@ the corpora's checksums.
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import hashlib
 import json
@@ -131,7 +132,8 @@ def demo_base(
         return final
     folder.mkdir(parents=True, exist_ok=True)
     with open(folder / ".lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)  # another process may be building the same base
+        with contextlib.suppress(OSError):  # a file system without locks: built unlocked
+            fcntl.flock(lock, fcntl.LOCK_EX)  # another process may be building the same base
         if (final / "model.safetensors").exists():
             return final
         return build_base(folder, settings, log=log, progress=progress)

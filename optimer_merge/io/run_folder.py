@@ -7,6 +7,7 @@ import fcntl
 import json
 import os
 import shutil
+import sys
 from pathlib import Path
 
 from optimer_merge.errors import RunFolderError, UserError, disk_full
@@ -19,6 +20,20 @@ def is_primary_process() -> bool:
     """False in the extra ranks a distributed launcher starts (they share the primary's folder and
     leave its bookkeeping, and what is said to the user, to it)."""
     return os.environ.get("RANK", "0") == "0" and os.environ.get("LOCAL_RANK", "0") == "0"
+
+
+def lock_or_warn(fd, path: Path, what: str) -> bool:
+    """Lock ``fd`` (a file object or descriptor) for this process without waiting; False if another
+    process holds it. On a file system without locks (Lustre or NFS mounted without them) say so
+    and go on unlocked."""
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return False
+    except OSError as error:
+        print(f"warning: {path}: cannot lock ({os.strerror(error.errno) if error.errno else error}): "
+              f"nothing stops a second {what} from writing there at the same time", file=sys.stderr)  # fmt: skip
+    return True
 
 
 class RunFolder:
@@ -42,16 +57,14 @@ class RunFolder:
         self.created = None if self.path.exists() else missing
         self.path.mkdir(parents=True, exist_ok=True)
         lock = open(self.path / LOCK, "a+")
-        try:
-            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
+        if not lock_or_warn(lock, self.path, self.what):
             lock.seek(0)
             pid, _, what = lock.read().strip().partition(" ")  # "PID WHAT" (older locks: "PID")
             lock.close()
             raise RunFolderError(
                 f"{self.path} is in use by another {what or self.what}{f' (process {pid})' if pid else ''}; "
                 "wait for it to finish or choose another output folder"
-            ) from None
+            )
         lock.seek(0)
         lock.truncate()
         lock.write(f"{os.getpid()} {self.what}")

@@ -184,18 +184,16 @@ def _lock_partial(partial: Path, out: Path) -> int:
     """Create and lock the folder a merge writes before renaming it to ``out``: a second merge into
     the same folder is refused while the first runs. Files a killed merge left there are removed.
     Returns the lock's descriptor (closing it unlocks)."""
-    import fcntl
     import shutil
 
     from optimer_merge.errors import RunFolderError
+    from optimer_merge.io.run_folder import lock_or_warn
 
     partial.mkdir(parents=True, exist_ok=True)
     lock = os.open(partial, os.O_RDONLY)
-    try:
-        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
+    if not lock_or_warn(lock, partial, "merge"):
         os.close(lock)
-        raise RunFolderError(f"another merge is writing {out} ({partial} is locked); wait for it to finish or choose another folder") from None
+        raise RunFolderError(f"another merge is writing {out} ({partial} is locked); wait for it to finish or choose another folder")
     for entry in partial.iterdir():
         shutil.rmtree(entry) if entry.is_dir() and not entry.is_symlink() else entry.unlink()
     return lock
