@@ -24,6 +24,11 @@ def test_help_lists_subcommands_and_version():
         assert name in result.stdout
     version = run_cli("--version")
     assert version.stdout.strip() == f"optimer-merge {optimer_merge.__version__}"
+    # help, and every command's refusal of a bad flag, come before torch is imported (~1 s)
+    code = "import atexit, sys; atexit.register(lambda: print(sorted({'torch', 'transformers', 'lm_eval'} & set(sys.modules)))); from optimer_merge import cli; cli.main(sys.argv[1:])"
+    for argv in (["--help"], ["search", "--help"], ["train", "--help"], ["eval", "--help"]):
+        done = subprocess.run([sys.executable, "-c", code, *argv], capture_output=True, text=True, timeout=300)
+        assert done.stdout.strip().endswith("[]"), (argv, done.stdout[-300:], done.stderr[-2000:])
 
 
 def test_merge_subcommand_matches_formula_with_progress(tiny_zoo):

@@ -12,7 +12,8 @@ from optimer_merge.commands import positive_int, threads
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from optimer_merge.evaluation.evaluator import BACKENDS, DTYPES
+    from optimer_merge.evaluation import BACKENDS
+    from optimer_merge.io import FLOAT_DTYPES
 
     parser.add_argument("model", help="Hugging Face model folder (with --url: the tokenizer folder, optional)")
     parser.add_argument("--tasks", default=None, help="comma-separated lm-eval tasks or groups (default: the objective's, else optimer_dev)")
@@ -21,7 +22,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--output", required=True, help="folder for results.json and results.md")
     parser.add_argument("--objective", help="objective spec YAML: also compute its score")
     parser.add_argument("--batch-size", type=positive_int, default=16)
-    parser.add_argument("--dtype", choices=DTYPES, default=None, help="default: the model's own")
+    parser.add_argument("--dtype", choices=FLOAT_DTYPES, default=None, help="default: the model's own")
     parser.add_argument("--threads", type=threads, default="auto", help="CPU threads (default auto: 1 for tiny models)")
     parser.add_argument("--tensor-parallel-size", type=positive_int, default=1, help="vllm/server: GPUs per model")
     parser.add_argument("--url", help="with --backend server: use this running OpenAI-compatible server instead of starting vllm serve")

@@ -4,3 +4,5 @@
 ``evaluator`` loads a model once on the hf, vllm or server backend, scores tasks and swaps its
 weights in place; ``objective`` turns lm-eval results into the one number a search maximises.
 """
+
+BACKENDS = ("hf", "vllm", "server")

@@ -30,11 +30,11 @@ from typing import Literal, Mapping
 import torch
 
 from optimer_merge.errors import ConfigError
+from optimer_merge.evaluation import BACKENDS
+from optimer_merge.io import FLOAT_DTYPES
 from optimer_merge.threads import default_threads
 
 Backend = Literal["hf", "vllm", "server"]
-BACKENDS = ("hf", "vllm", "server")
-DTYPES = ("float32", "bfloat16", "float16")
 # lm-eval warnings that do not apply to how this project calls it (a loaded model passed to HFLM,
 # task metadata we never set).
 HARMLESS_WARNINGS = (
@@ -49,8 +49,8 @@ def check_settings(backend: str, dtype: str | None, batch_size: int, threads, te
     """Refuse evaluation settings that cannot work, before any model is loaded."""
     if backend not in BACKENDS:
         raise ConfigError(f"unknown backend {backend!r}; choose from {', '.join(BACKENDS)}")
-    if dtype is not None and dtype not in DTYPES:
-        raise ConfigError(f"unknown dtype {dtype!r}; choose from {', '.join(DTYPES)}")
+    if dtype is not None and dtype not in FLOAT_DTYPES:
+        raise ConfigError(f"unknown dtype {dtype!r}; choose from {', '.join(FLOAT_DTYPES)}")
     if batch_size < 1:
         raise ConfigError(f"batch size must be at least 1, got {batch_size}")
     if threads != "auto" and (not str(threads).isdigit() or int(threads) < 1):
@@ -102,7 +102,7 @@ class LMEvalEvaluator:
         if not (self.model_path / "config.json").exists():
             return "float32"
         name = saved_dtype(self.model_path)
-        return name if name in DTYPES else "float32"
+        return name if name in FLOAT_DTYPES else "float32"
 
     # -- scoring ------------------------------------------------------------------------------
     def evaluate(

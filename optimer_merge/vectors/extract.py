@@ -14,13 +14,13 @@ from typing import Callable, Mapping
 
 import torch
 
+from optimer_merge.io import FLOAT_DTYPES
 from optimer_merge.io.checkpoints import DTYPE_NAMES, Checkpoint, check_model_folder, fingerprint
 from optimer_merge.io.files import check_free_space, write_json
 from optimer_merge.io.progress import BytesProgress
 from optimer_merge.io.run_folder import LOCK, RunFolder
 from optimer_merge.vectors.checks import MANIFEST, VectorError, check_compatible, check_distinct, check_finite, check_name, check_trained_from, read_manifest
 
-STORE_DTYPES = ("float32", "bfloat16", "float16")
 LEFTOVERS = (LOCK, ".partial")  # what a killed extraction leaves behind
 
 
@@ -42,8 +42,8 @@ def extract(
     (e.g. a frozen vision tower) and non-float tensors are left out of every vector and listed in
     the manifest. Returns the manifest.
     """
-    if dtype is not None and dtype not in STORE_DTYPES:
-        raise VectorError(f"unknown vector dtype {dtype!r}; choose {', '.join(STORE_DTYPES)}")
+    if dtype is not None and dtype not in FLOAT_DTYPES:
+        raise VectorError(f"unknown vector dtype {dtype!r}; choose {', '.join(FLOAT_DTYPES)}")
     if not models:
         raise VectorError("no models given: name at least one NAME=MODEL_FOLDER")
     for name in models:
@@ -60,7 +60,7 @@ def extract(
             log(f"warning: model {name} is the base itself ({path}); its vector is all zeros")
         ckpts[name] = ckpt
     if dtype is None:
-        dtype = base_ckpt.float_dtype() if base_ckpt.float_dtype() in STORE_DTYPES else "float32"
+        dtype = base_ckpt.float_dtype() if base_ckpt.float_dtype() in FLOAT_DTYPES else "float32"
     earlier = _earlier_vectors(out_dir, base_fp, dtype, log)
     store = getattr(torch, dtype)
     names = [n for n in base_ckpt.names() if base_ckpt.is_float(n)]
