@@ -299,6 +299,31 @@ def test_a_failed_finalist_is_said_and_scored_again_once_a_setting_changed(small
     assert again["trial"] == best["trial"] and again["final_score"] == pytest.approx(best["final_score"], abs=1e-9)
 
 
+def test_trials_score_against_the_reference_as_it_was_when_the_search_started(small_base, cpt_runs, tmp_path):
+    """The reference results rewritten during a search (the base evaluated again into the same
+    folder) change no trial's score: every trial of one run is scored against one reference."""
+    from optimer_merge.search import load_search_config, search
+
+    reference = tmp_path / "reference.json"
+    write = lambda bpb: reference.write_text(json.dumps({"results": {"optimer_ja_dev_bpb": {"bits_per_byte,none": bpb}}}))  # noqa: E731
+    (tmp_path / "objective.yaml").write_text("tasks:\n- {task: optimer_ja_dev_bpb, metric: bits_per_byte}\nreference: reference.json\n")
+    settings = {"base": str(small_base), "vectors": [{"name": d, "model": str(cpt_runs[d] / "model")} for d in DOMAINS],
+                "objective": str(tmp_path / "objective.yaml"), "limit": 2, "trials": 3, "finalists": 0, "optimizer": "random", "threads": 1}  # fmt: skip
+
+    def rewrite_after_trial_1(line: str) -> None:
+        if line.startswith("trial 1/"):
+            write(4.0)
+
+    write(2.0)
+    search(load_search_config(None, {**settings, "output": str(tmp_path / "changed")}), log=rewrite_after_trial_1)
+    write(2.0)
+    search(load_search_config(None, {**settings, "output": str(tmp_path / "kept")}), log=lambda _line: None)
+    changed, kept = trials(tmp_path / "changed"), trials(tmp_path / "kept")
+    assert [r["score"] for r in changed] == [r["score"] for r in kept]
+    summary = json.loads((tmp_path / "changed" / "summary.json").read_text())
+    assert summary["objective"]["reference"] == str(reference)  # the spec as given, its reference a path
+
+
 def _fails_before_work(args: list[str], capsys, out: Path) -> str:
     start = time.perf_counter()
     assert cli.main(args) == 2

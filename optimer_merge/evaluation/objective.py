@@ -86,6 +86,13 @@ class Objective(BaseModel):
                 raise ConfigError(f"objective: reference {self.reference} is not a JSON file ({error})") from None
         return self.reference
 
+    def resolved(self) -> "Objective":
+        """This objective with its reference results read now and held inline: every later score
+        uses these results, whatever happens to the file meanwhile."""
+        if isinstance(self.reference, str):
+            return self.model_copy(update={"reference": self.reference_results()})
+        return self
+
     def check(self) -> None:
         """Before any evaluation: each metric exists in its task and has a direction, and the
         reference (if any) has a value for each term."""

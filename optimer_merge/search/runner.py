@@ -131,7 +131,8 @@ def search(config: SearchConfig, *, export: bool = False, log: Callable[[str], N
                               "(same path, new content); choose another output folder")  # fmt: skip
         folder.record(RECORD, config.identity(), config=config.model_dump(mode="json"), inputs=inputs)
         (out / "recipes").mkdir(exist_ok=True)
-        return _Search(config, objective, spec, sources, missing, out, log, folder).run(export)
+        # trials score against the reference as it is now, even if its file is rewritten during the search
+        return _Search(config, objective.resolved(), spec, sources, missing, out, log, folder).run(export, objective)
 
 
 class _Proposer:
@@ -288,7 +289,8 @@ class _Search:
             return len(tail)
         return 0
 
-    def run(self, export: bool) -> dict:
+    def run(self, export: bool, given_objective) -> dict:
+        """The search; ``given_objective``: the objective as given (its reference a path), for the summary."""
         c, out = self.config, self.out
         bounds = {v.name: c.bounds_of(v) for v in c.vectors}
         optimizer = make_optimizer(c.optimizer, bounds, c.seed, out / "smac", c.initial_points, c.acquisition.model_dump())
@@ -312,7 +314,7 @@ class _Search:
         finally:
             if self.workers is not None:
                 self.workers.close()
-        summary = _summarize(c, self.sources, self.missing, records, finalists, out)
+        summary = _summarize(c, given_objective, self.sources, self.missing, records, finalists, out)
         if export:
             from optimer_merge.merge.recipes import run_recipe
 
@@ -414,7 +416,7 @@ def _check_failures(records: list[dict], limit: int) -> None:
         )
 
 
-def _summarize(config: SearchConfig, sources: dict, missing: list[str], records: list[dict], finalists: list[dict], out: Path) -> dict:
+def _summarize(config: SearchConfig, objective, sources: dict, missing: list[str], records: list[dict], finalists: list[dict], out: Path) -> dict:
     from optimer_merge.io.checkpoints import saved_dtype
     from optimer_merge.search.plots import plot_trace, plot_weights
 
@@ -450,7 +452,7 @@ def _summarize(config: SearchConfig, sources: dict, missing: list[str], records:
         "seconds": seconds,
         "optimizer": config.optimizer,
         "seed": config.seed,
-        "objective": config.load_objective().model_dump(mode="json"),
+        "objective": objective.model_dump(mode="json"),
         "vectors": sources,
         "missing_models": {n: sources[n] for n in missing},
         "best_recipe": "best.yaml",
