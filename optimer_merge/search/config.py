@@ -136,11 +136,11 @@ class SearchConfig(BaseModel):
     # recorded without them ran with (it resumes under that value).
     ADDED: ClassVar[dict] = {"parallel": 1}
 
-    def identity(self) -> dict:
+    def identity(self, objective: Objective | None = None) -> dict:
         """What must match for a run folder to be resumed: every result-changing field, with the
-        objective spec resolved to its content."""
+        objective spec resolved to its content (``objective``: the spec already loaded)."""
         data = self.model_dump(mode="json", exclude=set(self.OPERATIONAL))
-        data["objective"] = self.load_objective().model_dump(mode="json")
+        data["objective"] = (objective or self.load_objective()).model_dump(mode="json")
         data["base"] = str(Path(self.base).resolve())
         data["vectors"] = [
             {**v, **{k: str(Path(v[k]).resolve()) for k in ("model", "vector") if v.get(k)}} for v in data["vectors"]

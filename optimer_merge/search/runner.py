@@ -109,7 +109,8 @@ def search(config: SearchConfig, *, export: bool = False, log: Callable[[str], N
             "fewer items than every trial saw, and the best is picked on that noisier score")  # fmt: skip
     out = Path(config.output)
     with RunFolder(out, "search") as folder:
-        resumed = folder.check(RECORD, config.identity(), ignore=config.may_differ_on_resume(), added=SearchConfig.ADDED)
+        identity = config.identity(objective)  # the objective file is read once (it may be a pipe)
+        resumed = folder.check(RECORD, identity, ignore=config.may_differ_on_resume(), added=SearchConfig.ADDED)
         sources, missing = model_sources(config)
         if missing:
             gone = ", ".join(f"{n} ({sources[n]})" for n in missing)
@@ -129,7 +130,7 @@ def search(config: SearchConfig, *, export: bool = False, log: Callable[[str], N
         if changed:
             raise SearchError(f"{out} holds trials scored with other weights or reference results: {', '.join(changed)} changed since "
                               "(same path, new content); choose another output folder")  # fmt: skip
-        folder.record(RECORD, config.identity(), config=config.model_dump(mode="json"), inputs=inputs)
+        folder.record(RECORD, identity, config=config.model_dump(mode="json"), inputs=inputs)
         (out / "recipes").mkdir(exist_ok=True)
         # trials score against the reference as it is now, even if its file is rewritten during the search
         return _Search(config, objective.resolved(), spec, sources, missing, out, log, folder).run(export, objective)
