@@ -34,7 +34,7 @@ def main() -> None:
     from optimer_merge.cpt import TrainConfig, train
     from optimer_merge.cpt import datasets as ds
     from optimer_merge.cpt.demo_base import MODEL, TRAIN
-    from optimer_merge.cpt.trainer import load_base, lr_at
+    from optimer_merge.cpt.trainer import lr_at, open_base
 
     work = Path(tempfile.mkdtemp(prefix="train-bench-"))
     texts = [t for d in data.ALL_DOMAINS for t in data.texts(d, "train")][::20]
@@ -46,7 +46,10 @@ def main() -> None:
         max_steps=args.steps, eval_every=args.steps, eval_blocks=1, checkpoint_every=10 * args.steps,
         threads=args.threads, progress=False, **settings,
     )  # fmt: skip
-    n_params = sum(p.numel() for p in load_base(base)[0].parameters())
+    def load_model() -> torch.nn.Module:
+        return open_base(base)[3].from_pretrained(base, dtype=torch.float32)
+
+    n_params = sum(p.numel() for p in load_model().parameters())
     blocks = ds.load_blocks(config.datasets[0], "train", tokenizer, config.seq_len, work / "tokens")
 
     def trainer_run() -> float:
@@ -56,7 +59,7 @@ def main() -> None:
             return float(list(csv.DictReader(handle))[-1]["tokens_per_s"])
 
     def bare_run() -> float:
-        model, _, _ = load_base(base)
+        model = load_model()
         model.train()
         decay = [p for p in model.parameters() if p.ndim >= 2]
         no_decay = [p for p in model.parameters() if p.ndim < 2]
