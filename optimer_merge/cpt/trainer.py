@@ -21,6 +21,7 @@ import math
 import os
 import shutil
 import signal
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -663,8 +664,6 @@ class _StepProgress:
     PROGRESS_SECONDS = 60.0
 
     def __init__(self, total: int, start: int, enabled: bool, say: Callable[[str], None]):
-        import sys
-
         self.total, self.start, self.say = total, start, say
         self.enabled = enabled
         self.bar = None

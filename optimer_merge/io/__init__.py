@@ -2,4 +2,3 @@
 configs, run folders (identity, lock, clean refusal) and output checks."""
 
 FLOAT_DTYPES = ("float32", "bfloat16", "float16")  # of stored models and vectors, and of evaluated models
-

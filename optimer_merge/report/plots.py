@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
+
 
 def pyplot():
     """matplotlib's pyplot on the Agg backend (no display needed)."""
@@ -13,12 +16,9 @@ def pyplot():
     return plt
 
 
-def save(fig, path) -> None:
+def save(fig, path: str | Path) -> None:
     """Write ``fig`` as PNG to ``path`` whole or not at all (a temporary name, then renamed), and
     close it."""
-    import os
-    from pathlib import Path
-
     path = Path(path)
     partial = path.with_name(f"{path.name}.{os.getpid()}.partial")
     try:

@@ -341,7 +341,7 @@ class _Search:
             return f"{head} FAILED: {record['reason']}{tail}"
         return f"{head} score {record['score']:.5f} (best {max(ok):.5f}){tail}"
 
-    def finalist_line(self, i: int, n: int, trial: dict, outcome: dict, elapsed: float) -> str:
+    def _finalist_line(self, i: int, n: int, trial: dict, outcome: dict, elapsed: float) -> str:
         """One line per re-scored finalist, with an ETA from the finalists' pace so far."""
         head = f"finalist {i}/{n}: trial {trial['trial']}"
         eta = f", ETA {duration(elapsed / i * (n - i))}" if i < n else ""
@@ -377,7 +377,7 @@ class _Search:
             for i, (r, outcome) in enumerate(zip(todo, outcomes), 1):
                 done[(r["trial"], c.finalist_limit)] = {"trial": r["trial"], "limit": c.finalist_limit, **outcome}
                 append_jsonl(path, done[(r["trial"], c.finalist_limit)])
-                self.log(self.finalist_line(i, len(todo), r, outcome, time.perf_counter() - start))
+                self.log(self._finalist_line(i, len(todo), r, outcome, time.perf_counter() - start))
         finalists = []
         for r in top:
             f = done[(r["trial"], c.finalist_limit)]
