@@ -11,7 +11,6 @@ from __future__ import annotations
 import gzip
 import hashlib
 import json
-import os
 from pathlib import Path
 from typing import Iterable, Iterator
 
@@ -20,6 +19,7 @@ import numpy as np
 from optimer_merge import data as corpora
 from optimer_merge.cpt.config import DatasetSpec
 from optimer_merge.errors import ConfigError, DataError
+from optimer_merge.io.files import written_whole
 
 FILE_SUFFIXES = (".jsonl", ".jsonl.gz", ".json", ".txt", ".parquet")
 
@@ -136,9 +136,8 @@ def tokenize_to_file(texts: Iterable[str], tokenizer, path: Path, batch_docs: in
     eos = tokenizer.eos_token_id
     if eos is None:
         raise ConfigError("the tokenizer has no EOS token; packing needs one between documents")
-    partial = path.with_name(path.name + f".{os.getpid()}.partial")
     count = 0
-    try:
+    with written_whole(path) as partial:
         with open(partial, "wb") as out:
             batch: list[str] = []
 
@@ -161,10 +160,6 @@ def tokenize_to_file(texts: Iterable[str], tokenizer, path: Path, batch_docs: in
                 if len(batch) >= batch_docs:
                     count += flush()
             count += flush()
-    except BaseException:
-        partial.unlink(missing_ok=True)
-        raise
-    os.replace(partial, path)
     return count
 
 

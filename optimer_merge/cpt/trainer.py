@@ -587,7 +587,11 @@ def fit(run: Run) -> dict:
             norm = None
             if not config.strategy_config.name.startswith("deepspeed"):  # without clipping: the norm alone (x1)
                 norm = fabric.clip_gradients(model, optimizer, max_norm=config.grad_clip or math.inf, error_if_nonfinite=False)
-            _check_finite(fabric, step + 1, run.total_steps, step_loss, norm, config, state["step"])
+            finite, norm = _finite(step_loss, norm, config)
+            # one collective a step: every rank stops on a non-finite step, and at the same step on SIGTERM
+            diverged, stopping = _on_any_rank(fabric, not finite, bool(stop))
+            if diverged:
+                raise _diverged(step + 1, run.total_steps, step_loss, norm, config, state["step"])
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             done = step + 1
@@ -616,9 +620,6 @@ def fit(run: Run) -> dict:
                 metrics.write(row(done, lr, train_loss, tps, losses))
                 bar.metrics(train_loss, tps)
                 window, window_t = {"loss": 0.0, "steps": 0, "seconds": 0.0}, time.perf_counter()
-            stopping = bool(stop)
-            if fabric.world_size > 1:  # every rank stops at the same step, whichever got the signal
-                stopping = bool(fabric.all_reduce(torch.tensor(float(stopping), device=fabric.device), reduce_op="sum") > 0)
             if done % config.checkpoint_every == 0 or done == run.total_steps or stopping:
                 now = time.perf_counter()
                 state["elapsed"] = {
@@ -639,21 +640,29 @@ class TrainingDiverged(UserError):
     """The loss or the gradients became NaN or infinite: the settings make this run diverge."""
 
 
-def _check_finite(fabric, step: int, total: int, loss: float, norm, config: TrainConfig, saved: int) -> None:
-    """Stop before a non-finite step reaches the weights (every rank at once): a diverged run would
-    otherwise train on, checkpoint and export NaN weights. Under fp16's loss scaling an infinite
+def _finite(loss: float, norm, config: TrainConfig) -> tuple[bool, float | None]:
+    """Whether a step may reach the weights (a diverged run would otherwise train on, checkpoint and
+    export NaN weights), and the gradient norm as a number. Under fp16's loss scaling an infinite
     gradient is expected now and then (the scaler skips that step); a non-finite loss never is."""
     norm = None if norm is None or config.precision in ("16-mixed", "16") else float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
-    finite = math.isfinite(loss) and (norm is None or math.isfinite(norm))
-    if fabric.world_size > 1:
-        finite = bool(fabric.all_reduce(torch.tensor(float(not finite), device=fabric.device), reduce_op="sum") == 0)
-    if not finite:
-        what = f"the loss is {loss:g}" + (f", the gradient norm {norm:g}" if norm is not None else "")
-        raise TrainingDiverged(
-            f"training diverged at step {step} of {total}: {what} (on this rank); nothing of this step was applied or saved "
-            f"({f'last checkpoint: step {saved}' if saved else 'no checkpoint yet'}). Lower lr ({config.lr:g}) or check the data, and train again into another "
-            "output folder (or with --overwrite)"
-        )
+    return math.isfinite(loss) and (norm is None or math.isfinite(norm)), norm
+
+
+def _on_any_rank(fabric, *flags: bool) -> list[bool]:
+    """Each flag, true if it is true on any rank (one all-reduce for all of them)."""
+    if fabric.world_size == 1:
+        return list(flags)
+    summed = fabric.all_reduce(torch.tensor([float(f) for f in flags], device=fabric.device), reduce_op="sum")
+    return [bool(v > 0) for v in summed.tolist()]
+
+
+def _diverged(step: int, total: int, loss: float, norm: float | None, config: TrainConfig, saved: int) -> TrainingDiverged:
+    what = f"the loss is {loss:g}" + (f", the gradient norm {norm:g}" if norm is not None else "")
+    return TrainingDiverged(
+        f"training diverged at step {step} of {total}: {what} (on this rank); nothing of this step was applied or saved "
+        f"({f'last checkpoint: step {saved}' if saved else 'no checkpoint yet'}). Lower lr ({config.lr:g}) or check the data, and train again into another "
+        "output folder (or with --overwrite)"
+    )
 
 
 class _StepProgress:

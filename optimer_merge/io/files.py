@@ -2,25 +2,34 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 from optimer_merge.errors import InputNotFound, RunFolderError
 from optimer_merge.io.progress import human_bytes
 
 
-def atomic_write_text(path: str | Path, text: str) -> None:
-    """Write ``text`` to a partial file, then rename it into place: readers never see half a file."""
+@contextlib.contextmanager
+def written_whole(path: str | Path) -> Iterator[Path]:
+    """``with written_whole(path) as partial:`` write ``partial``; it becomes ``path`` when the block
+    ends and is removed if it raises (a full disk, Ctrl-C): readers never see half a file."""
     path = Path(path)
     partial = path.with_name(f"{path.name}.{os.getpid()}.partial")
     try:
-        partial.write_text(text, encoding="utf-8")
+        yield partial
         os.replace(partial, path)
     finally:
-        partial.unlink(missing_ok=True)  # only there if the write failed (a full disk, Ctrl-C)
+        partial.unlink(missing_ok=True)  # only there if the block failed
+
+
+def atomic_write_text(path: str | Path, text: str) -> None:
+    """Write ``text`` to ``path`` whole or not at all."""
+    with written_whole(path) as partial:
+        partial.write_text(text, encoding="utf-8")
 
 
 def write_json(path: str | Path, data: Any) -> None:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 
@@ -19,11 +18,10 @@ def pyplot():
 def save(fig, path: str | Path) -> None:
     """Write ``fig`` as PNG to ``path`` whole or not at all (a temporary name, then renamed), and
     close it."""
-    path = Path(path)
-    partial = path.with_name(f"{path.name}.{os.getpid()}.partial")
+    from optimer_merge.io.files import written_whole
+
     try:
-        fig.savefig(partial, dpi=110, format="png")
-        os.replace(partial, path)
+        with written_whole(path) as partial:
+            fig.savefig(partial, dpi=110, format="png")
     finally:
-        partial.unlink(missing_ok=True)
         pyplot().close(fig)
