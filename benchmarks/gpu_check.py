@@ -10,7 +10,13 @@ A random Gemma 3 of about 1 B parameters in bf16 and four bf16 "CPT" models make
   by layer, activation checkpointing, bf16-mixed) on the same base for 30 steps of 4 x 1024 tokens;
   tokens/s of the last steps and peak GPU memory, against the float32 master weights + AdamW state
   (16 bytes per parameter) that the strategy shards.
-Without a GPU it says so and exits 0.
+Without a GPU it says so and exits 0. `--device cpu --tiny` runs the hf and cpt checks on the CPU
+with a small model, so the test suite keeps this script working where no GPU is.
+
+The GPU's Python needs torch, transformers, lightning, accelerate, safetensors, tokenizers, pyyaml
+and pydantic (vLLM and mergekit are optional). A CUDA image that lacks some and cannot reach a
+package index gets them from wheels made elsewhere: `make gpu-wheels` downloads them into wheels/,
+and `make gpu-check` installs them from there.
 
     python benchmarks/gpu_check.py --out runs/gpu-check.json
 """
@@ -30,10 +36,22 @@ sys.path.insert(0, str(REPO))
 K = 4
 MODEL = dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=8,
              num_key_value_heads=4, head_dim=256, max_position_embeddings=2048, sliding_window=512)  # fmt: skip
+TINY = dict(MODEL, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=2,
+            num_key_value_heads=1, head_dim=32)  # fmt: skip
+# modules the checks import (by import name), each with the distribution that provides it
+NEEDS = {"torch": "torch", "transformers": "transformers", "lightning": "lightning", "accelerate": "accelerate",
+         "safetensors": "safetensors", "tokenizers": "tokenizers", "yaml": "pyyaml", "pydantic": "pydantic"}  # fmt: skip
 WEIGHTS = {f"v{i}": w for i, w in enumerate((0.7, -0.4, 0.25, 1.1))}
 
 
-def build(root: Path):
+def missing() -> list[str]:
+    """Distributions the checks need that this Python cannot import."""
+    import importlib.util
+
+    return [dist for module, dist in NEEDS.items() if importlib.util.find_spec(module) is None]
+
+
+def build(root: Path, model: dict):
     import inspect
 
     import torch
@@ -43,7 +61,7 @@ def build(root: Path):
     base = root / "base"
     if not (base / "model.safetensors").exists():
         tokenizer = tiny.train_tokenizer([inspect.getsource(json), inspect.getsource(argparse)], vocab_size=4096)
-        tiny.build_model(base, tokenizer, dtype=torch.bfloat16, **MODEL)
+        tiny.build_model(base, tokenizer, dtype=torch.bfloat16, **model)
     models = {}
     for i in range(K):
         models[f"v{i}"] = root / f"cpt-{i}"
@@ -52,22 +70,25 @@ def build(root: Path):
     return base, models
 
 
-def check_hf(base: Path, models: dict[str, Path]) -> dict:
+def check_hf(base: Path, models: dict[str, Path], device: str = "cuda") -> dict:
     import torch
     from transformers import AutoModelForCausalLM
 
     from optimer_merge.search.pool import build_host_pool, build_module_pool, check_sources
 
     spec = check_sources(base, {n: {"model": str(p)} for n, p in models.items()})
-    model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.bfloat16).cuda().eval()
-    copy = torch.cuda.memory_allocated()
-    torch.cuda.reset_peak_memory_stats()
+    cuda = device == "cuda"
+    model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.bfloat16).to(device).eval()
+    if cuda:
+        copy = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
     pool = build_module_pool(model, spec, log=lambda _m: None)
     times = []
     for _ in range(10):
         start = time.perf_counter()
         pool.apply(WEIGHTS)
-        torch.cuda.synchronize()
+        if cuda:
+            torch.cuda.synchronize()
         times.append(time.perf_counter() - start)
     host = build_host_pool(spec, log=lambda _m: None)
     live = dict(zip([e.name for e in pool.entries], [e.target for e in pool.entries]))
@@ -77,7 +98,7 @@ def check_hf(base: Path, models: dict[str, Path]) -> dict:
     return {
         "params": spec.params,
         "merge_ms_median": 1000 * statistics.median(times),
-        "gpu_memory_model_copies": torch.cuda.max_memory_allocated() / copy,
+        "gpu_memory_model_copies": torch.cuda.max_memory_allocated() / copy if cuda else None,
         "pool_bytes": pool.nbytes,
         "max_abs_diff_vs_cpu_rule_bf16": worst,
     }
@@ -139,7 +160,8 @@ def check_cpt(base: Path, root: Path, accelerator: str = "cuda") -> dict:
     }))  # fmt: skip
     cmd = [sys.executable, "-m", "optimer_merge.cli", "train", "--config", str(config), "--overwrite"]
     start = time.perf_counter()
-    subprocess.run(cmd, check=True, env={**os.environ, "PYTHONPATH": str(REPO)}, timeout=1200)
+    path = os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))  # keeps packages installed with --target
+    subprocess.run(cmd, check=True, env={**os.environ, "PYTHONPATH": path}, timeout=1200)
     meta = json.loads((out / "train_meta.json").read_text())
     with open(out / "metrics.csv", newline="") as f:
         rows = list(csv.DictReader(f))
@@ -171,19 +193,27 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default="runs/gpu-check.json")
     parser.add_argument("--workdir", default=None)
+    parser.add_argument("--device", choices=["cuda", "cpu"], default="cuda", help="cpu: the hf and cpt checks on the CPU")
+    parser.add_argument("--tiny", action="store_true", help="a model of about 0.1 M parameters instead of 1 B")
     args = parser.parse_args()
+    if lacking := missing():
+        sys.exit(f"gpu-check: this Python ({sys.executable}) lacks {', '.join(lacking)}: pip install them, or where no package "
+                 "index is reachable run `make gpu-wheels` on a machine that has one and copy wheels/ along")  # fmt: skip
     import torch
 
-    if not torch.cuda.is_available():
+    cuda = args.device == "cuda"
+    if cuda and not torch.cuda.is_available():
         print("gpu-check: no CUDA GPU here; skipped")
         return
     root = Path(args.workdir or tempfile.mkdtemp(prefix="optimer-gpu-check-"))
     start = time.perf_counter()
-    base, models = build(root)
-    summary = {"device": torch.cuda.get_device_name(0), "torch": torch.__version__, "hf": check_hf(base, models)}
-    torch.cuda.empty_cache()
-    summary["vllm"] = check_vllm(base, models, root)
-    summary["cpt"] = check_cpt(base, root)
+    base, models = build(root, TINY if args.tiny else MODEL)
+    device = torch.cuda.get_device_name(0) if cuda else "cpu"
+    summary = {"device": device, "torch": torch.__version__, "hf": check_hf(base, models, args.device)}
+    if cuda:
+        torch.cuda.empty_cache()
+        summary["vllm"] = check_vllm(base, models, root)
+    summary["cpt"] = check_cpt(base, root, args.device)
     summary["seconds"] = time.perf_counter() - start
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(summary, indent=2))

@@ -68,3 +68,25 @@ def test_benchmarks_import_names_the_package_has():
                     if not hasattr(module, alias.name) and importlib.util.find_spec(f"{node.module}.{alias.name}") is None:
                         missing.append(f"{path.name}: from {node.module} import {alias.name}")
     assert not missing, missing
+
+
+def test_gpu_check_runs_on_the_cpu(tmp_path):
+    """`make gpu-check` runs only where a GPU is: its hf and cpt checks run here on a small model, so
+    the script is known to work before GPU time is spent on it."""
+    import json
+    import math
+    import os
+    import subprocess
+
+    out = tmp_path / "gpu-check.json"
+    cmd = [sys.executable, str(REPO / "benchmarks/gpu_check.py"), "--device", "cpu", "--tiny", "--out", str(out), "--workdir", str(tmp_path / "work")]
+    subprocess.run(cmd, check=True, capture_output=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    summary = json.loads(out.read_text())
+    hf, cpt = summary["hf"], summary["cpt"]
+    assert summary["device"] == "cpu" and "vllm" not in summary
+    assert hf["max_abs_diff_vs_cpu_rule_bf16"] < 1e-6  # the in-place merge is the rule, cast once to bf16
+    assert hf["pool_bytes"] == 5 * 2 * hf["params"]  # base + 4 rows, bf16
+    assert cpt["strategy"]["name"] == "fsdp" and cpt["precision"] == "bf16-mixed" and cpt["parameters"] == hf["params"]
+    assert cpt["tokens_per_step"] == 4 * 1024
+    first, last = cpt["loss_first_last"]
+    assert math.isfinite(last) and last < first
