@@ -22,7 +22,12 @@ def positive_int(text: str) -> int:
 
 def threads(text: str) -> int | str:
     """An argparse type: 'auto' or an integer >= 1."""
-    return "auto" if text == "auto" else positive_int(text)
+    if text == "auto":
+        return text
+    try:
+        return positive_int(text)
+    except argparse.ArgumentTypeError as error:
+        raise argparse.ArgumentTypeError(str(error).replace("expected a", "expected 'auto' or a")) from None
 
 
 def pairs(items: list[str], flag: str) -> dict[str, str]:
