@@ -7,7 +7,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, PositiveInt, field_validator, model_validator
 
-from optimer_merge.io.yaml_config import LocalPath, Seed
+from optimer_merge.io.yaml_config import LocalPath, PlainName, Seed
 
 # Lightning Fabric's precision settings.
 PRECISIONS = ("32-true", "32", "16-mixed", "16", "bf16-mixed", "bf16", "bf16-true", "16-true", "64-true", "64", "transformer-engine", "transformer-engine-float16")
@@ -25,7 +25,7 @@ class DatasetSpec(_Frozen):
     ``eval_source`` (default: the corpus domain's dev split; none for files unless given).
     """
 
-    name: str = Field(pattern=r"^[A-Za-z0-9_][A-Za-z0-9_.-]*$")
+    name: PlainName
     source: LocalPath
     ratio: float = 1.0
     text_field: str = "text"

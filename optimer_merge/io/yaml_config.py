@@ -11,12 +11,22 @@ from typing import Annotated, Any, TypeVar
 from pydantic import AfterValidator, Field
 
 from optimer_merge.errors import ConfigError
+from optimer_merge.io import plain_name_problem
 from optimer_merge.io.files import check_input_file
 
 T = TypeVar("T")
 
 Seed = Annotated[int, Field(ge=0, le=2**32 - 1)]  # the range numpy, torch and SMAC all accept
 LocalPath = Annotated[str, AfterValidator(os.path.expanduser)]  # a path in a config file: ~ is the home folder, as in a shell
+
+
+def _plain_name(name: str) -> str:
+    if problem := plain_name_problem(name):
+        raise ValueError(problem)
+    return name
+
+
+PlainName = Annotated[str, AfterValidator(_plain_name)]  # a vector's or a dataset's name
 
 
 def load_yaml(path: str | Path, what: str = "YAML file") -> Any:

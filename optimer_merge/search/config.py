@@ -8,7 +8,7 @@ from typing import ClassVar, Literal
 from pydantic import BaseModel, ConfigDict, Field, PositiveInt, model_validator
 
 from optimer_merge.evaluation.objective import Objective
-from optimer_merge.io.yaml_config import LocalPath, Seed
+from optimer_merge.io.yaml_config import LocalPath, PlainName, Seed
 
 Dtype = Literal["float32", "bfloat16", "float16"]
 # Bounds beyond this move a model further than its own CPT did, several times over: allowed, but warned.
@@ -22,7 +22,7 @@ class VectorSource(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
-    name: str = Field(pattern=r"^[A-Za-z0-9_][A-Za-z0-9_.-]*$")
+    name: PlainName
     model: LocalPath | None = None
     vector: LocalPath | None = None
     bounds: tuple[float, float] | None = None  # overrides the search's default bounds

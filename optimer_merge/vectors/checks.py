@@ -4,17 +4,16 @@ from __future__ import annotations
 
 import json
 import math
-import re
 from pathlib import Path
 from typing import Mapping
 
 import torch
 
 from optimer_merge.errors import UserError
+from optimer_merge.io import plain_name_problem
 from optimer_merge.io.checkpoints import Checkpoint
 
 MANIFEST = "vectors.json"
-NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]*$")
 
 
 class VectorError(UserError, ValueError):
@@ -22,9 +21,10 @@ class VectorError(UserError, ValueError):
 
 
 def check_name(name: str, what: str = "vector") -> str:
-    """A vector name doubles as a file name: letters, digits, ``_ . -``, not starting with a dot."""
-    if not NAME.match(name):
-        raise VectorError(f"{what} name {name!r} must be a plain file name (letters, digits, _ . -; not starting with a dot)")
+    """A vector name doubles as a file name: letters, digits, ``_ . -``, not starting with a dot,
+    at most 128 characters."""
+    if problem := plain_name_problem(name, what):
+        raise VectorError(problem)
     return name
 
 
