@@ -66,3 +66,13 @@ def test_rows_scored_on_different_items_or_shots_are_flagged(tmp_path, capsys):
     assert err == ["warning: t: rows scored on different numbers of items (100 for a, b; 300 for c): their values are not comparable",
                    "warning: t: rows scored on different numbers of shots (0 for a, b; 5 for c): their values are not comparable"]  # fmt: skip
     assert "> warning: t: rows scored on different numbers of items" in (tmp_path / "mixed/leaderboard.md").read_text()
+
+
+def test_labels_stay_in_their_markdown_cell(tmp_path):
+    """A row label with `|` or a line break (NAME= is free text) keeps the table's columns."""
+    (tmp_path / "r.json").write_text(json.dumps({"results": {"t": {"acc,none": 0.5}}}))
+    assert cli.main(["leaderboard", f"a|b={tmp_path / 'r.json'}", f"c\nd={tmp_path / 'r.json'}", "--output", str(tmp_path / "out")]) == 0
+    table = (tmp_path / "out/leaderboard.md").read_text().splitlines()
+    assert table[2:] == ["| a\\|b | **0.5000** |", "| c d | **0.5000** |"]
+    with open(tmp_path / "out/leaderboard.csv", newline="") as f:
+        assert [row[0] for row in csv.reader(f)] == ["model", "a|b", "c\nd"]  # CSV quotes what it must

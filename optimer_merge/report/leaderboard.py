@@ -145,8 +145,13 @@ def incomparable(rows: list[tuple[str, dict]], tasks: list[str]) -> list[str]:
     return lines
 
 
+def _cell(text: str) -> str:
+    """Text as one Markdown table cell: a `|` would start another column, a line break end the row."""
+    return " ".join(text.split()).replace("|", "\\|")
+
+
 def to_markdown(board: dict) -> str:
-    head = "| model | " + " | ".join(f"{c} {'↑' if h else '↓'}" for c, h in zip(board["columns"], board["higher_is_better"])) + " |"
+    head = "| model | " + " | ".join(f"{_cell(c)} {'↑' if h else '↓'}" for c, h in zip(board["columns"], board["higher_is_better"])) + " |"
     lines = [head, "|---|" + "---:|" * len(board["columns"])]
     for row in board["rows"]:
         cells = []
@@ -156,7 +161,7 @@ def to_markdown(board: dict) -> str:
             else:
                 text = f"{value:.4f}"
                 cells.append(f"**{text}**" if best is not None and value == best else text)
-        lines.append(f"| {row['model']} | " + " | ".join(cells) + " |")
+        lines.append(f"| {_cell(row['model'])} | " + " | ".join(cells) + " |")
     if board.get("warnings"):
         lines += ["", *(f"> warning: {w}" for w in board["warnings"])]
     return "\n".join(lines) + "\n"
