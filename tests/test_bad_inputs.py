@@ -94,6 +94,7 @@ CASES = [
     Case("extract-out-is-file", extract("ja={zoo}/tiny-text/ja", out="{file}"), ["a-file.txt is a file"], []),
     Case("extract-into-model-folder", extract("ja={zoo}/tiny-text/ja", out="{zoo}/tiny-text/zh"), ["tiny-text/zh is not empty", "holds no vectors"],
          ["{zoo}/tiny-text/zh/ja.safetensors", "{zoo}/tiny-text/zh/vectors.json"]),
+    Case("extract-into-other-files", extract("ja={zoo}/tiny-text/ja", out="{not_a_run}"), ["not-a-run is not empty and holds no vectors"], ["{not_a_run}/.lock"]),
     Case("extract-no-equals", extract("{zoo}/tiny-text/ja"), ["expects NAME=PATH"]),
     Case("stats-nan", ["vectors", "stats", "nan={nan_vector}", "--out", "{out}"], ["vector nan", "NaN/Inf"]),
     Case("stats-model-folder", ["vectors", "stats", "ja={zoo}/tiny-text/ja", "--out", "{out}"], ["tiny-text/ja is a folder", "model folder"]),
@@ -121,6 +122,7 @@ CASES = [
     Case("search-config-folder", ["search", "--config", "{zoo}"], ["is a folder"], []),
     Case("search-out-is-file", search("--output", "{file}"), ["a-file.txt is a file"], []),
     Case("search-vector-name-too-long", search("--vector", "x" * 200 + "={zoo}/tiny-text/math"), ["vectors.2.name", "at most 128 characters", "(200 characters)"]),
+    Case("search-into-other-files", search("--output", "{not_a_run}"), ["not-a-run is not empty and holds no search"], ["{not_a_run}/.lock"]),
     Case("search-repeated-vector", search("--vector", "ja={zoo}/tiny-text/zh"), ["'ja' is given twice"]),
     Case("search-other-base", search("--vector", "x={foreign}"), ["trained from a different base"]),
     Case("search-vllm-setting-on-hf", search("--set", "gpu_memory_utilization=0.5"), ["gpu_memory_utilization: 0.5", "vllm backend"]),
@@ -152,6 +154,7 @@ CASES = [
     Case("train-velocitune-one-dataset", train("--mixture", "velocitune"), ["velocitune", "at least 2", "got ja"]),
     Case("train-overwrite-not-a-run", ["train", "--base", "{base}", "--output", "{zoo}/tiny-text", "--dataset", "ja", "--max-steps", "2", "--overwrite"],
          ["tiny-text is not empty and holds no training run", "--overwrite deletes only a training run"], []),
+    Case("train-into-other-files", train("--output", "{not_a_run}"), ["not-a-run is not empty and holds no training run"], ["{not_a_run}/.lock"]),
     Case("train-zero3", train("--strategy", "deepspeed_stage_3"), ["'deepspeed_stage_3'", "ZeRO stage 3", "use strategy fsdp"]),
     Case("train-fsdp-devices", train("--strategy", "fsdp", "--devices", "auto"), ["strategy fsdp", "'auto'"]),
     Case("train-malformed-config", ["train", "--config", "{bad_yaml}"], ["bad.yaml:3:", "malformed YAML"], []),
@@ -178,6 +181,8 @@ CASES = [
     Case("demo-zero-workers", ["demo", "--run-dir", "{out}", "--workers", "0"], ["--workers", "got 0"]),
     Case("demo-inf-lr", ["demo", "--run-dir", "{out}", "--lr", "inf"], ["--lr", "inf"]),
     Case("demo-run-dir-is-file", ["demo", "--run-dir", "{file}"], ["a-file.txt is a file"], []),
+    Case("demo-into-other-files", ["demo", "--run-dir", "{not_a_run}"], ["not-a-run is not empty and holds no demo"], ["{not_a_run}/.lock"]),
+    Case("demo-seeds-into-other-files", ["demo", "--run-dir", "{not_a_run}", "--seeds", "2"], ["not-a-run is not empty and holds no multi-seed demo"], ["{not_a_run}/.lock"]),
     Case("demo-zero-seeds", ["demo", "--run-dir", "{out}", "--seeds", "0"], ["--seeds", "got 0"]),
     Case("demo-report-dir-one-seed", ["demo", "--run-dir", "{out}", "--report-dir", "{tmp}/report"], ["--report-dir", "needs --seeds 2 or more"]),
     Case("demo-report-dir-is-file", ["demo", "--run-dir", "{out}", "--seeds", "2", "--report-dir", "{file}"], ["a-file.txt is a file"], []),
@@ -234,6 +239,9 @@ def paths(tmp_path_factory, tiny_zoo) -> dict[str, str]:
     shutil.copytree(tiny_zoo / "tiny-text/ja", root / "foreign")
     (root / "foreign/train_meta.json").write_text(json.dumps({"base_fingerprint": "0123456789abcdef"}))
     p["foreign"] = str(root / "foreign")
+    (root / "not-a-run").mkdir()  # a folder of the user's own files
+    (root / "not-a-run/notes.txt").write_text("mine\n")
+    p["not_a_run"] = str(root / "not-a-run")
     # a model folder with a truncated checkpoint
     shutil.copytree(tiny_zoo / "tiny-text/ja", root / "truncated")
     data = (root / "truncated/model.safetensors").read_bytes()

@@ -41,13 +41,15 @@ class RunFolder:
 
     ``folder.check(record, identity)`` refuses a folder that holds another run; ``folder.keep()``
     marks the start of real work. A UserError, a full disk or a stop (Ctrl-C, SIGTERM) before
-    ``keep()`` removes the folders this call created, so a rerun starts clean."""
+    ``keep()`` removes the folders this call created (in a folder that was there: the lock file it
+    created), so a rerun starts clean."""
 
     def __init__(self, path: str | Path, what: str, *, fix: str = "choose another output folder or delete this one"):
         self.path, self.what, self.fix = Path(path), what, fix
         self.created: Path | None = None
         self.kept = False
         self._lock = None
+        self._made_lock = False
 
     def __enter__(self) -> "RunFolder":
         check_output_dir(self.path, f"{self.what} folder")
@@ -56,6 +58,7 @@ class RunFolder:
             missing = missing.parent
         self.created = None if self.path.exists() else missing
         self.path.mkdir(parents=True, exist_ok=True)
+        self._made_lock = not (self.path / LOCK).exists()
         lock = open(self.path / LOCK, "a+")
         if not lock_or_warn(lock, self.path, self.what):
             lock.seek(0)
@@ -73,11 +76,13 @@ class RunFolder:
         return self
 
     def __exit__(self, exc_type, exc, tb) -> None:
-        if self._lock is not None:
-            self._lock.close()  # releases the lock
-            self._lock = None
         # refused, or stopped (Ctrl-C, SIGTERM) before real work: nothing worth keeping was written
         refused = exc is not None and (isinstance(exc, (UserError, KeyboardInterrupt)) or disk_full(exc)) and not self.kept
+        if self._lock is not None:
+            if refused and self.created is None and self._made_lock:
+                (self.path / LOCK).unlink(missing_ok=True)  # still locked: no other process is using it
+            self._lock.close()  # releases the lock
+            self._lock = None
         if refused and self.created is not None:
             shutil.rmtree(self.created, ignore_errors=True)
 
