@@ -22,6 +22,7 @@ from optimer_merge.cpt import TrainConfig, load_config, train
 from optimer_merge.cpt import datasets as ds
 from optimer_merge.cpt import velocitune as vt
 from optimer_merge.cpt.trainer import lr_at
+from optimer_merge.errors import ConfigError
 
 QUIET = lambda _m: None  # noqa: E731
 
@@ -280,6 +281,15 @@ def test_yaml_config_and_flag_overrides(tmp_path):
     path.write_text("base: b\noutput: o\ndatasets: [ja, 'x/y.jsonl:2']\neval_datasets: [zh]\nmax_steps: 10\n")
     config = load_config(path)
     assert [(d.name, d.source, d.ratio) for d in config.datasets + config.eval_datasets] == [("ja", "ja", 1.0), ("y", "x/y.jsonl", 2.0), ("zh", "zh", 1.0)]
+    # names come from the sources' file names, made plain and distinct; one source given twice is refused
+    specs = ["my data/part.1.jsonl", "a/train.jsonl:0.5", "b/train.jsonl", ".hidden.jsonl", "zoo é", "ja"]
+    args = cli.build_parser().parse_args(["train", "--base", "b", "--output", "o", "--max-steps", "1", *(f"--dataset={s}" for s in specs),
+                                          "--eval-dataset", "c/train.jsonl", "--eval-dataset", "ja"])  # fmt: skip
+    with pytest.raises(ConfigError, match="repeated: ja"):
+        load_config(None, overrides_from_args(args))
+    config = load_config(None, overrides_from_args(args) | {"eval_datasets": ["c/train.jsonl", "/data/é.txt"]})
+    assert [d.name for d in config.datasets] == ["part", "train", "train-2", "hidden", "zoo", "ja"]
+    assert [d.name for d in config.eval_datasets] == ["train-3", "data"]
 
 
 def test_a_domain_name_is_the_corpus_even_where_a_folder_has_that_name(tmp_path, small_base, monkeypatch, capsys):

@@ -73,7 +73,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def overrides_from_args(args: argparse.Namespace) -> dict:
     """Config overrides from the flags that were given."""
     from optimer_merge.commands import set_overrides
-    from optimer_merge.cpt.config import dataset_from_spec
 
     overrides = {field: getattr(args, flag) for flag, field in FLAG_FIELDS.items() if getattr(args, flag) is not None}
     if "devices" in overrides and str(overrides["devices"]).isdigit():
@@ -82,10 +81,10 @@ def overrides_from_args(args: argparse.Namespace) -> dict:
         overrides["max_steps"] = None
     if args.max_steps is not None:
         overrides["max_tokens"] = None
-    if args.dataset:
-        overrides["datasets"] = [dataset_from_spec(spec) for spec in args.dataset]
+    if args.dataset:  # SOURCE[:RATIO], named by the config (as in its `datasets: [ja, x.jsonl:2]`)
+        overrides["datasets"] = list(args.dataset)
     if args.eval_dataset:
-        overrides["eval_datasets"] = [dataset_from_spec(spec) for spec in args.eval_dataset]
+        overrides["eval_datasets"] = list(args.eval_dataset)
     if args.no_progress:
         overrides["progress"] = False
     overrides.update(set_overrides(args.set))

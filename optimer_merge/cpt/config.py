@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, PositiveInt, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PositiveInt, ValidationInfo, field_validator, model_validator
 
 from optimer_merge.io.yaml_config import LocalPath, PlainName, Seed
 
@@ -114,9 +115,14 @@ class TrainConfig(_Frozen):
 
     @field_validator("datasets", "eval_datasets", mode="before")
     @classmethod
-    def _shorthand(cls, value: Any) -> Any:
+    def _shorthand(cls, value: Any, info: ValidationInfo) -> Any:
         """``datasets: [ja, zh:0.5, data/x.jsonl]``: the command line's SOURCE[:RATIO] entries."""
-        return [dataset_from_spec(v) if isinstance(v, str) else v for v in value] if isinstance(value, list) else value
+        if not isinstance(value, list):
+            return value
+        taken = {d.name: d.source for d in info.data.get("datasets", [])} if info.field_name == "eval_datasets" else {}
+        taken.update({v.get("name"): v.get("source") for v in value if isinstance(v, dict)})
+        named = iter(datasets_from_specs([v for v in value if isinstance(v, str)], taken))
+        return [next(named) if isinstance(v, str) else v for v in value]
 
     @model_validator(mode="after")
     def _check(self) -> "TrainConfig":
@@ -150,13 +156,32 @@ class TrainConfig(_Frozen):
 
 
 def dataset_from_spec(spec: str) -> dict[str, Any]:
-    """Parse a command-line dataset ``SOURCE[:RATIO]`` (``ja``, ``ja:0.25``, ``data/x.jsonl:2``)."""
+    """Parse a command-line dataset ``SOURCE[:RATIO]`` (``ja``, ``ja:0.25``, ``data/x.jsonl:2``),
+    named after its file or folder name up to the first dot, made a plain name (``my data`` ->
+    ``my_data``)."""
     source, _, ratio = spec.rpartition(":") if _looks_like_ratio(spec) else (spec, "", "")
-    name = Path(source).name.split(".")[0] or source
+    stem = Path(source).name.lstrip(".").split(".")[0]
+    name = re.sub(r"[^A-Za-z0-9_.-]+", "_", stem).strip("._-")[:120] or "data"
     entry: dict[str, Any] = {"name": name, "source": source}
     if ratio:
         entry["ratio"] = float(ratio)
     return entry
+
+
+def datasets_from_specs(specs: list[str], taken: dict[str, Any] | None = None) -> list[dict[str, Any]]:
+    """``dataset_from_spec`` for each; different sources that would share a name (``a/train.jsonl``,
+    ``b/train.jsonl``; or a name in ``taken``, name -> source) get ``-2``, ``-3``, ... One source
+    given twice keeps its name, and is refused as a repeated dataset."""
+    sources = dict(taken or {})
+    entries = []
+    for spec in specs:
+        entry = dataset_from_spec(spec)
+        stem, n = entry["name"], 2
+        while entry["name"] in sources and sources[entry["name"]] != entry["source"]:
+            entry["name"], n = f"{stem}-{n}", n + 1
+        sources[entry["name"]] = entry["source"]
+        entries.append(entry)
+    return entries
 
 
 def _looks_like_ratio(spec: str) -> bool:
