@@ -138,6 +138,8 @@ CASES = [
     Case("search-base-without-tokenizer", ["search", "--base", "{no_tokenizer}", "--objective", OBJECTIVE, "--output", "{out}", "--vector", "ja={zoo}/tiny-text/ja"],
          ["base", "tokenizerless holds no tokenizer"]),
     # train
+    Case("train-empty-output-in-config", train("--set", "output=' '"), ["output: path is empty"]),
+    Case("train-empty-dataset-source", train("--dataset", ":2"), ["datasets.1.source: path is empty"]),
     Case("train-inf-ratio", train("--dataset", "zh:inf"), ["ratio", "finite", "inf"]),
     Case("train-inf-lr", train("--lr", "inf"), ["lr", "finite", "inf"]),
     Case("train-inf-weight-decay", train("--set", "weight_decay=.inf"), ["weight_decay", "finite"]),
@@ -168,6 +170,7 @@ CASES = [
     Case("eval-task-twice", evaluate("--tasks", "optimer_ja_dev_bpb,optimer_ja_dev_bpb"), ["optimer_ja_dev_bpb twice"]),
     Case("eval-url-not-http", evaluate("--backend", "server", "--url", "localhost:8000"), ["server url 'localhost:8000'", "http(s)://HOST:PORT"]),
     Case("eval-empty-tasks", ["eval", "{base}", "--tasks", "", "--output", "{out}"], ["--tasks ''"]),
+    Case("eval-empty-output", evaluate("--output", ""), ["argument --output: expected a file or folder path, got ''"]),
     Case("eval-zero-limit", evaluate("--limit", "0"), ["--limit", "got 0"]),
     Case("eval-unknown-task", ["eval", "{base}", "--tasks", "optimer_jp_dev", "--output", "{out}"], ["optimer_jp_dev"]),
     Case("eval-unknown-dtype", evaluate("--dtype", "float8"), ["'float8'"]),
@@ -178,6 +181,7 @@ CASES = [
     # data, demo, leaderboard
     Case("data-unknown-domain", ["data", "check", "--domains", "ja", "xx", "--sources", "{out}"], ["unknown domain(s) 'xx'"]),
     Case("data-tokenizer-missing", ["data", "sizes", "--tokenizer", "{tmp}/no-tokenizer"], ["no-tokenizer does not exist"], []),
+    Case("demo-empty-run-dir", ["demo", "--run-dir", " "], ["argument --run-dir: expected a file or folder path, got ' '"]),
     Case("demo-zero-workers", ["demo", "--run-dir", "{out}", "--workers", "0"], ["--workers", "got 0"]),
     Case("demo-inf-lr", ["demo", "--run-dir", "{out}", "--lr", "inf"], ["--lr", "inf"]),
     Case("demo-run-dir-is-file", ["demo", "--run-dir", "{file}"], ["a-file.txt is a file"], []),
@@ -196,6 +200,7 @@ CASES = [
     Case("leaderboard-not-json", ["leaderboard", "{file}", "--output", "{out}"], ["a-file.txt: not a JSON file"]),
     Case("leaderboard-same-label", ["leaderboard", "a={results}", "a={results}", "--output", "{out}"], ["labelled 'a'", "NAME=RESULTS"]),
     Case("leaderboard-unknown-metric", ["leaderboard", "{results}", "--output", "{out}", "--metrics", "accuracy"], ["--metrics: accuracy not in the results"]),
+    Case("leaderboard-empty-results", ["leaderboard", "a=", "--output", "{out}"], ["'a=' gives no results file or folder"]),
     Case("leaderboard-empty-name", ["leaderboard", "={results}", "--output", "{out}"], ["the NAME before '=' is empty"]),
 ]
 

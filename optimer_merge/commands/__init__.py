@@ -7,6 +7,7 @@ from __future__ import annotations
 import argparse
 import re
 import sys
+from pathlib import Path
 
 
 def positive_int(text: str) -> int:
@@ -28,6 +29,18 @@ def threads(text: str) -> int | str:
         return positive_int(text)
     except argparse.ArgumentTypeError as error:
         raise argparse.ArgumentTypeError(str(error).replace("expected a", "expected 'auto' or a")) from None
+
+
+def path(text: str) -> str:
+    """An argparse type: a file or folder path, not empty (which would mean the working folder)."""
+    if not text.strip():
+        raise argparse.ArgumentTypeError(f"expected a file or folder path, got {text!r}")
+    return text
+
+
+def folder(text: str) -> Path:
+    """An argparse type: ``path`` as a Path."""
+    return Path(path(text))
 
 
 def pairs(items: list[str], flag: str) -> dict[str, str]:

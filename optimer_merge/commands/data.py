@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from optimer_merge.commands import folder, path
 
 # Which actions read each option; given to another action, an option is refused rather than ignored.
 APPLIES = {"sources": ("build", "check"), "domains": ("build", "check"), "tokenizer": ("sizes",), "out": ("base",), "work": ("base",)}
@@ -23,11 +24,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.description = __doc__
     parser.formatter_class = argparse.RawDescriptionHelpFormatter
     parser.add_argument("action", choices=["build", "check", "sizes", "base"])
-    parser.add_argument("--sources", type=Path, default=DEFAULTS["sources"], help="download cache")
+    parser.add_argument("--sources", type=folder, default=DEFAULTS["sources"], help="download cache")
     parser.add_argument("--domains", nargs="+", default=DEFAULTS["domains"], help="domains to build/check (default: all)")
-    parser.add_argument("--tokenizer", default=DEFAULTS["tokenizer"], help="with `sizes`: also count tokens with this tokenizer folder")
-    parser.add_argument("--out", type=Path, default=DEFAULTS["out"], help="with `base`: where the base goes (default: the package's demo/base)")
-    parser.add_argument("--work", type=Path, default=DEFAULTS["work"], help="with `base`: training folder (a rerun resumes it)")
+    parser.add_argument("--tokenizer", type=path, default=DEFAULTS["tokenizer"], help="with `sizes`: also count tokens with this tokenizer folder")
+    parser.add_argument("--out", type=folder, default=DEFAULTS["out"], help="with `base`: where the base goes (default: the package's demo/base)")
+    parser.add_argument("--work", type=folder, default=DEFAULTS["work"], help="with `base`: training folder (a rerun resumes it)")
 
 
 def run(args: argparse.Namespace) -> int:

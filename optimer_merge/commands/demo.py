@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import argparse
 
-from optimer_merge.commands import positive_int
+from optimer_merge.commands import path, positive_int
 
 SIZES = {
     "cpt_tokens": "tokens of each per-domain CPT run (each mixture run gets 4x)",
@@ -31,11 +31,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
     parser.description = __doc__
     parser.formatter_class = argparse.RawDescriptionHelpFormatter
-    parser.add_argument("--run-dir", default="runs/demo", help="run folder (a rerun resumes it)")
+    parser.add_argument("--run-dir", type=path, default="runs/demo", help="run folder (a rerun resumes it)")
     parser.add_argument("--seed", type=int, default=0, help="seed (the first seed with --seeds)")
     parser.add_argument("--seeds", type=positive_int, default=1, help="repeat the demo for this many seeds (RUN_DIR/seed-<s>/) and report "
                         "every claim as a mean with a 95%% interval and a verdict (default 1)")
-    parser.add_argument("--report-dir", help="with --seeds N >= 2: also copy the report and its plots here")
+    parser.add_argument("--report-dir", type=path, help="with --seeds N >= 2: also copy the report and its plots here")
     parser.add_argument("--workers", type=positive_int, help="worker processes, one CPU thread each (default: min(2, cores))")
     parser.add_argument("--search-workers", type=positive_int, help="Ray workers of each search (default: 2 where the cores allow "
                         "2 per demo worker, else 1; a resumed run keeps its own)")  # fmt: skip

@@ -8,19 +8,19 @@ from __future__ import annotations
 
 import argparse
 
-from optimer_merge.commands import positive_int, threads
+from optimer_merge.commands import path, positive_int, threads
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     from optimer_merge.evaluation import BACKENDS
     from optimer_merge.io import FLOAT_DTYPES
 
-    parser.add_argument("model", help="Hugging Face model folder (with --url: the tokenizer folder, optional)")
+    parser.add_argument("model", type=path, help="Hugging Face model folder (with --url: the tokenizer folder, optional)")
     parser.add_argument("--tasks", default=None, help="comma-separated lm-eval tasks or groups (default: the objective's, else optimer_dev)")
     parser.add_argument("--backend", choices=BACKENDS, default="hf")
     parser.add_argument("--limit", type=positive_int, default=None, help="first N items of each task")
-    parser.add_argument("--output", required=True, help="folder for results.json and results.md")
-    parser.add_argument("--objective", help="objective spec YAML: also compute its score")
+    parser.add_argument("--output", type=path, required=True, help="folder for results.json and results.md")
+    parser.add_argument("--objective", type=path, help="objective spec YAML: also compute its score")
     parser.add_argument("--batch-size", type=positive_int, default=16)
     parser.add_argument("--dtype", choices=FLOAT_DTYPES, default=None, help="default: the model's own")
     parser.add_argument("--threads", type=threads, default="auto", help="CPU threads (default auto: 1 for tiny models)")

@@ -5,10 +5,12 @@ from __future__ import annotations
 import argparse
 import sys
 
+from optimer_merge.commands import path
+
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("results", nargs="+", metavar="[NAME=]RESULTS", help="lm-eval results JSON, or a folder searched for results*.json; NAME= sets the row label")
-    parser.add_argument("--output", default=".", help="folder for leaderboard.md, leaderboard.csv, leaderboard.png")
+    parser.add_argument("--output", type=path, default=".", help="folder for leaderboard.md, leaderboard.csv, leaderboard.png")
     parser.add_argument("--metrics", help="comma-separated metrics to keep, e.g. bits_per_byte,acc_norm")
     parser.add_argument("--tasks", help="comma-separated tasks to keep")
 

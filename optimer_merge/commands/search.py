@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import argparse
 
-from optimer_merge.commands import positive_int, threads
+from optimer_merge.commands import path, positive_int, threads
 
 FLAG_FIELDS = ("base", "objective", "trials", "limit", "finalists", "finalist_limit", "seed", "optimizer", "backend", "output", "threads", "parallel")
 
@@ -18,10 +18,10 @@ FLAG_FIELDS = ("base", "objective", "trials", "limit", "finalists", "finalist_li
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.description = __doc__
     parser.formatter_class = argparse.RawDescriptionHelpFormatter
-    parser.add_argument("--config", help="YAML search config")
-    parser.add_argument("--base", help="base model folder")
+    parser.add_argument("--config", type=path, help="YAML search config")
+    parser.add_argument("--base", type=path, help="base model folder")
     parser.add_argument("--vector", action="append", metavar="NAME=PATH", help="pool entry: a CPT model folder or a vector .safetensors (replaces the config's)")
-    parser.add_argument("--objective", help="objective spec YAML (recipes/objectives/)")
+    parser.add_argument("--objective", type=path, help="objective spec YAML (recipes/objectives/)")
     parser.add_argument("--trials", type=positive_int, help="number of trials (default 100)")
     parser.add_argument("--limit", type=positive_int, help="items per task in each trial (default 100)")
     parser.add_argument("--finalists", type=int, help="top trials re-scored at --finalist-limit (default 3)")
@@ -29,7 +29,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int)
     parser.add_argument("--optimizer", choices=["smac", "tpe", "random"])
     parser.add_argument("--backend", choices=["hf", "vllm"])
-    parser.add_argument("--output", help="run folder")
+    parser.add_argument("--output", type=path, help="run folder")
     parser.add_argument("--threads", type=threads, help="CPU threads (of each worker): a number or 'auto'")
     parser.add_argument("--parallel", type=positive_int, help="trials side by side on Ray workers (default 1: in this process)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override any config field")

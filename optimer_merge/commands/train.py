@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import argparse
 
-from optimer_merge.commands import positive_int, threads
+from optimer_merge.commands import path, positive_int, threads
 
 # flag -> config field; flags left unset do not override the YAML.
 FLAG_FIELDS = {
@@ -36,9 +36,9 @@ FLAG_FIELDS = {
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.description = __doc__
     parser.formatter_class = argparse.RawDescriptionHelpFormatter
-    parser.add_argument("--config", help="YAML file with the run's settings (see recipes/train/)")
-    parser.add_argument("--base", help="base Hugging Face model folder")
-    parser.add_argument("--output", help="run folder (checkpoints, metrics, final model in OUTPUT/model)")
+    parser.add_argument("--config", type=path, help="YAML file with the run's settings (see recipes/train/)")
+    parser.add_argument("--base", type=path, help="base Hugging Face model folder")
+    parser.add_argument("--output", type=path, help="run folder (checkpoints, metrics, final model in OUTPUT/model)")
     parser.add_argument(
         "--dataset",
         action="append",

@@ -4,20 +4,22 @@ from __future__ import annotations
 
 import argparse
 
+from optimer_merge.commands import path
+
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     from optimer_merge.io import FLOAT_DTYPES
 
     sub = parser.add_subparsers(dest="action", metavar="ACTION", required=True)
     extract = sub.add_parser("extract", help="write NAME.safetensors = model - base for each model, plus vectors.json")
-    extract.add_argument("--base", required=True, help="base model folder")
+    extract.add_argument("--base", type=path, required=True, help="base model folder")
     extract.add_argument("--model", action="append", required=True, metavar="NAME=DIR", help="a model trained from the base; repeatable (NAME becomes the file name)")
-    extract.add_argument("--out", required=True, help="output folder")
+    extract.add_argument("--out", type=path, required=True, help="output folder")
     extract.add_argument("--dtype", default=None, choices=FLOAT_DTYPES, help="stored dtype (default: the base's)")
     stats = sub.add_parser("stats", help="L2 norms and pairwise cosine similarities, overall and per layer (JSON + PNG)")
-    stats.add_argument("vectors", nargs="+", help="a folder from `vectors extract`, or NAME=FILE.safetensors entries")
-    stats.add_argument("--out", help="folder for stats.json and cosine.png (default: the vectors folder)")
-    stats.add_argument("--base", help="the base the vectors came from, for ||v|| / ||base|| (default: the one vectors.json records)")
+    stats.add_argument("vectors", type=path, nargs="+", help="a folder from `vectors extract`, or NAME=FILE.safetensors entries")
+    stats.add_argument("--out", type=path, help="folder for stats.json and cosine.png (default: the vectors folder)")
+    stats.add_argument("--base", type=path, help="the base the vectors came from, for ||v|| / ||base|| (default: the one vectors.json records)")
 
 
 def run(args: argparse.Namespace) -> int:

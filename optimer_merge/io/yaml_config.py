@@ -17,7 +17,15 @@ from optimer_merge.io.files import check_input_file
 T = TypeVar("T")
 
 Seed = Annotated[int, Field(ge=0, le=2**32 - 1)]  # the range numpy, torch and SMAC all accept
-LocalPath = Annotated[str, AfterValidator(os.path.expanduser)]  # a path in a config file: ~ is the home folder, as in a shell
+
+
+def _local_path(path: str) -> str:
+    if not path.strip():  # "" would be the working folder
+        raise ValueError("path is empty: give a file or folder")
+    return os.path.expanduser(path)
+
+
+LocalPath = Annotated[str, AfterValidator(_local_path)]  # a path in a config file: ~ is the home folder, as in a shell
 
 
 def _plain_name(name: str) -> str:

@@ -49,6 +49,8 @@ def read_rows(entries: list[str]) -> list[tuple[str, dict]]:
             name, path = "", entry
         elif not name.strip():
             raise ConfigError(f"{entry!r}: the NAME before '=' is empty; give NAME=RESULTS or just RESULTS")
+        if not path.strip():  # "" would search the working folder
+            raise ConfigError(f"{entry!r} gives no results file or folder; give [NAME=]RESULTS")
         files = find_results(path)
         for file in files:
             try:
