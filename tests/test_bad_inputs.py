@@ -67,6 +67,8 @@ CASES = [
     Case("merge-unknown-method", ["merge", "{recipe_method}", "{out}"], ["unknown merge_method 'optimr'"]),
     Case("merge-missing-model", ["merge", "{recipe_missing}", "{out}"], ["tiny-text/nope does not exist"]),
     Case("merge-malformed-yaml", ["merge", "{bad_yaml}", "{out}"], ["bad.yaml:3:", "malformed YAML"]),
+    Case("merge-empty-model-path", ["merge", "{recipe_emptymodel}", "{out}"], ["a model is an empty path"]),
+    Case("merge-empty-base-path", ["merge", "{recipe_emptybase}", "{out}"], ["base_model is an empty path"]),
     Case("merge-recipe-missing", ["merge", "{tmp}/none.yml", "{out}"], ["none.yml does not exist"]),
     Case("merge-recipe-is-folder", ["merge", "{zoo}", "{out}"], ["is a folder"]),
     Case("merge-out-is-file", ["merge", "{recipe_ok}", "{file}"], ["a-file.txt is a file"], []),
@@ -231,6 +233,8 @@ def paths(tmp_path_factory, tiny_zoo) -> dict[str, str]:
         "twice": {"replace": ("tiny-text/zh", "tiny-text/ja")},
         "dtype": {"replace": ("dtype: float32", "dtype: float33")},
         "zerosum": {"weight": "-0.5", "parameters": "normalize: true"},
+        "emptymodel": {"replace": (f"model: {zoo}/tiny-text/zh", 'model: ""')},
+        "emptybase": {"replace": (f"base_model: {zoo}/tiny-text/base", "base_model: ''")},
     }
     for name, parts in recipes.items():
         text = RECIPE.format(zoo=zoo, weight=parts.get("weight", "0.5"), parameters=parts.get("parameters", ""), extra=parts.get("extra", ""))

@@ -141,6 +141,9 @@ def load_recipe(path: str | Path):
         raise RecipeError(f"{path}: " + validation_message(error, "mergekit recipe")) from None
     except RuntimeError as error:  # mergekit's own validators raise RuntimeError
         raise RecipeError(f"{path}: invalid mergekit recipe: {error}") from None
+    if any(not str(ref.model.path).strip() for ref in config.referenced_models()):  # "" would be the working folder
+        where = "base_model" if config.base_model and not str(config.base_model.model.path).strip() else "a model"
+        raise RecipeError(f"{path}: {where} is an empty path; give the model's folder")
     check_structure(config, path)
     offline = os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False")
     tokenizer = [config.tokenizer_source] if config.tokenizer_source not in (None, "base", "union") else []
