@@ -173,6 +173,7 @@ CASES = [
     Case("eval-url-not-http", evaluate("--backend", "server", "--url", "localhost:8000"), ["server url 'localhost:8000'", "http(s)://HOST:PORT"]),
     Case("eval-empty-tasks", ["eval", "{base}", "--tasks", "", "--output", "{out}"], ["--tasks ''"]),
     Case("eval-empty-output", evaluate("--output", ""), ["argument --output: expected a file or folder path, got ''"]),
+    Case("eval-objective-empty-file", evaluate("--objective", "{empty}"), ["empty.yaml: expected an objective", "got an empty file"]),
     Case("eval-zero-limit", evaluate("--limit", "0"), ["--limit", "got 0"]),
     Case("eval-unknown-task", ["eval", "{base}", "--tasks", "optimer_jp_dev", "--output", "{out}"], ["optimer_jp_dev"]),
     Case("eval-unknown-dtype", evaluate("--dtype", "float8"), ["'float8'"]),
@@ -248,6 +249,8 @@ def paths(tmp_path_factory, tiny_zoo) -> dict[str, str]:
     shutil.copytree(tiny_zoo / "tiny-text/ja", root / "foreign")
     (root / "foreign/train_meta.json").write_text(json.dumps({"base_fingerprint": "0123456789abcdef"}))
     p["foreign"] = str(root / "foreign")
+    (root / "empty.yaml").write_text("")
+    p["empty"] = str(root / "empty.yaml")
     (root / "not-a-run").mkdir()  # a folder of the user's own files
     (root / "not-a-run/notes.txt").write_text("mine\n")
     p["not_a_run"] = str(root / "not-a-run")

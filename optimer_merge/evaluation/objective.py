@@ -64,7 +64,10 @@ class Objective(BaseModel):
 
         path = Path(path)
         spec = load_yaml(path, "objective")
-        reference = spec.get("reference") if isinstance(spec, dict) else None
+        if not isinstance(spec, dict):
+            got = "an empty file" if spec is None else type(spec).__name__
+            raise ConfigError(f"{path}: expected an objective (a mapping with tasks:, see recipes/objectives/) at the top level, got {got}")
+        reference = spec.get("reference")
         if isinstance(reference, str):
             reference = spec["reference"] = os.path.expanduser(reference)
             if not Path(reference).is_absolute():
