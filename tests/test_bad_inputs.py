@@ -106,6 +106,7 @@ CASES = [
     # search: the config, the objective, the vectors and the folder before any trial
     Case("search-nan-bounds", search("--set", "bounds=[.nan, 1]"), ["bounds.0", "finite", "nan"]),
     Case("search-inf-bounds", search("--set", "bounds=[0, .inf]"), ["bounds.1", "finite", "inf"]),
+    Case("search-bounds-too-wide", search("--set", "bounds=[-1e308, 1e308]"), ["bounds [-1e+308, 1e+308] are wider than a float holds"]),
     Case("search-fixed-bounds", search("--set", "bounds=[0.5, 0.5]"), ["min = max", "nothing is left to search"]),
     Case("search-nothing-given", ["search"], ["base: required: give --base", "give --vector NAME=", "give --objective"], []),
     Case("search-zero-trials", search("--trials", "0"), ["--trials", "got 0"]),

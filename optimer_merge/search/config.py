@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import ClassVar, Literal
 
@@ -15,6 +16,15 @@ Dtype = Literal["float32", "bfloat16", "float16"]
 LARGE_BOUND = 10.0
 # Settings only one backend reads: set away from their default with the other backend, they are refused.
 BACKEND_ONLY = {"hf": ("device_map",), "vllm": ("tensor_parallel_size", "executor", "gpu_memory_utilization")}
+
+
+def check_bounds(bounds: tuple[float, float], where: str = "") -> None:
+    """Bounds of a weight: min <= max, and a width a float holds (SMAC scales by it)."""
+    lo, hi = bounds
+    if lo > hi:
+        raise ValueError(f"{where}bounds {list(bounds)} have min > max")
+    if not math.isfinite(hi - lo):
+        raise ValueError(f"{where}bounds {list(bounds)} are wider than a float holds; narrow them (weights beyond +-{LARGE_BOUND:g} are rarely useful)")
 
 
 class VectorSource(BaseModel):
@@ -31,8 +41,8 @@ class VectorSource(BaseModel):
     def _one_source(self) -> "VectorSource":
         if (self.model is None) == (self.vector is None):
             raise ValueError(f"vector {self.name}: give exactly one of `model` (a CPT model folder) or `vector` (an extracted .safetensors)")
-        if self.bounds is not None and self.bounds[0] > self.bounds[1]:
-            raise ValueError(f"vector {self.name}: bounds {list(self.bounds)} have min > max")
+        if self.bounds is not None:
+            check_bounds(self.bounds, f"vector {self.name}: ")
         return self
 
 
@@ -94,8 +104,7 @@ class SearchConfig(BaseModel):
         duplicates = sorted({n for n in names if names.count(n) > 1})
         if duplicates:
             raise ValueError(f"vector names must be unique (repeated: {', '.join(duplicates)})")
-        if self.bounds[0] > self.bounds[1]:
-            raise ValueError(f"bounds {list(self.bounds)} have min > max")
+        check_bounds(self.bounds)
         if all(lo == hi for lo, hi in map(self.bounds_of, self.vectors)):
             raise ValueError("every weight's bounds have min = max: nothing is left to search; widen them "
                              "(or merge those fixed weights with `optimer-merge merge`)")  # fmt: skip
