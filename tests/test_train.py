@@ -505,6 +505,7 @@ def test_linearity_of_a_cpt_run_reproduces_its_own_losses(small_base, tmp_path):
     [
         ({"max_steps": None, "max_tokens": 5}, "warning: max_tokens 5 is less than one step's 256 tokens"),
         ({"max_steps": 1, "precision": "bf16-true"}, "warning: precision bf16-true keeps the weights in 16 bits"),
+        ({"max_steps": 1, "warmup_steps": 1000}, "warning: warmup_steps 1000 is not less than the run's 1 step: the learning rate peaks at 3e-06, not lr 0.003"),
     ],
 )
 def test_settings_that_defeat_a_run_are_warned_about(small_base, tmp_path, settings, warning):

@@ -421,11 +421,15 @@ def prepare(config: TrainConfig, log: Callable[[str], None] = print) -> Run:
     if config.max_tokens is not None and config.max_tokens < _tokens_per_step(config, world):
         say(f"warning: max_tokens {config.max_tokens} is less than one step's {_tokens_per_step(config, world)} tokens "
             f"(seq_len x micro_batch_size x grad_accum x {world} devices): training one step")  # fmt: skip
+    total = _total_steps(config, world)
+    if config.warmup_steps >= total:
+        say(f"warning: warmup_steps {config.warmup_steps} is not less than the run's {total} step{'s' if total > 1 else ''}: the learning rate "
+            f"peaks at {lr_at(total - 1, total, config):.3g}, not lr {config.lr:g}")  # fmt: skip
     return Run(
         config=config, out=out, fabric=fabric, model=model, optimizer=optimizer, tokenizer=tokenizer, text_config=text_config,
         train_sets=train_sets, eval_sets=eval_sets,
         sampler=ds.MixtureSampler([d.num_blocks for d in train_sets], [ratios[n] for n in names], config.seed),
-        ratios=ratios, targets=targets, total_steps=_total_steps(config, world), tokens_per_step=_tokens_per_step(config, world),
+        ratios=ratios, targets=targets, total_steps=total, tokens_per_step=_tokens_per_step(config, world),
         n_params=n_params, n_trainable=sum(p.numel() for p in trainable), say=say, sharded=sharded, checkpoint_names=saved_names,
     )  # fmt: skip
 
