@@ -101,11 +101,13 @@ def test_builder_reproduces_committed_files(tmp_path):
     """The generated domain rebuilds byte for byte; domains from packages are checked by `data check`."""
     from optimer_merge.data.build import build
 
-    result = build(tmp_path, tmp_path / "sources", ("math",), log=lambda *_: None)
+    recorded = []  # what `data build` writes into MANIFEST.json after each domain
+    result = build(tmp_path, tmp_path / "sources", ("math",), log=lambda *_: None, on_domain=recorded.append)
     manifest = json.loads((data.CORPORA_DIR / "MANIFEST.json").read_text())
-    assert result["files"] and not result["missing"]
+    assert result["files"] and not result["missing"] and recorded == [result["files"]]
     for name, digest in result["files"].items():
         assert manifest["sha256"][name] == digest, name
+    assert sorted(f"math/{p.name}" for p in (tmp_path / "math").iterdir()) == sorted(result["files"])  # no partial files
 
 
 def test_loader_api(tiny_tokenizer):

@@ -26,6 +26,7 @@ from typing import Callable, Iterator
 
 from optimer_merge.data import DOMAINS, SPLITS, normalise_line
 from optimer_merge.data.mathgen import problems
+from optimer_merge.io.files import atomic_write_text, written_whole
 
 # Pinned sources: (kind, name, version).
 SOURCES = {
@@ -420,12 +421,14 @@ def _write_jsonl_gz(path: Path, docs: list[Doc]) -> str:
     with gzip.GzipFile(filename="", mode="wb", fileobj=buffer, mtime=0, compresslevel=9) as gz:
         for doc in docs:
             gz.write((json.dumps({"id": doc.id, "source": doc.source, "text": doc.text}, ensure_ascii=False) + "\n").encode("utf-8"))
-    path.write_bytes(buffer.getvalue())
+    with written_whole(path) as partial:  # an interrupted build leaves the old file, never half a new one
+        partial.write_bytes(buffer.getvalue())
     return hashlib.sha256(buffer.getvalue()).hexdigest()
 
 
-def build(out_dir: Path, cache: Path, domains: tuple[str, ...] = DOMAINS + ("en",), log=print) -> dict:
-    """Build the requested domains into ``out_dir``; returns {domain: {split: sha256}} plus missing sources."""
+def build(out_dir: Path, cache: Path, domains: tuple[str, ...] = DOMAINS + ("en",), log=print, on_domain: Callable[[dict], None] | None = None) -> dict:
+    """Build the requested domains into ``out_dir``; returns {"files": {path: sha256}, "missing":
+    {domain: why}}. ``on_domain`` gets each domain's {path: sha256} once its files are written."""
     out_dir.mkdir(parents=True, exist_ok=True)
     readers = domain_readers(cache)
     result: dict = {"files": {}, "missing": {}}
@@ -442,23 +445,29 @@ def build(out_dir: Path, cache: Path, domains: tuple[str, ...] = DOMAINS + ("en"
             continue
         splits = split_docs(docs, MAX_TRAIN_CHARS.get(domain, DEFAULT_MAX_TRAIN_CHARS), pretrain=domain != "en")
         (out_dir / domain).mkdir(exist_ok=True)
+        written = {}
         for split, split_docs_ in splits.items():
-            digest = _write_jsonl_gz(out_dir / domain / f"{split}.jsonl.gz", split_docs_)
-            result["files"][f"{domain}/{split}.jsonl.gz"] = digest
+            written[f"{domain}/{split}.jsonl.gz"] = _write_jsonl_gz(out_dir / domain / f"{split}.jsonl.gz", split_docs_)
             log(f"  {domain}/{split}: {len(split_docs_)} docs, {sum(len(d.text) for d in split_docs_)} chars")
+        result["files"].update(written)
+        if on_domain is not None:
+            on_domain(written)
     return result
 
 
 def run(out: Path, sources: Path, domains: tuple[str, ...], check: bool = False) -> int:
     """Build into ``out``, or with ``check`` compare a fresh build against ``out``; 0 when all match."""
     if not check:
-        result = build(out, sources, domains)
         manifest_path = out / "MANIFEST.json"
-        manifest = json.loads(manifest_path.read_text()) if manifest_path.exists() else {}
-        manifest.setdefault("sha256", {}).update(result["files"])
-        manifest["python"] = sys.version.split()[0]
-        manifest["sources"] = {k: {"kind": v[0], "package": v[1], "version": v[2]} for k, v in SOURCES.items()}
-        manifest_path.write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
+
+        def record(files: dict) -> None:  # after each domain: the checksums (cache keys) never lag its files
+            manifest = json.loads(manifest_path.read_text()) if manifest_path.exists() else {}
+            manifest.setdefault("sha256", {}).update(files)
+            manifest["python"] = sys.version.split()[0]
+            manifest["sources"] = {k: {"kind": v[0], "package": v[1], "version": v[2]} for k, v in SOURCES.items()}
+            atomic_write_text(manifest_path, json.dumps(manifest, indent=2, sort_keys=True) + "\n")
+
+        result = build(out, sources, domains, on_domain=record)
         return 1 if result["missing"] else 0
     expected = json.loads((out / "MANIFEST.json").read_text())["sha256"]
     with tempfile.TemporaryDirectory() as tmp:
