@@ -11,7 +11,7 @@ from typing import Sequence
 
 from optimer_merge import __version__
 from optimer_merge.commands import OneLineParser
-from optimer_merge.errors import Stopped, UserError, disk_full
+from optimer_merge.errors import OnEveryRank, Stopped, UserError, disk_full
 from optimer_merge.io.run_folder import is_primary_process
 from optimer_merge.signals import on_sigterm
 
@@ -81,6 +81,8 @@ def _run(args: argparse.Namespace) -> int:
             print(f"{stop if stopped else 'interrupted'}{resumes}", file=sys.stderr)
         return 128 + stop.signum if stopped else 130
     except UserError as error:  # only these (and a full disk): any other exception keeps its traceback (exit 1)
+        if isinstance(error, OnEveryRank) and not is_primary_process():
+            return 2  # the primary process says it
         return _error(args, str(error))
     except OSError as error:
         if not disk_full(error):

@@ -32,6 +32,11 @@ class DataError(UserError, ValueError):
     """A dataset cannot be read as text documents."""
 
 
+class OnEveryRank(RunFolderError):
+    """Raised by every rank of a distributed run together (a check they made collectively): the
+    primary process prints it, the other ranks exit with it silently."""
+
+
 class Stopped(KeyboardInterrupt):
     """A run stopped on a signal (a scheduler's SIGTERM) after saving its progress; rerunning the
     same command resumes it. Handled like Ctrl-C, with exit code 128 + the signal's number."""

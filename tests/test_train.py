@@ -388,6 +388,20 @@ def test_bad_data_under_two_ranks_is_one_line_before_the_second_starts(tmp_path,
     assert not out.exists()
 
 
+def test_a_disk_too_small_under_two_ranks_stops_both_in_one_line(tmp_path, small_base):
+    """The disk check needs the model, so it runs on every rank after the launch: the ranks decide
+    together (none is left waiting for the others) and only the primary says why."""
+    out = tmp_path / "run"
+    argv = [str(Path(sys.executable).with_name("optimer-merge")), "train", "--base", str(small_base), "--output", str(out), "--dataset", "ja",
+            "--max-steps", "2", "--seq-len", "8", "--no-progress", "--devices", "2", "--accelerator", "cpu", "--strategy", "fsdp",
+            "--set", "keep_checkpoints=1000000000"]  # fmt: skip
+    done = subprocess.run(argv, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 2, done.stderr[-3000:]
+    errors = [line for line in done.stderr.splitlines() if "error" in line]
+    assert len(errors) == 1 and re.fullmatch(r"optimer-merge train: error: training \(1000000001 checkpoints of .+\) needs about .+ free under .+, and its disk has .+", errors[0]), done.stderr[-3000:]
+    assert "Traceback" not in done.stderr and not out.exists()
+
+
 def test_progress_away_from_a_terminal_is_plain_lines_with_an_eta(tmp_path, small_base, capsys, monkeypatch):
     from optimer_merge.cpt import trainer
 

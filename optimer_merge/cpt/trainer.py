@@ -33,7 +33,7 @@ import torch
 from optimer_merge.cpt import datasets as ds
 from optimer_merge.cpt import velocitune as vt
 from optimer_merge.cpt.config import TrainConfig
-from optimer_merge.errors import ConfigError, Stopped, UserError
+from optimer_merge.errors import ConfigError, OnEveryRank, RunFolderError, Stopped, UserError
 from optimer_merge.io.checkpoints import check_model_folder, fingerprint, saved_dtype
 from optimer_merge.io.files import atomic_write_text, check_free_space, write_json
 from optimer_merge.io.progress import duration, human_bytes
@@ -417,7 +417,7 @@ def prepare(config: TrainConfig, log: Callable[[str], None] = print) -> Run:
         say(f"warning: precision {config.precision} keeps the weights in 16 bits: an update below "
             f"{'2^-8 (0.4%)' if config.precision == 'bf16-true' else '2^-11 (0.05%)'} of a weight rounds away, and at lr {config.lr:g} "
             "most CPT updates are that small; bf16-mixed keeps float32 master weights")  # fmt: skip
-    _check_disk(config, out, model, trainable)
+    _check_disk(config, out, model, trainable, fabric)
     if config.max_tokens is not None and config.max_tokens < _tokens_per_step(config, world):
         say(f"warning: max_tokens {config.max_tokens} is less than one step's {_tokens_per_step(config, world)} tokens "
             f"(seq_len x micro_batch_size x grad_accum x {world} devices): training one step")  # fmt: skip
@@ -445,10 +445,11 @@ def _load_data(config: TrainConfig, tokenizer, token_dir: Path) -> tuple[list, d
     return train_sets, eval_sets
 
 
-def _check_disk(config: TrainConfig, out: Path, model: torch.nn.Module, trainable: list[torch.nn.Parameter]) -> None:
+def _check_disk(config: TrainConfig, out: Path, model: torch.nn.Module, trainable: list[torch.nn.Parameter], fabric) -> None:
     """Refuse a run whose checkpoints and model will not fit on the disk, before its first step: the
     weights and AdamW's two moments per checkpoint, ``keep_checkpoints`` kept plus the one being
-    written, and the exported model (checkpoints already there count as written)."""
+    written, and the exported model (checkpoints already there count as written). Every rank
+    checks its own disk, and all stop together if one is short (a rank left waiting would hang)."""
     params = list(model.parameters())
     checkpoint = sum(p.numel() * p.element_size() for p in params) + 2 * sum(p.numel() * p.element_size() for p in trainable)
     files = [f for c in _checkpoints(out / CHECKPOINTS_DIR) for f in ([c] if c.is_file() else c.rglob("*"))]  # sharded: folders
@@ -456,7 +457,19 @@ def _check_disk(config: TrainConfig, out: Path, model: torch.nn.Module, trainabl
     dtype = getattr(torch, saved_dtype(config.base) if config.save_dtype == "auto" else config.save_dtype)
     export = sum(p.numel() for p in params) * torch.empty((), dtype=dtype).element_size()
     kept = config.keep_checkpoints + 1
-    check_free_space(out, kept * checkpoint - held + export, f"training ({kept} checkpoints of {human_bytes(checkpoint)} at once, then the model)")
+    try:
+        check_free_space(out, kept * checkpoint - held + export, f"training ({kept} checkpoints of {human_bytes(checkpoint)} at once, then the model)")
+        short = None
+    except RunFolderError as error:
+        short = str(error)
+    if fabric.world_size == 1:
+        if short:
+            raise RunFolderError(short)
+        return
+    problems = [None] * fabric.world_size
+    torch.distributed.all_gather_object(problems, short)
+    if any(problems):
+        raise OnEveryRank(problems[0] or next(f"rank {rank}: {p}" for rank, p in enumerate(problems) if p))
 
 
 def _strategy(config: TrainConfig):
