@@ -175,6 +175,7 @@ CASES = [
     Case("eval-empty-tasks", ["eval", "{base}", "--tasks", "", "--output", "{out}"], ["--tasks ''"]),
     Case("eval-empty-output", evaluate("--output", ""), ["argument --output: expected a file or folder path, got ''"]),
     Case("eval-objective-empty-file", evaluate("--objective", "{empty}"), ["empty.yaml: expected an objective", "got an empty file"]),
+    Case("eval-group-and-its-task", evaluate("--tasks", "optimer_dev,optimer_ja_dev_bpb"), ["tasks optimer_dev and optimer_ja_dev_bpb both run optimer_ja_dev_bpb", "leave one of them out"]),
     Case("eval-zero-limit", evaluate("--limit", "0"), ["--limit", "got 0"]),
     Case("eval-unknown-task", ["eval", "{base}", "--tasks", "optimer_jp_dev", "--output", "{out}"], ["optimer_jp_dev"]),
     Case("eval-unknown-dtype", evaluate("--dtype", "float8"), ["'float8'"]),

@@ -49,7 +49,27 @@ def resolve(tasks: list[str]):
             f"unknown lm-eval task(s): {', '.join(unknown)}; ours are optimer_dev, optimer_test, "
             f"optimer_<ja|zh|math|code>_<dev|test>[_mc|_bpb|_gen|_humaneval_mc|_humaneval_exec] (see eval_tasks/README.md)"
         )
+    runs = {t: _leaves(manager, t) for t in tasks}
+    for i, first in enumerate(tasks):
+        for second in tasks[i + 1 :]:
+            if common := sorted(runs[first] & runs[second]):
+                raise ConfigError(f"tasks {first} and {second} both run {common[0]}" + (f" (and {len(common) - 1} more)" if len(common) > 1 else "")
+                                  + "; lm-eval runs each task once: leave one of them out")  # fmt: skip
     return manager
+
+
+def _leaves(manager, name: str, seen: frozenset = frozenset()) -> set[str]:
+    """The tasks a task, group or tag runs."""
+    entry = manager.task_index.get(name)
+    kind = getattr(getattr(entry, "kind", None), "name", "")
+    if kind == "GROUP" and isinstance(entry.cfg, dict) and name not in seen:
+        members = entry.cfg.get("task") or []
+        names = [m if isinstance(m, str) else str(m.get("task", m)) for m in (members if isinstance(members, list) else [members])]
+    elif kind == "TAG" and name not in seen:
+        names = [other for other, e in manager.task_index.items() if name in (getattr(e, "tags", None) or [])]
+    else:
+        return {name}
+    return set().union(*(_leaves(manager, n, seen | {name}) for n in names)) if names else {name}
 
 
 def task_metrics(task: str) -> dict[str, bool | None] | None:
