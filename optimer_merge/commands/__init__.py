@@ -22,13 +22,31 @@ def positive_int(text: str) -> int:
 
 
 def threads(text: str) -> int | str:
-    """An argparse type: 'auto' or an integer >= 1."""
+    """An argparse type: 'auto' or an integer >= 1 (threads of workers that may run elsewhere)."""
     if text == "auto":
         return text
     try:
         return positive_int(text)
     except argparse.ArgumentTypeError as error:
         raise argparse.ArgumentTypeError(str(error).replace("expected a", "expected 'auto' or a")) from None
+
+
+def local_threads(text: str) -> int | str:
+    """An argparse type: ``threads`` of this process, so at most the machine's CPUs."""
+    return _on_this_machine(threads(text))
+
+
+def cpu_threads(text: str) -> int:
+    """An argparse type: an integer from 1 to the machine's CPUs."""
+    return _on_this_machine(positive_int(text))
+
+
+def _on_this_machine(value):
+    from optimer_merge.threads import too_many_threads
+
+    if problem := too_many_threads(value):
+        raise argparse.ArgumentTypeError(problem)
+    return value
 
 
 def path(text: str) -> str:

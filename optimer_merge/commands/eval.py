@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import argparse
 
-from optimer_merge.commands import path, positive_int, threads
+from optimer_merge.commands import local_threads, path, positive_int
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -23,7 +23,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--objective", type=path, help="objective spec YAML: also compute its score")
     parser.add_argument("--batch-size", type=positive_int, default=16)
     parser.add_argument("--dtype", choices=FLOAT_DTYPES, default=None, help="default: the model's own")
-    parser.add_argument("--threads", type=threads, default="auto", help="CPU threads (default auto: 1 for tiny models)")
+    parser.add_argument("--threads", type=local_threads, default="auto", help="CPU threads (default auto: 1 for tiny models)")
     parser.add_argument("--tensor-parallel-size", type=positive_int, default=1, help="vllm/server: GPUs per model")
     parser.add_argument("--url", help="with --backend server: use this running OpenAI-compatible server instead of starting vllm serve")
     parser.add_argument("--confirm-run-unsafe-code", action="store_true", help="allow tasks that execute model-written code")

@@ -4,14 +4,14 @@ from __future__ import annotations
 
 import argparse
 
-from optimer_merge.commands import path, positive_int
+from optimer_merge.commands import cpu_threads, path
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("recipe", type=path, help="mergekit YAML recipe (any method, including `optimer`)")
     parser.add_argument("out", type=path, help="output model folder (new, empty, or an earlier merge's, which is replaced)")
     parser.add_argument("--device", default="cpu", help="device for the merge math (default: cpu)")
-    parser.add_argument("--threads", type=positive_int, default=None, help="torch threads for the merge")
+    parser.add_argument("--threads", type=cpu_threads, default=None, help="torch threads for the merge")
     parser.add_argument("--no-copy-tokenizer", action="store_true", help="do not copy the base tokenizer")
     parser.add_argument("--no-model-card", action="store_true", help="do not write README.md")
     parser.add_argument("--out-shard-size", default="5B", help="max shard size, e.g. 2B or 500M")

@@ -9,6 +9,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, PositiveInt, ValidationInfo, field_validator, model_validator
 
 from optimer_merge.io.yaml_config import LocalPath, PlainName, Seed
+from optimer_merge.threads import too_many_threads
 
 # Lightning Fabric's precision settings.
 PRECISIONS = ("32-true", "32", "16-mixed", "16", "bf16-mixed", "bf16", "bf16-true", "16-true", "64-true", "64", "transformer-engine", "transformer-engine-float16")
@@ -134,6 +135,8 @@ class TrainConfig(_Frozen):
         duplicates = sorted({n for n in names if names.count(n) > 1})
         if duplicates:
             raise ValueError(f"dataset names must be unique; repeated: {', '.join(duplicates)}")
+        if problem := too_many_threads(self.threads):
+            raise ValueError(f"threads: {problem}")
         if not all(0 <= b < 1 for b in self.betas):
             raise ValueError(f"betas {list(self.betas)} must each be in [0, 1)")
         if sum(d.ratio for d in self.datasets) <= 0:

@@ -10,6 +10,7 @@ from pydantic import BaseModel, ConfigDict, Field, PositiveInt, model_validator
 
 from optimer_merge.evaluation.objective import Objective
 from optimer_merge.io.yaml_config import LocalPath, PlainName, Seed
+from optimer_merge.threads import too_many_threads
 
 Dtype = Literal["float32", "bfloat16", "float16"]
 # Bounds beyond this move a model further than its own CPT did, several times over: allowed, but warned.
@@ -114,6 +115,8 @@ class SearchConfig(BaseModel):
                 raise ValueError(f"{name}: {getattr(self, name)!r} is a setting of the {other} backend; backend {self.backend} would ignore it")
         if self.parallel > self.trials:
             raise ValueError(f"parallel {self.parallel} is more than trials {self.trials}: workers would have no trial; give parallel <= trials")
+        if self.parallel == 1 and (problem := too_many_threads(self.threads)):  # parallel workers: Ray checks their CPUs
+            raise ValueError(f"threads: {problem}")
         if self.ray_address and self.parallel == 1:
             raise ValueError(f"ray_address {self.ray_address!r} needs parallel >= 2 (parallel: 1 scores in this process)")
         return self
