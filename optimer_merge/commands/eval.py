@@ -39,7 +39,7 @@ def run(args: argparse.Namespace) -> int:
     from optimer_merge.errors import ConfigError
     from optimer_merge.evaluation.evaluator import open_evaluator
     from optimer_merge.evaluation.objective import Objective
-    from optimer_merge.evaluation.tasks import resolve
+    from optimer_merge.evaluation.tasks import check_distinct
     from optimer_merge.io.files import atomic_write_text, check_output_dir, write_json
     from optimer_merge.io.run_folder import RunFolder
 
@@ -64,7 +64,7 @@ def run(args: argparse.Namespace) -> int:
             raise ConfigError(f"--tasks {args.tasks!r} names {', '.join(twice)} twice; give each task once")
     else:
         tasks = objective.task_names() if objective else ["optimer_dev"]
-    resolve(tasks)  # unknown task names fail here, before any model is loaded
+    check_distinct(tasks)  # unknown or overlapping task names fail here, before any model is loaded
     if objective is not None:
         objective.check()
         missing = [t for t in objective.task_names() if t not in tasks]

@@ -99,9 +99,9 @@ class Objective(BaseModel):
     def check(self) -> None:
         """Before any evaluation: each metric exists in its task and has a direction, and the
         reference (if any) has a value for each term."""
-        from optimer_merge.evaluation.tasks import group_without_metrics, resolve, task_metrics
+        from optimer_merge.evaluation.tasks import check_distinct, group_without_metrics, task_metrics
 
-        resolve(self.task_names())
+        check_distinct(self.task_names())
         reference = self.reference_results()
         for term in self.tasks if reference is not None else ():
             where = self.reference if isinstance(self.reference, str) else "the inline reference"

@@ -49,13 +49,19 @@ def resolve(tasks: list[str]):
             f"unknown lm-eval task(s): {', '.join(unknown)}; ours are optimer_dev, optimer_test, "
             f"optimer_<ja|zh|math|code>_<dev|test>[_mc|_bpb|_gen|_humaneval_mc|_humaneval_exec] (see eval_tasks/README.md)"
         )
+    return manager
+
+
+def check_distinct(tasks: list[str]) -> None:
+    """Refuse tasks that overlap (a group and one of its own tasks): lm-eval runs each task once and
+    would stop with a traceback. Checked once, where the user's task list is read."""
+    manager = resolve(tasks)
     runs = {t: _leaves(manager, t) for t in tasks}
     for i, first in enumerate(tasks):
         for second in tasks[i + 1 :]:
             if common := sorted(runs[first] & runs[second]):
                 raise ConfigError(f"tasks {first} and {second} both run {common[0]}" + (f" (and {len(common) - 1} more)" if len(common) > 1 else "")
                                   + "; lm-eval runs each task once: leave one of them out")  # fmt: skip
-    return manager
 
 
 def _leaves(manager, name: str, seen: frozenset = frozenset()) -> set[str]:
