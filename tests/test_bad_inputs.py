@@ -37,7 +37,7 @@ dtype: float32
 
 
 def search(*extra: str) -> list[str]:
-    return ["search", "--base", "{base}", "--objective", OBJECTIVE, "--output", "{out}", "--trials", "2", "--limit", "2",
+    return ["search", "--base", "{base}", "--objective", OBJECTIVE, "--output", "{out}", "--trials", "2", "--limit", "2", "--finalist-limit", "4",
             "--vector", "ja={zoo}/tiny-text/ja", "--vector", "zh={zoo}/tiny-text/zh", *extra]  # fmt: skip
 
 
