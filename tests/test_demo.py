@@ -178,7 +178,7 @@ def test_progress_of_running_jobs_is_read_from_their_files(demo_run):
     assert _progress(run_dir, settings, "test-base") == "running"
 
 
-def test_eta_scales_the_expected_costs_by_this_machines_speed(demo_run):
+def test_every_finished_job_but_the_last_says_the_eta(demo_run):
     from optimer_merge.demo.pipeline import DemoSettings, eta, plan
 
     run_dir, resumed = demo_run
@@ -188,17 +188,22 @@ def test_eta_scales_the_expected_costs_by_this_machines_speed(demo_run):
     jobs = plan(DemoSettings(**json.loads((run_dir / "demo_settings.json").read_text())["settings"]))
     states = {job.name: json.loads((run_dir / "state" / f"{job.name}.json").read_text()) for job in jobs}
     assert eta(jobs, states, {}, {}, 2) == 0
-    cost = {job.name: job.cost for job in jobs}
-    done, rest = [job.name for job in jobs[:10]], [job.name for job in jobs[10:]]
-    # the finished jobs took twice their expected cost (plus 30 s of it at the reference speed):
-    # so will the rest, over 2 workers
-    slow = {name: 2 * cost[name] for name in done}
-    speed = (2 * sum(cost[n] for n in done) + 30) / (sum(cost[n] for n in done) + 30)
-    assert eta(jobs, {n: states[n] for n in done}, {}, slow, 2) == pytest.approx(speed * sum(cost[n] for n in rest) / 2)
+
+
+def test_eta_replays_the_scheduler_on_expected_durations():
+    from optimer_merge.demo.pipeline import Job, eta
+
+    jobs = [Job("a", (), "", 10), Job("b", ("a",), "", 20), Job("c", ("a",), "", 20), Job("d", ("b",), "", 40), Job("e", (), "", 5)]
+    # 2 workers: a and e start; e ends at 5 and nothing else can start before a ends at 10; b and c
+    # end at 30; d runs 30-70 with the other worker idle (not 95 / 2 seconds of work per worker)
+    assert eta(jobs, {}, {}, {}, 2) == pytest.approx(70)
+    assert eta(jobs, {}, {}, {}, 1) == pytest.approx(95)
+    # a took twice its expected cost (plus 30 s of it at the reference speed): the rest 1.25x theirs
+    assert eta(jobs, {"a": {}}, {}, {"a": 20.0}, 2) == pytest.approx(1.25 * 60)
     # what a running job has done is taken off, never more than its own cost
-    running = {rest[0]: 1.0, rest[1]: 1e6}
-    left = speed * sum(cost[n] for n in rest[2:]) + speed * cost[rest[0]] - 1.0
-    assert eta(jobs, {n: states[n] for n in done}, running, slow, 2) == pytest.approx(left / 2)
+    assert eta(jobs, {"a": {}}, {"b": 5.0}, {}, 2) == pytest.approx(15 + 40)
+    assert eta(jobs, {"a": {}}, {"b": 1e6}, {}, 2) == pytest.approx(40)
+    assert eta(jobs, {n: {} for n in "abcde"}, {}, {}, 2) == 0
 
 
 def test_shipped_recipes_run_on_the_demos_folders(demo_run, tmp_path, monkeypatch):

@@ -144,15 +144,29 @@ def plan(settings: DemoSettings) -> list[Job]:
 
 
 def eta(jobs: list[Job], states: dict, running: dict[str, float], ran: dict[str, float], workers: int) -> float:
-    """Seconds left: the expected cost of the jobs not done, scaled by how this machine did on the
-    jobs this invocation finished (``ran``: job -> seconds), less what the running jobs (``running``:
-    job -> seconds so far) have done, spread over the workers. The critical path is not modelled."""
+    """Seconds left: the scheduler replayed on expected durations. Each job's expected cost is scaled
+    by how this machine did on the jobs this invocation finished (``ran``: job -> seconds); a running
+    job (``running``: job -> seconds so far) has what it has done taken off; the jobs left start in
+    the scheduler's order on the first free worker once their dependencies are done, so a chain of
+    jobs is not spread over idle workers."""
     cost = {job.name: job.cost for job in jobs}
     prior = 30.0  # seconds of expected cost at the reference speed, so that a few short jobs do not decide it
     speed = (sum(ran.values()) + prior) / (sum(cost[name] for name in ran) + prior)
-    left = sum(cost[job.name] * speed for job in jobs if job.name not in states)
-    left -= sum(min(seconds, cost[name] * speed) for name, seconds in running.items())
-    return max(left, 0.0) / max(1, min(workers, sum(job.name not in states for job in jobs)))
+    ends = {name: max(cost[name] * speed - seconds, 0.0) for name, seconds in running.items()}  # job -> when it ends
+    done, now = set(states), 0.0
+    waiting = [job for job in jobs if job.name not in states and job.name not in running]
+    while True:
+        for job in list(waiting):
+            if len(ends) >= max(1, workers):
+                break
+            if all(d in done for d in job.deps):
+                ends[job.name] = now + cost[job.name] * speed
+                waiting.remove(job)
+        if not ends:
+            return now
+        name = min(ends, key=ends.get)
+        now = ends.pop(name)
+        done.add(name)
 
 
 # -- the stages (run in worker processes) ------------------------------------------------------
