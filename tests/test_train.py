@@ -101,6 +101,7 @@ def test_resume_after_kill_matches_uninterrupted_run(small_base, tmp_path):
     assert not (part / "model").exists()
     done = subprocess.run(_train_cmd(small_base, part), check=True, env=env, capture_output=True, text=True, timeout=600)
     assert "resuming" in done.stdout
+    assert "Initializing distributed" not in done.stdout + done.stderr and "processes registered" not in done.stdout + done.stderr  # Lightning's banner
     assert max_abs_diff(load_weights(tmp_path / "full" / "model"), load_weights(part / "model")) <= 1e-6
     assert meta(part)["tokens_per_dataset"] == meta(tmp_path / "full")["tokens_per_dataset"]
     full_rows = (tmp_path / "full" / "metrics.csv").read_text().splitlines()
@@ -456,6 +457,7 @@ def test_fsdp_two_ranks_shard_resume_exactly_and_export_what_ddp_trains(small_ba
     assert not (fsdp / "model").exists()
     done = subprocess.run(cmd(fsdp, "fsdp"), check=True, env=env, capture_output=True, text=True, timeout=600)
     assert "resuming" in done.stdout
+    assert "Initializing distributed" not in done.stdout + done.stderr and "processes registered" not in done.stdout + done.stderr  # Lightning's banner
 
     weights = load_weights(fsdp / "model")
     assert max_abs_diff(load_weights(ddp / "model"), weights) <= 1e-6

@@ -37,6 +37,7 @@ from optimer_merge.errors import ConfigError, OnEveryRank, RunFolderError, Stopp
 from optimer_merge.io.checkpoints import check_model_folder, fingerprint, saved_dtype
 from optimer_merge.io.files import atomic_write_text, check_free_space, write_json
 from optimer_merge.io.progress import duration, human_bytes
+from optimer_merge.io.quiet import drop_messages
 from optimer_merge.io.run_folder import RunFolder, is_primary_process
 from optimer_merge.signals import on_sigterm
 from optimer_merge.threads import default_threads
@@ -337,6 +338,7 @@ class Run:
 
 def prepare(config: TrainConfig, log: Callable[[str], None] = print) -> Run:
     """Check every input, launch Fabric, load the base, tokenize the data, set up the optimizer."""
+    import lightning_utilities.core.rank_zero
     from lightning.fabric import Fabric
 
     out = Path(config.output)
@@ -373,7 +375,11 @@ def prepare(config: TrainConfig, log: Callable[[str], None] = print) -> Run:
             f"accelerator={config.accelerator!r}, strategy={config.strategy_config.name!r}, devices={config.devices!r}, "
             f"precision={config.precision!r}: {error}"
         ) from None
-    fabric.launch()
+    # Lightning's per-rank connection banner says nothing a user acts on; errors still reach stderr
+    # (its rank-zero messages go to whichever logger the last imported Lightning package named)
+    loggers = ("lightning.fabric.utilities.distributed", lightning_utilities.core.rank_zero.log.name)
+    with drop_messages(loggers, ("Initializing distributed:", "All distributed processes registered")):
+        fabric.launch()
     say = log if fabric.is_global_zero else (lambda _msg: None)
     if sharded:  # created on the meta device, sharded by layer, loaded once from rank 0's memory map
         from optimer_merge.cpt import sharding
