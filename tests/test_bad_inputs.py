@@ -402,3 +402,27 @@ def test_a_search_does_not_resume_over_changed_weights(paths, capfd, tmp_path):
     shutil.copy(Path(paths["zoo"]) / "tiny-text/ja/model.safetensors", tmp_path / "ja/model.safetensors")
     assert run(argv[1]) == 0
     assert len((tmp_path / "run/trials.jsonl").read_text().splitlines()) == 3
+
+
+SLOW_IMPORTS = [  # (argv, libraries that take seconds to import and must not be loaded for the refusal)
+    (["merge", "{out}/missing.yaml", "{out}/merged"], ["mergekit"]),
+    (["merge", "{bad_yaml}", "{out}/merged"], ["mergekit"]),
+    (["train", "--base", "{out}/missing", "--dataset", "ja", "--output", "{out}/run", "--max-steps", "2"], ["lightning", "transformers"]),
+    (["train", "--base", "{base}", "--dataset", "{out}/missing.jsonl", "--output", "{out}/run", "--max-steps", "2"], ["lightning", "transformers"]),
+    (["eval", "{out}/missing", "--output", "{out}/run"], ["lm_eval.tasks", "transformers"]),
+]
+
+
+@pytest.mark.parametrize("argv, libraries", SLOW_IMPORTS, ids=["merge-missing", "merge-malformed", "train-base", "train-dataset", "eval-model"])
+def test_a_missing_input_is_refused_before_the_slow_libraries_load(argv, libraries, paths, tmp_path):
+    """A typo costs a fraction of a second, not the seconds mergekit, Lightning or lm-eval's task
+    index take to load."""
+    import subprocess
+    import sys
+
+    argv = [a.format(**{**paths, "out": str(tmp_path)}) for a in argv]
+    probe = f"import sys; from optimer_merge import cli; code = cli.main({argv!r}); print(code, [m for m in {libraries!r} if m in sys.modules])"
+    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120)
+    assert done.stdout.splitlines()[-1] == "2 []", done.stdout + done.stderr
+    lines = [line for line in done.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith(f"optimer-merge {argv[0]}: error: "), done.stderr

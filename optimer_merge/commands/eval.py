@@ -40,6 +40,7 @@ def run(args: argparse.Namespace) -> int:
     from optimer_merge.evaluation.evaluator import open_evaluator
     from optimer_merge.evaluation.objective import Objective
     from optimer_merge.evaluation.tasks import check_distinct
+    from optimer_merge.io.checkpoints import check_model_folder
     from optimer_merge.io.files import atomic_write_text, check_output_dir, write_json
     from optimer_merge.io.run_folder import RunFolder
 
@@ -54,6 +55,8 @@ def run(args: argparse.Namespace) -> int:
         from optimer_merge.evaluation.server_backend import server_root
 
         url = server_root(args.url)  # a malformed URL is refused before any work
+    if url is None:  # the model folder first: reading the task index takes seconds
+        check_model_folder(args.model, "model", tokenizer=True)
     objective = Objective.load(args.objective) if args.objective else None
     if args.tasks is not None:
         tasks = [t.strip() for t in args.tasks.split(",")]

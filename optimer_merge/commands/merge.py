@@ -34,18 +34,18 @@ def check_device(name: str) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from mergekit.common import parse_kmb
-
     from optimer_merge.errors import ConfigError
     from optimer_merge.merge.recipes import check_merge_target, load_recipe, run_recipe
+
+    loaded = load_recipe(args.recipe)  # read once: the recipe may come through a pipe
+    config = loaded[0]
+    from mergekit.common import parse_kmb
 
     try:
         shard_size = parse_kmb(args.out_shard_size)
     except ValueError:
         raise ConfigError(f"--out-shard-size {args.out_shard_size!r} is not a size such as 2B, 500M or 1000000") from None
     check_device(args.device)
-    loaded = load_recipe(args.recipe)  # read once: the recipe may come through a pipe
-    config = loaded[0]
     check_merge_target(args.out)
     if not args.quiet:
         names = ", ".join(str(m.model.path) for m in config.referenced_models())

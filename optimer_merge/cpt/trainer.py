@@ -71,12 +71,11 @@ def lr_at(step: int, total_steps: int, config: TrainConfig) -> float:
 
 
 def open_base(base: str | Path):
-    """A base HF model's config, tokenizer and class: Gemma3ForCausalLM-like, or an image-text
+    """A checked base HF model's config, tokenizer and class: Gemma3ForCausalLM-like, or an image-text
     model whose language model alone trains. Returns (config, tokenizer, text_config, model class)."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForImageTextToText, AutoTokenizer
     from transformers.utils import logging as hf_logging
 
-    base = check_model_folder(base, "base model", tokenizer=True)
     hf_logging.disable_progress_bar()
     config = AutoConfig.from_pretrained(base)
     tokenizer = AutoTokenizer.from_pretrained(base)
@@ -338,15 +337,8 @@ class Run:
 
 def prepare(config: TrainConfig, log: Callable[[str], None] = print) -> Run:
     """Check every input, launch Fabric, load the base, tokenize the data, set up the optimizer."""
-    import lightning_utilities.core.rank_zero
-    from lightning.fabric import Fabric
-
     out = Path(config.output)
-    base = Path(config.base)
-    hf_config, tokenizer, text_config, model_class = open_base(base)
-    max_len = getattr(text_config, "max_position_embeddings", None)
-    if max_len is not None and config.seq_len > max_len:
-        raise ConfigError(f"seq_len={config.seq_len} is above the model's maximum of {max_len} positions")
+    base = check_model_folder(config.base, "base model", tokenizer=True)  # the cheap checks first: no library loaded yet
     for spec in config.datasets + config.eval_datasets:
         for source in filter(None, (spec.source, spec.eval_source)):
             warning = ds.check_source(source)
@@ -356,10 +348,17 @@ def prepare(config: TrainConfig, log: Callable[[str], None] = print) -> Run:
         lacking = [d.name for d in config.datasets if ds.eval_source(d) is None]
         if lacking:
             raise ConfigError(f"velocitune needs held-out data for every dataset; set eval_source for: {', '.join(lacking)}")
+    hf_config, tokenizer, text_config, model_class = open_base(base)
+    max_len = getattr(text_config, "max_position_embeddings", None)
+    if max_len is not None and config.seq_len > max_len:
+        raise ConfigError(f"seq_len={config.seq_len} is above the model's maximum of {max_len} positions")
     sharded = config.strategy_config.name == "fsdp"
     token_dir = out / TOKENS_DIR
     if is_primary_process():  # a bad line in the data is one error before any other rank starts (then: cached)
         _load_data(config, tokenizer, token_dir)
+    import lightning_utilities.core.rank_zero  # Lightning takes seconds to import: only once the inputs are checked
+    from lightning.fabric import Fabric
+
     try:
         fabric = Fabric(
             accelerator=config.accelerator,

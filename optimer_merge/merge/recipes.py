@@ -126,14 +126,16 @@ def check_structure(config, path: str | Path) -> None:
 
 def load_recipe(path: str | Path):
     """Parse and check a mergekit recipe file; returns (MergeConfiguration, its text)."""
+    from optimer_merge.io.yaml_config import parse_yaml, read_text, validation_message
+
+    text = read_text(path, "recipe")  # a missing or malformed file is said before mergekit is imported (seconds)
+    raw = parse_yaml(text, path)
+
     from mergekit.config import MergeConfiguration
     from pydantic import ValidationError
 
     from optimer_merge.io.checkpoints import Checkpoint
-    from optimer_merge.io.yaml_config import parse_yaml, read_text, validation_message
 
-    text = read_text(path, "recipe")
-    raw = parse_yaml(text, path)
     check_recipe(raw, path)
     try:
         config = MergeConfiguration.model_validate(raw)
