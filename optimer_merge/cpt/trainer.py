@@ -71,8 +71,9 @@ def lr_at(step: int, total_steps: int, config: TrainConfig) -> float:
 
 
 def open_base(base: str | Path):
-    """A checked base HF model's config, tokenizer and class: Gemma3ForCausalLM-like, or an image-text
-    model whose language model alone trains. Returns (config, tokenizer, text_config, model class)."""
+    """A base HF model's config, tokenizer and class (the folder checked by ``prepare``):
+    Gemma3ForCausalLM-like, or an image-text model whose language model alone trains.
+    Returns (config, tokenizer, text_config, model class)."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForImageTextToText, AutoTokenizer
     from transformers.utils import logging as hf_logging
 
