@@ -357,8 +357,7 @@ def prepare(config: TrainConfig, log: Callable[[str], None] = print) -> Run:
     token_dir = out / TOKENS_DIR
     if is_primary_process():  # a bad line in the data is one error before any other rank starts (then: cached)
         _load_data(config, tokenizer, token_dir)
-    import lightning_utilities.core.rank_zero  # Lightning takes seconds to import: only once the inputs are checked
-    from lightning.fabric import Fabric
+    from lightning.fabric import Fabric  # Lightning takes seconds to import: only once the inputs are checked
 
     try:
         fabric = Fabric(
@@ -376,8 +375,8 @@ def prepare(config: TrainConfig, log: Callable[[str], None] = print) -> Run:
             f"precision={config.precision!r}: {error}"
         ) from None
     # Lightning's per-rank connection banner says nothing a user acts on; errors still reach stderr
-    # (its rank-zero messages go to whichever logger the last imported Lightning package named)
-    loggers = ("lightning.fabric.utilities.distributed", lightning_utilities.core.rank_zero.log.name)
+    # (its rank-zero messages go to the logger of whichever Lightning package was imported last)
+    loggers = tuple(f"lightning.{p}.utilities.{m}" for p in ("fabric", "pytorch") for m in ("distributed", "rank_zero"))
     with drop_messages(loggers, ("Initializing distributed:", "All distributed processes registered")):
         fabric.launch()
     say = log if fabric.is_global_zero else (lambda _msg: None)
