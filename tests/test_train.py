@@ -132,6 +132,11 @@ def test_resume_after_kill_matches_uninterrupted_run(small_base, tmp_path):
 def test_velocitune_rule_and_scaling_law():
     v = vt.velocities({"a": 3.0, "b": 2.0}, initial={"a": 4.0, "b": 4.0}, targets={"a": 2.0, "b": 2.5})
     assert v == {"a": 0.5, "b": 0.0}
+    # a target at or above the initial loss (a proxy run that predicted no progress): a domain whose
+    # loss rises past it gets data again (the rule's limit as the span shrinks to 0), not none
+    flat = vt.velocities({"c": 4.5, "d": 3.9, "e": 4.1}, initial={n: 4.0 for n in "cde"}, targets={n: 4.1 for n in "cde"})
+    assert flat == {"c": 1.0, "d": 0.0, "e": 0.0}
+    assert vt.velocities({"c": 4.5}, initial={"c": 4.0}, targets={"c": 3.999}) == {"c": 1.0}  # and just below: the same
     w = vt.update_weights({"a": 0.5, "b": 0.5}, v)
     assert w["a"] == pytest.approx(math.exp(0.5) / (math.exp(0.5) + 1))
     law = vt.ScalingLaw(E=1.5, B=40.0, beta=0.3)

@@ -1,7 +1,8 @@
 """Velocitune's rule (Luo et al., ACL 2025): domains that are far from their target loss get more data.
 
 Learning velocity V_i = clip((l_i - t_i) / (l_init_i - t_i), 0, 1), with l_i the current held-out
-loss, l_init_i the loss before training and t_i the target; then w_i <- w_i exp(V_i) / sum_j w_j exp(V_j).
+loss, l_init_i the loss before training and t_i the target (where t_i >= l_init_i: 1 while l_i > t_i,
+else 0); then w_i <- w_i exp(V_i) / sum_j w_j exp(V_j).
 Targets come from a scaling-law fit L(D) = E + B / D^beta to a short proxy run, evaluated at the
 tokens each domain will see in the full run. With ``refit`` (the default), each update refits the
 law on the run's own held-out losses once three updates are in, extrapolated to the tokens each
@@ -20,11 +21,13 @@ from scipy.optimize import nnls
 
 
 def velocities(losses: dict[str, float], initial: dict[str, float], targets: dict[str, float]) -> dict[str, float]:
-    """V_i for every domain; 0 where the initial loss is already at or below the target."""
+    """V_i for every domain. Where the initial loss is already at or below the target (a proxy run
+    that predicted no progress), V_i is the rule's limit as that span shrinks to 0: 1 while the loss
+    is above the target, else 0, so a domain that gets worse than at the start is not starved."""
     out = {}
     for name, loss in losses.items():
-        span = initial[name] - targets[name]
-        out[name] = 0.0 if span <= 0 else min(max((loss - targets[name]) / span, 0.0), 1.0)
+        span, above = initial[name] - targets[name], loss - targets[name]
+        out[name] = float(above > 0) if span <= 0 else min(max(above / span, 0.0), 1.0)
     return out
 
 
