@@ -177,7 +177,7 @@ def test_objective_direction_reference_and_breakdown(hf_results, tmp_path):
         Objective.model_validate({"tasks": [{"task": "optimer_ja_dev_mc", "metric": "nope"}]}).score(results)
 
 
-def test_eval_cli_writes_results_table_and_objective(small_base, tmp_path, capsys):
+def test_eval_cli_writes_results_table_and_objective(small_base, other_model, tmp_path, capsys):
     (tmp_path / "obj.yaml").write_text(yaml.safe_dump({"tasks": [{"task": "optimer_math_dev_mc", "metric": "acc"}]}))
     code = cli.main(["eval", str(small_base), "--objective", str(tmp_path / "obj.yaml"), "--limit", "5", "--output", str(tmp_path / "out")])
     assert code == 0
@@ -196,6 +196,11 @@ def test_eval_cli_writes_results_table_and_objective(small_base, tmp_path, capsy
     assert cli.main(again) == 0
     assert json.loads((tmp_path / "out" / "results.json").read_text())["n-samples"]["optimer_math_dev_mc"]["effective"] == 3
     assert not (tmp_path / "out" / "objective.json").exists()
+    assert "warning" not in capsys.readouterr().out  # the same model again: nothing to say
+    # another model's evaluation into the same folder says whose results it replaces
+    assert cli.main(["eval", str(other_model), *again[2:]]) == 0
+    assert f"warning: {tmp_path / 'out'} holds the results of {small_base.resolve()}; this evaluation replaces them" in capsys.readouterr().out
+    assert json.loads((tmp_path / "out" / "results.json").read_text())["config"]["model_args"] == f"pretrained={other_model.resolve()}"
     code = cli.main(["eval", str(small_base), "--tasks", "optimer_nope", "--output", str(tmp_path / "bad")])
     assert code == 2 and "unknown lm-eval task(s): optimer_nope" in capsys.readouterr().err
 

@@ -80,6 +80,9 @@ def run(args: argparse.Namespace) -> int:
     if args.backend == "server":
         settings["url"] = url
     with RunFolder(out, "evaluation"):  # one evaluation at a time writes here
+        previous = _evaluated_model(out / "results.json")
+        if previous and previous != str(Path(args.model).resolve()):
+            print(f"warning: {out} holds the results of {previous}; this evaluation replaces them", flush=True)
         with open_evaluator(args.backend, args.model, **settings) as evaluator:
             results = evaluator.evaluate(tasks, args.limit, confirm_run_unsafe_code=args.confirm_run_unsafe_code, log_samples=args.log_samples)
         results["config"]["model"] = f"optimer-merge/{args.backend}"
@@ -99,3 +102,14 @@ def run(args: argparse.Namespace) -> int:
         print(f"objective score: {score:.6g}")
     print(f"results: {out / 'results.json'}")
     return 0
+
+
+def _evaluated_model(results) -> str | None:
+    """The model folder an earlier evaluation's results.json (a Path) names (``pretrained=...``), if any."""
+    import json
+
+    try:
+        model_args = json.loads(results.read_text(encoding="utf-8"))["config"]["model_args"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    return model_args.removeprefix("pretrained=") if isinstance(model_args, str) and model_args.startswith("pretrained=") else None
