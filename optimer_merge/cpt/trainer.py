@@ -462,15 +462,15 @@ def _check_disk(config: TrainConfig, out: Path, model: torch.nn.Module, trainabl
     dtype = getattr(torch, saved_dtype(config.base) if config.save_dtype == "auto" else config.save_dtype)
     export = sum(p.numel() for p in params) * torch.empty((), dtype=dtype).element_size()
     kept = config.keep_checkpoints + 1
+    need, what = kept * checkpoint - held + export, f"training ({kept} checkpoints of {human_bytes(checkpoint)} at once, then the model)"
+    if fabric.world_size == 1:
+        check_free_space(out, need, what)
+        return
     try:
-        check_free_space(out, kept * checkpoint - held + export, f"training ({kept} checkpoints of {human_bytes(checkpoint)} at once, then the model)")
+        check_free_space(out, need, what)
         short = None
     except RunFolderError as error:
         short = str(error)
-    if fabric.world_size == 1:
-        if short:
-            raise RunFolderError(short)
-        return
     problems = [None] * fabric.world_size
     torch.distributed.all_gather_object(problems, short)
     if any(problems):
