@@ -1,5 +1,5 @@
-"""`optimer-merge demo` at reduced size: every artefact exists and parses, numbers come from the run,
-and a killed run resumes to the same result."""
+"""`optimer-merge demo` at reduced size over two seeds: every artefact exists and parses, numbers come
+from the run, a stopped run resumes to the same result, and the seeds aggregate into intervals."""
 
 from __future__ import annotations
 
@@ -29,14 +29,17 @@ def demo(run_dir: Path, *extra: str, timeout: int = 600) -> subprocess.Completed
     return subprocess.run([CLI, "demo", "--run-dir", str(run_dir), *REDUCED, *extra], capture_output=True, text=True, timeout=timeout)
 
 
-@pytest.fixture(scope="session")
-def demo_run(tmp_path_factory) -> tuple[Path, subprocess.CompletedProcess]:
-    """A reduced demo, stopped (SIGTERM, as a scheduler does) once the first CPT run has finished,
-    then resumed to the end."""
-    run_dir = tmp_path_factory.mktemp("demo") / "run"
-    first = subprocess.Popen([CLI, "demo", "--run-dir", str(run_dir), *REDUCED], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+@pytest.fixture(scope="module")
+def demo_seeds(tmp_path_factory) -> tuple[Path, Path, subprocess.CompletedProcess]:
+    """A reduced two-seed demo (seeds 0 and 1), stopped (SIGTERM, as a scheduler does) once seed 0's
+    first CPT run has finished, then resumed to the end: its folder, the folder its report was
+    copied to, and the resumed run."""
+    root = tmp_path_factory.mktemp("demo")
+    run_dir, copy = root / "run", root / "docs"
+    argv = [CLI, "demo", "--run-dir", str(run_dir), "--seeds", "2", "--report-dir", str(copy), *REDUCED]
+    first = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 300
-    while not list((run_dir / "state").glob("cpt-*.json")) and first.poll() is None and time.monotonic() < deadline:
+    while not list((run_dir / "seed-0" / "state").glob("cpt-*.json")) and first.poll() is None and time.monotonic() < deadline:
         time.sleep(0.2)
     assert first.poll() is None, "the demo ended before it could be interrupted"
     workers = [p for p in Path("/proc").iterdir() if p.name.isdigit() and _parent(p) == first.pid]
@@ -46,10 +49,26 @@ def demo_run(tmp_path_factory) -> tuple[Path, subprocess.CompletedProcess]:
     assert first.wait(timeout=300) == 143, err
     assert "stopped by SIGTERM; the same command resumes where this run stopped" in err and "Traceback" not in err and "leaked" not in err, err
     assert not any(w.exists() and _parent(w) == first.pid for w in workers), "workers outlived the demo"
-    assert not (run_dir / "report.md").exists()
-    resumed = demo(run_dir)
+    assert not (run_dir / "seed-0" / "report.md").exists() and not (run_dir / "seed-1").exists()
+    resumed = subprocess.run(argv, capture_output=True, text=True, timeout=900)
     assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
-    return run_dir, resumed
+    return run_dir, copy, resumed
+
+
+@pytest.fixture(scope="module")
+def demo_run(demo_seeds) -> tuple[Path, subprocess.CompletedProcess]:
+    """Seed 0 of the two-seed demo, and the one-seed demo its folder holds, run again (every job
+    done: only the report is written again)."""
+    run_dir = demo_seeds[0] / "seed-0"
+    again = demo(run_dir)
+    assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
+    assert "25 of 25 jobs already done" in again.stdout and "  start " not in again.stdout
+    return run_dir, again
+
+
+def seed_log(stdout: str, seed: int) -> str:
+    """The part of a multi-seed demo's output about one seed."""
+    return stdout.split(f"== seed {seed} (", 1)[1].split("\n== seed ", 1)[0]
 
 
 def _parent(proc: Path) -> int | None:
@@ -59,12 +78,32 @@ def _parent(proc: Path) -> int | None:
         return None
 
 
-def test_resumed_run_reuses_finished_jobs(demo_run):
-    run_dir, resumed = demo_run
-    done = re.search(r"resuming .*: (\d+) of 25 jobs already done", resumed.stdout)
+def test_resumed_run_reuses_finished_jobs(demo_seeds):
+    run_dir, _, resumed = demo_seeds
+    stopped, fresh = seed_log(resumed.stdout, 0), seed_log(resumed.stdout, 1)
+    done = re.search(r"resuming .*: (\d+) of 25 jobs already done", stopped)
     assert done and int(done.group(1)) >= 2  # base and at least one CPT run
-    assert "start  base:" not in resumed.stdout
-    assert len(list((run_dir / "state").glob("*.json"))) == 25
+    assert "start  base:" not in stopped and "start  base:" in fresh and "resuming" not in fresh
+    assert len(list((run_dir / "seed-0" / "state").glob("*.json"))) == 25
+
+
+def test_two_seeds_aggregate_their_summaries(demo_seeds):
+    """`demo --seeds 2` at the smallest sizes: two complete runs, the aggregate from their summaries."""
+    run, copy, out = demo_seeds
+    assert f"== seed 0 (1/2) into {run / 'seed-0'}\n" in out.stdout
+    assert re.search(rf"== seed 1 \(2/2\) into {re.escape(str(run / 'seed-1'))}, ETA for the seeds left [\d.]+ (s|min)\n", out.stdout)
+    per_seed = {s: json.loads((run / f"seed-{s}" / "summary.json").read_text()) for s in (0, 1)}
+    assert per_seed[0]["settings"]["seed"] == 0 and per_seed[1]["settings"]["seed"] == 1
+    assert per_seed[0]["test_mean_bits_per_byte"] != per_seed[1]["test_mean_bits_per_byte"]  # the seeds really differ
+    summary = json.loads((run / "summary.json").read_text())
+    claim = summary["claims"]["beats_data_mixing"]
+    diffs = [per_seed[s]["test_mean_bits_per_byte"]["mix-uniform"] - per_seed[s]["test_mean_bits_per_byte"]["optimer"] for s in (0, 1)]
+    assert list(claim["per_seed"].values()) == pytest.approx(diffs) and claim["mean"] == pytest.approx(sum(diffs) / 2)
+    half = 12.706205 * abs(diffs[0] - diffs[1]) / 2  # t_0.975 (1 degree of freedom) x sd / sqrt(2), sd = diff / sqrt(2)
+    assert claim["high"] - claim["mean"] == pytest.approx(half, rel=1e-5)
+    assert claim["verdict"] in ("reproduced", "not reproduced", "inconclusive") and f"**{claim['verdict']}**" in (run / "report.md").read_text()
+    assert (copy / "report.md").read_text() == (run / "report.md").read_text() and (copy / "plots" / "claims.png").exists()
+    assert "claims:" in out.stdout and claim["claim"] in out.stdout
 
 
 def test_every_artefact_exists_and_parses(demo_run):
@@ -178,11 +217,11 @@ def test_progress_of_running_jobs_is_read_from_their_files(demo_run):
     assert _progress(run_dir, settings, "test-base") == "running"
 
 
-def test_every_finished_job_but_the_last_says_the_eta(demo_run):
+def test_every_finished_job_but_the_last_says_the_eta(demo_run, demo_seeds):
     from optimer_merge.demo.pipeline import DemoSettings, eta, plan
 
-    run_dir, resumed = demo_run
-    finished = [line for line in resumed.stdout.splitlines() if re.match(r"\[\d+/25\]", line)]
+    run_dir, _ = demo_run
+    finished = [line for line in seed_log(demo_seeds[2].stdout, 0).splitlines() if re.match(r"\[\d+/25\]", line)]
     assert finished and all(re.search(r"min in, ETA [\d.]+ (s|min)\)", line) for line in finished[:-1]), finished
     assert finished[-1].startswith("[25/25]") and "ETA" not in finished[-1]
     jobs = plan(DemoSettings(**json.loads((run_dir / "demo_settings.json").read_text())["settings"]))

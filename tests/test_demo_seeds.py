@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import math
-import re
 import sys
 from pathlib import Path
 
@@ -80,29 +79,3 @@ def test_one_folder_holds_one_kind_of_run(tmp_path):
     out = subprocess.run([CLI, "demo", "--run-dir", str(run)], capture_output=True, text=True, timeout=60)
     assert out.returncode == 2 and "holds a multi-seed demo" in out.stderr
     assert sorted(p.name for p in run.iterdir()) == ["seeds.json"]
-
-
-def test_two_seeds_for_real(tmp_path):
-    """`demo --seeds 2` at the smallest sizes: two complete runs, the aggregate from their summaries."""
-    import subprocess
-
-    from test_demo import REDUCED
-
-    run, copy = tmp_path / "run", tmp_path / "docs"
-    argv = [CLI, "demo", "--run-dir", str(run), "--seeds", "2", "--seed", "5", "--report-dir", str(copy), *REDUCED]
-    out = subprocess.run(argv, capture_output=True, text=True, timeout=900)
-    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
-    assert f"== seed 5 (1/2) into {run / 'seed-5'}\n" in out.stdout
-    assert re.search(rf"== seed 6 \(2/2\) into {re.escape(str(run / 'seed-6'))}, ETA for the seeds left [\d.]+ (s|min)\n", out.stdout)
-    per_seed = {s: json.loads((run / f"seed-{s}" / "summary.json").read_text()) for s in (5, 6)}
-    assert per_seed[5]["settings"]["seed"] == 5 and per_seed[6]["settings"]["seed"] == 6
-    assert per_seed[5]["test_mean_bits_per_byte"] != per_seed[6]["test_mean_bits_per_byte"]  # the seeds really differ
-    summary = json.loads((run / "summary.json").read_text())
-    claim = summary["claims"]["beats_data_mixing"]
-    diffs = [per_seed[s]["test_mean_bits_per_byte"]["mix-uniform"] - per_seed[s]["test_mean_bits_per_byte"]["optimer"] for s in (5, 6)]
-    assert list(claim["per_seed"].values()) == pytest.approx(diffs) and claim["mean"] == pytest.approx(sum(diffs) / 2)
-    half = 12.706205 * abs(diffs[0] - diffs[1]) / 2  # t_0.975 (1 degree of freedom) x sd / sqrt(2), sd = diff / sqrt(2)
-    assert claim["high"] - claim["mean"] == pytest.approx(half, rel=1e-5)
-    assert claim["verdict"] in ("reproduced", "not reproduced", "inconclusive") and f"**{claim['verdict']}**" in (run / "report.md").read_text()
-    assert (copy / "report.md").read_text() == (run / "report.md").read_text() and (copy / "plots" / "claims.png").exists()
-    assert "claims:" in out.stdout and claim["claim"] in out.stdout
