@@ -139,9 +139,20 @@ def bpb(results: dict) -> dict[str, float]:
     return {task: row["bits_per_byte,none"] for task, row in results["results"].items()}
 
 
+@pytest.fixture(scope="module")
+def stock_scores(tiny_zoo, tmp_path_factory) -> dict[str, float]:
+    """A fresh engine's scores of stock mergekit-yaml's output for the WEIGHTS recipe (an engine in
+    this process, as the push fallback runs it: no engine processes to start)."""
+    base, models = zoo_models(tiny_zoo, "tiny-text")
+    out = tmp_path_factory.mktemp("stock") / "merged"
+    stock_merge(base, models, WEIGHTS, out)
+    with open_evaluator("vllm", out, threads=1, weight_update="push", log=QUIET) as fresh:
+        return bpb(fresh.evaluate(TASKS, 4, quiet=True))
+
+
 @needs_vllm
 @pytest.mark.parametrize("tp", [1, 2])
-def test_vllm_workers_merge_like_stock_mergekit(tiny_zoo, tmp_path, tp):
+def test_vllm_workers_merge_like_stock_mergekit(tiny_zoo, stock_scores, tp):
     base, models = zoo_models(tiny_zoo, "tiny-text")
     spec = check_sources(base, {n: {"model": str(p)} for n, p in models.items()})
     with open_evaluator("vllm", base, threads=1, tensor_parallel_size=tp, pool=spec, log=QUIET) as engine:
@@ -158,9 +169,7 @@ def test_vllm_workers_merge_like_stock_mergekit(tiny_zoo, tmp_path, tp):
             assert trial["bytes_sent"] <= 64 + 16 * len(DOMAINS)  # K numbers cross the process boundary, no tensors
         assert _engine_rss() - rss < 32 << 20  # no copy of the model per trial in any process
         merged = bpb(engine.evaluate(TASKS, 4, quiet=True))
-    stock_merge(base, models, WEIGHTS, tmp_path / "stock")
-    with open_evaluator("vllm", tmp_path / "stock", threads=1, tensor_parallel_size=tp, log=QUIET) as fresh:
-        assert merged == pytest.approx(bpb(fresh.evaluate(TASKS, 4, quiet=True)), abs=1e-4)
+    assert merged == pytest.approx(stock_scores, abs=1e-4)
     assert merged != pytest.approx(before, abs=1e-3)  # the merge moved the scores
 
 
