@@ -143,7 +143,7 @@ def check_vllm(base: Path, models: dict[str, Path], root: Path) -> dict:
     }
 
 
-def check_cpt(base: Path, root: Path, accelerator: str = "cuda") -> dict:
+def check_cpt(base: Path, root: Path, accelerator: str = "cuda", steps: int = 30) -> dict:
     import csv
     import os
     import subprocess
@@ -154,9 +154,9 @@ def check_cpt(base: Path, root: Path, accelerator: str = "cuda") -> dict:
     config = root / "cpt.yaml"
     config.write_text(yaml.safe_dump({
         "base": str(base), "output": str(out), "datasets": [{"name": "code", "source": "code"}],
-        "max_steps": 30, "seq_len": 1024, "micro_batch_size": 4, "lr": 1e-5, "accelerator": accelerator, "devices": 1,
+        "max_steps": steps, "seq_len": 1024, "micro_batch_size": 4, "lr": 1e-5, "accelerator": accelerator, "devices": 1,
         "strategy": {"name": "fsdp", "activation_checkpointing": True}, "precision": "bf16-mixed",
-        "eval_every": 10, "eval_blocks": 4, "checkpoint_every": 30, "progress": False,
+        "eval_every": steps // 3, "eval_blocks": 4, "checkpoint_every": steps, "progress": False,
     }))  # fmt: skip
     cmd = [sys.executable, "-m", "optimer_merge.cli", "train", "--config", str(config), "--overwrite"]
     start = time.perf_counter()
@@ -194,7 +194,7 @@ def main() -> None:
     parser.add_argument("--out", default="runs/gpu-check.json")
     parser.add_argument("--workdir", default=None)
     parser.add_argument("--device", choices=["cuda", "cpu"], default="cuda", help="cpu: the hf and cpt checks on the CPU")
-    parser.add_argument("--tiny", action="store_true", help="a model of about 0.1 M parameters instead of 1 B")
+    parser.add_argument("--tiny", action="store_true", help="a model of about 0.1 M parameters instead of 1 B, and 12 CPT steps instead of 30")
     args = parser.parse_args()
     if lacking := missing():
         sys.exit(f"gpu-check: this Python ({sys.executable}) lacks {', '.join(lacking)}: pip install them, or where no package "
@@ -213,7 +213,7 @@ def main() -> None:
     if cuda:
         torch.cuda.empty_cache()
         summary["vllm"] = check_vllm(base, models, root)
-    summary["cpt"] = check_cpt(base, root, args.device)
+    summary["cpt"] = check_cpt(base, root, args.device, steps=12 if args.tiny else 30)
     summary["seconds"] = time.perf_counter() - start
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(summary, indent=2))
