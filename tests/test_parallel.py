@@ -117,12 +117,18 @@ def test_vllm_workers_join_a_running_cluster_and_leave_it_running(parallel_run, 
         port = probe.getsockname()[1]
     token = {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(32)}
     env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", **token}
-    head = ["--head", "--port", str(port), "--num-cpus", "2", "--include-dashboard", "false"]
-    started = subprocess.run([ray_cli, "start", *head], capture_output=True, text=True, timeout=120, env=env)
-    assert started.returncode == 0, started.stderr[-3000:]
+    # --block: the head runs in the foreground, and SIGTERM stops it and only it (`ray stop` would
+    # stop every Ray on the machine, a user's or another test's too)
+    head = ["--head", "--port", str(port), "--num-cpus", "2", "--include-dashboard", "false", "--block"]
+    with open(tmp_path / "head.log", "w") as log:
+        started = subprocess.Popen([ray_cli, "start", *head], stdout=log, stderr=subprocess.STDOUT, env=env)
     try:
         # the head's address as `ray start` prints it for other nodes (this machine's IP, not 127.0.0.1)
-        address = re.search(r"--address='([^']+)'", started.stdout + started.stderr).group(1)
+        deadline = time.monotonic() + 120
+        while not (found := re.search(r"--address='([^']+)'", (tmp_path / "head.log").read_text())):
+            assert started.poll() is None and time.monotonic() < deadline, (tmp_path / "head.log").read_text()[-3000:]
+            time.sleep(0.2)
+        address = found.group(1)
         assert address.endswith(f":{port}")
         backend = "vllm" if importlib.util.find_spec("vllm") else "hf"
         out = tmp_path / "run"
@@ -142,4 +148,5 @@ def test_vllm_workers_join_a_running_cluster_and_leave_it_running(parallel_run, 
         alive = subprocess.run([ray_cli, "status", "--address", address], capture_output=True, text=True, timeout=120, env=env)
         assert alive.returncode == 0, alive.stderr[-2000:]
     finally:
-        subprocess.run([ray_cli, "stop", "--force"], capture_output=True, timeout=120)
+        started.terminate()
+        started.wait(timeout=120)
