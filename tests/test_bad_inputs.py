@@ -325,9 +325,10 @@ def test_bad_input_is_one_line_before_any_work(case, paths, capfd, tmp_path):
     fields = {**paths, "out": str(tmp_path / "out" / "run")}
     argv = [a.format(**fields) for a in case.argv]
     code = run(argv)
-    err = capfd.readouterr().err
+    out, err = capfd.readouterr()
     lines = [line for line in err.splitlines() if line.strip()]
     assert code == 2, err
+    assert out == "", f"a refused command said it was starting: {out!r}"
     assert len(lines) == 1 and lines[0].startswith(f"optimer-merge {argv[0]}"), err
     for text in case.expect:
         assert text.format(**fields) in lines[0]

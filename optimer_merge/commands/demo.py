@@ -95,7 +95,6 @@ def run(args: argparse.Namespace) -> int:
     check_layout(run_dir, args.seeds)
     if args.seeds > 1:
         return _run_seeds(run_dir, settings, args.seeds, report_dir)
-    print(f"OptiMer demo into {run_dir} ({settings.workers} workers); each job logs to {run_dir}/logs/", flush=True)
     states = run_demo(run_dir, settings, log=lambda m: print(m, flush=True))
     numbers = write_report(run_dir, settings, states)
     mean = numbers["test_mean_bits_per_byte"]
@@ -111,7 +110,6 @@ def run(args: argparse.Namespace) -> int:
 def _run_seeds(run_dir, settings, seeds: int, report_dir) -> int:
     from optimer_merge.demo.seeds import copy_report, run_seeds
 
-    print(f"OptiMer demo, {seeds} seeds from {settings.seed}, into {run_dir}/seed-<s>/ ({settings.workers} workers)", flush=True)
     agg = run_seeds(run_dir, settings, seeds, log=lambda m: print(m, flush=True))
     mean = agg["test_mean_bits_per_byte"]
     print(f"\ntest mean bits/byte over {seeds} seeds (mean [95% interval], lower is better):")

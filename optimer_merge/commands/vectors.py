@@ -32,7 +32,6 @@ def run(args: argparse.Namespace) -> int:
 
     if args.action == "extract":
         models = pairs(args.model, "--model")
-        print(f"extracting {len(models)} vectors from {args.base} -> {args.out}", flush=True)
         manifest = extract(args.base, models, args.out, dtype=args.dtype, log=lambda m: print(m, flush=True))
         for name, entry in manifest["vectors"].items():
             print(f"  {name}: ||v|| = {entry['l2_norm']:.4g}  ({Path(args.out) / entry['file']})")

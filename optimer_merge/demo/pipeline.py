@@ -431,6 +431,7 @@ def run_demo(run_dir: str | Path, settings: DemoSettings, log: Callable[[str], N
         folder.check(SETTINGS_RECORD, settings.identity(), added=DemoSettings.ADDED)
         folder.record(SETTINGS_RECORD, settings.identity(), settings=settings.model_dump())
         folder.keep()
+        log(f"OptiMer demo into {run} ({settings.workers} workers); each job logs to {run}/logs/")
         start, ran = time.perf_counter(), []
         try:
             return _schedule(run, settings, log, ran)

@@ -318,6 +318,7 @@ def run_seeds(run_dir: Path, settings: DemoSettings, seeds: int, log: Callable[[
         folder.check(SEEDS_RECORD, identity)
         folder.record(SEEDS_RECORD, identity, seeds=list(range(settings.seed, settings.seed + seeds)))
         folder.keep()
+        log(f"OptiMer demo, {seeds} seeds from {settings.seed}, into {run_dir}/seed-<s>/ ({settings.workers} workers)")
         ran = []  # wall seconds of the seeds that did work in this invocation (the ETA's pace)
         for i, seed in enumerate(range(settings.seed, settings.seed + seeds), start=1):
             seed_dir = run_dir / f"seed-{seed}"

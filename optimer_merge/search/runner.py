@@ -193,7 +193,6 @@ class _Search:
             from optimer_merge.search.workers import open_workers
 
             c = self.config
-            self.log(f"loading {c.base} on {c.backend}" + (f" in {c.parallel} workers" if c.parallel > 1 else ""))
             portable = c.model_copy(update={"objective": self.objective, "base": str(Path(c.base).resolve())})
             self.workers = open_workers(portable, self.spec, log=self.log)
             if self.workers.relative_norms:

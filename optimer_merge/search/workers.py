@@ -152,6 +152,7 @@ class RayWorkers:
         gpus = (config.tensor_parallel_size if config.backend == "vllm" else 1) if have.get("GPU", 0) > 0 else 0
         threads = config.threads if config.threads != "auto" else 1
         self._check_resources(have, threads, gpus)
+        log(f"loading {config.base} on {config.backend} in {self.size} workers")
         self.actor_class = ray.remote(num_cpus=threads, num_gpus=gpus, max_restarts=0)(_Actor)
         log(f"starting {self.size} trial workers on Ray ({'cluster ' + config.ray_address if config.ray_address else 'local'})")
         self.actors = [self._start() for _ in range(self.size)]
@@ -259,4 +260,7 @@ class _Actor:
 
 def open_workers(config, spec, log: Callable[[str], None] = print):
     """The trial workers of ``config``: in this process for ``parallel: 1``, else on Ray."""
-    return LocalWorkers(config, spec, log) if config.parallel == 1 else RayWorkers(config, spec, log)
+    if config.parallel == 1:
+        log(f"loading {config.base} on {config.backend}")
+        return LocalWorkers(config, spec, log)
+    return RayWorkers(config, spec, log)

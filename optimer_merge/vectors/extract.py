@@ -16,7 +16,7 @@ import torch
 
 from optimer_merge.io import FLOAT_DTYPES
 from optimer_merge.io.checkpoints import DTYPE_NAMES, Checkpoint, check_model_folder, fingerprint
-from optimer_merge.io.files import check_free_space, write_json
+from optimer_merge.io.files import check_free_space, check_output_dir, write_json
 from optimer_merge.io.progress import BytesProgress
 from optimer_merge.io.run_folder import LOCK, RunFolder
 from optimer_merge.vectors.checks import MANIFEST, VectorError, check_compatible, check_distinct, check_finite, check_name, check_trained_from, read_manifest
@@ -49,6 +49,7 @@ def extract(
     for name in models:
         check_name(name)
     check_distinct(models, "model")
+    check_output_dir(out_dir, "vector extraction folder")
     base_ckpt = Checkpoint.open(check_model_folder(base, "base", config=False))
     base_fp = fingerprint(base)
     ckpts = {}
@@ -66,6 +67,7 @@ def extract(
     names = [n for n in base_ckpt.names() if base_ckpt.is_float(n)]
     skipped_non_float = [n for n in base_ckpt.names() if n not in names]
     check_free_space(out_dir, len(ckpts) * base_ckpt.size_as(store, names), f"extracting {len(ckpts)} vector(s)")
+    log(f"extracting {len(ckpts)} vector{'s' if len(ckpts) > 1 else ''} from {base} -> {out_dir}")
     with RunFolder(out_dir, "vector extraction"):  # a fresh folder is removed again if refused midway
         out_dir = Path(out_dir)
         writers = {
