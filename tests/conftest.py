@@ -82,13 +82,3 @@ def cpt_runs(tmp_path_factory, small_base) -> dict[str, Path]:
         train(config, log=lambda _m: None)
         runs[domain] = root / domain
     return runs
-
-
-# The slowest files first: `make test` runs whole files in two processes (pytest-xdist, in this
-# order), and starting the long ones early lets both processes finish together.
-SLOWEST_FIRST = ("test_demo.py", "test_parallel.py", "test_train.py", "test_eval.py", "test_pool.py", "test_search.py")
-
-
-def pytest_collection_modifyitems(items) -> None:
-    rank = {name: i for i, name in enumerate(SLOWEST_FIRST)}
-    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: each file keeps its order
