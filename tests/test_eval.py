@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 from conftest import DOMAINS, REPO
 
@@ -207,12 +208,19 @@ def test_eval_cli_writes_results_table_and_objective(small_base, other_model, tm
 
 @needs_vllm
 def test_vllm_and_server_match_hf_and_vllm_updates_live(hf_results, small_base, other_model, monkeypatch):
+    import lm_eval.models.vllm_causallms  # noqa: F401  (importing vLLM sets environment variables for good)
     from safetensors.torch import load_file
 
+    environment, set_num_threads = dict(os.environ), torch.set_num_threads
     with open_evaluator("vllm", small_base, weight_update="push") as engine:
+        started = {key for key in set(environment) | set(os.environ) if os.environ.get(key) != environment.get(key)}
+        assert "VLLM_WORKER_MULTIPROC_METHOD" in started  # set by vLLM's CPU platform as the engine started
         assert_close(metrics(engine.evaluate(LL_TASKS, LIMIT)), metrics(hf_results["base"]), 1e-4)
         engine.load_state_dict(load_file(str(other_model / "model.safetensors")))  # the push fallback
         assert_close(metrics(engine.evaluate(LL_TASKS, LIMIT)), metrics(hf_results["other"]), 1e-4)
+    # the engine ran in this process: what its start changed (vLLM's CPU worker makes
+    # torch.set_num_threads a no-op; its platform sets environment variables) is given back
+    assert torch.set_num_threads is set_num_threads and {key: os.environ.get(key) for key in started} == {key: environment.get(key) for key in started}
     with open_evaluator("server", small_base) as server:
         assert server._server is not None
         assert_close(metrics(server.evaluate(LL_TASKS, LIMIT)), metrics(hf_results["base"]), 1e-4)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import pickle
 import time
 from pathlib import Path
@@ -127,16 +128,26 @@ class VLLMEvaluator(LMEvalEvaluator):
         if weight_update == "push":
             environment["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
         self.weight_update = weight_update
-        with scoped_environment(environment), _engine_settings_refused():
-            self.lm = VLLM(
-                pretrained=str(self.model_path),
-                dtype=self.dtype,
-                batch_size=batch_size if batch_size else "auto",
-                tensor_parallel_size=tensor_parallel_size,
-                max_model_len=max_length or max_positions(self.model_path),
-                seed=0,
-                **engine,
-            )
+        # vLLM changes this process while it starts: environment variables (its CPU platform's among
+        # them), and an engine run in this process replaces torch.set_num_threads with a no-op that
+        # warns. close() gives both back (an engine that failed to start too).
+        before, set_num_threads = dict(os.environ), torch.set_num_threads
+        try:
+            with scoped_environment(environment), _engine_settings_refused():
+                self.lm = VLLM(
+                    pretrained=str(self.model_path),
+                    dtype=self.dtype,
+                    batch_size=batch_size if batch_size else "auto",
+                    tensor_parallel_size=tensor_parallel_size,
+                    max_model_len=max_length or max_positions(self.model_path),
+                    seed=0,
+                    **engine,
+                )
+        finally:
+            changed = {key: os.environ.get(key) for key in set(before) | set(os.environ) if os.environ.get(key) != before.get(key)}
+            self._given_back = ({key: (before.get(key), value) for key, value in changed.items()}, set_num_threads)
+            if self.lm is None:  # the engine did not start
+                self.close()
         self.names: list[str] | None = None
         self.bytes_sent = 0  # by the last weight update, serialized as the engine's RPC carries it
 
@@ -185,8 +196,18 @@ class VLLMEvaluator(LMEvalEvaluator):
         self.engine.reset_prefix_cache()
 
     def close(self) -> None:
-        """Stop the engine and its workers (the pool goes with them)."""
+        """Stop the engine and its workers (the pool goes with them), and give back what vLLM changed
+        in this process."""
         lm, self.lm = self.lm, None
         core = getattr(getattr(getattr(lm, "model", None), "llm_engine", None), "engine_core", None)
         if core is not None:
             core.shutdown()
+        state, self._given_back = getattr(self, "_given_back", None), None
+        if state is not None:
+            changes, torch.set_num_threads = state
+            for key, (old, new) in changes.items():
+                if os.environ.get(key) == new:  # as vLLM left it: back to what it was
+                    if old is None:
+                        os.environ.pop(key, None)
+                    else:
+                        os.environ[key] = old
