@@ -12,7 +12,9 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
 
+import fcntl  # noqa: E402
 import inspect  # noqa: E402
+import shutil  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import pytest  # noqa: E402
@@ -57,28 +59,39 @@ SMALL_BASE = dict(tokens=60_000, vocab_size=1024, hidden_size=64, intermediate_s
 CPT_SETTINGS = dict(seq_len=128, micro_batch_size=8, max_steps=40, lr=3e-3, eval_every=20, eval_blocks=8, progress=False)
 
 
+def run_folder(tmp_path_factory) -> Path:
+    """This test run's temporary folder, shared by its pytest-xdist workers (each has its own below)."""
+    root = tmp_path_factory.getbasetemp()
+    return root.parent if os.environ.get("PYTEST_XDIST_WORKER") else root
+
+
 @pytest.fixture(scope="session")
 def small_base(tmp_path_factory) -> Path:
+    """Built by the first worker that needs it; demo_base's lock makes the others wait and reuse it."""
     from optimer_merge.cpt.demo_base import demo_base
 
-    return demo_base(tmp_path_factory.mktemp("cache"), progress=False, log=lambda _m: None, **SMALL_BASE)
+    return demo_base(run_folder(tmp_path_factory) / "cache", progress=False, log=lambda _m: None, **SMALL_BASE)
 
 
 @pytest.fixture(scope="session")
 def cpt_runs(tmp_path_factory, small_base) -> dict[str, Path]:
-    """One short CPT run per domain from the small base; each logs held-out loss on all four domains."""
+    """One short CPT run per domain from the small base; each logs held-out loss on all four domains.
+    Built once per test run (the workers share them, read only)."""
     from optimer_merge.cpt import TrainConfig, train
 
-    root = tmp_path_factory.mktemp("cpt")
-    runs = {}
-    for domain in DOMAINS:
-        config = TrainConfig(
-            base=str(small_base),
-            output=str(root / domain),
-            datasets=[{"name": domain, "source": domain}],
-            eval_datasets=[{"name": d, "source": d} for d in DOMAINS if d != domain],
-            **CPT_SETTINGS,
-        )
-        train(config, log=lambda _m: None)
-        runs[domain] = root / domain
-    return runs
+    root = run_folder(tmp_path_factory) / "cpt"
+    with open(f"{root}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not (root / ".built").exists():
+            shutil.rmtree(root, ignore_errors=True)
+            for domain in DOMAINS:
+                config = TrainConfig(
+                    base=str(small_base),
+                    output=str(root / domain),
+                    datasets=[{"name": domain, "source": domain}],
+                    eval_datasets=[{"name": d, "source": d} for d in DOMAINS if d != domain],
+                    **CPT_SETTINGS,
+                )
+                train(config, log=lambda _m: None)
+            (root / ".built").touch()
+    return {domain: root / domain for domain in DOMAINS}
