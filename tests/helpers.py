@@ -1,7 +1,9 @@
-"""Small helpers shared by tests: reading checkpoints and the float64 reference merge."""
+"""Small helpers shared by tests: reading checkpoints, the float64 reference merge, waiting for a search."""
 
 from __future__ import annotations
 
+import subprocess
+import time
 from pathlib import Path
 
 import torch
@@ -36,3 +38,15 @@ def reference_merge(recipe: str | Path, root: Path) -> dict[str, torch.Tensor]:
 def max_abs_diff(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
     assert set(a) == set(b), set(a) ^ set(b)
     return max((a[k].double() - b[k].double()).abs().max().item() for k in a)
+
+
+def wait_for_trials(run: Path, count: int, process: subprocess.Popen, seconds: float = 300) -> None:
+    """Until a running search has logged ``count`` trials (it must not end first)."""
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        path = run / "trials.jsonl"
+        if path.exists() and len(path.read_text().splitlines()) >= count:
+            return
+        assert process.poll() is None, "the search ended before it could be interrupted"
+        time.sleep(0.1)
+    raise AssertionError(f"no {count} trials within {seconds}s")

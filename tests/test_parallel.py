@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 from conftest import REPO
+from helpers import wait_for_trials
 
 needs_ray = pytest.mark.skipif(importlib.util.find_spec("ray") is None, reason="Ray is not installed (the `ray` extra)")
 CLI = [sys.executable, "-m", "optimer_merge.cli"]
@@ -29,17 +30,6 @@ def args(zoo: Path, out: Path, *extra: str) -> list[str]:
 
 def trials(run: Path) -> list[dict]:
     return [json.loads(line) for line in (run / "trials.jsonl").read_text().splitlines()]
-
-
-def wait_for_trials(run: Path, count: int, process: subprocess.Popen, seconds: float = 300) -> None:
-    deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline:
-        path = run / "trials.jsonl"
-        if path.exists() and len(path.read_text().splitlines()) >= count:
-            return
-        assert process.poll() is None, "the search ended before it could be interrupted"
-        time.sleep(0.1)
-    raise AssertionError(f"no {count} trials within {seconds}s")
 
 
 @pytest.fixture(scope="module")

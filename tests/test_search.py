@@ -16,7 +16,7 @@ import pytest
 import torch
 import yaml
 from conftest import DOMAINS, REPO
-from helpers import load_weights, max_abs_diff
+from helpers import load_weights, max_abs_diff, wait_for_trials
 from safetensors.torch import load_file, save_file
 
 from optimer_merge import cli
@@ -218,10 +218,7 @@ def test_stopped_and_killed_searches_resume_to_the_same_search(search_run, small
 
     def start_and_wait_for(count: int, **streams) -> subprocess.Popen:
         process = subprocess.Popen(args, env=env, stdout=subprocess.DEVNULL, start_new_session=True, text=True, **streams)
-        deadline = time.monotonic() + 300
-        while not ((out / "trials.jsonl").exists() and len((out / "trials.jsonl").read_text().splitlines()) >= count):
-            assert process.poll() is None and time.monotonic() < deadline, "the search ended before it could be stopped"
-            time.sleep(0.1)
+        wait_for_trials(out, count, process)
         return process
 
     process = start_and_wait_for(1, stderr=subprocess.PIPE)

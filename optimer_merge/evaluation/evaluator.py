@@ -195,11 +195,16 @@ def scoped_environment(values: Mapping[str, str]):
     try:
         yield
     finally:
-        for key, value in saved.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
+        restore_environment(saved)
+
+
+def restore_environment(saved: Mapping[str, str | None]) -> None:
+    """Put environment variables back to saved values (None: unset)."""
+    for key, value in saved.items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value
 
 
 @contextlib.contextmanager

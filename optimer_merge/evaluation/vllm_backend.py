@@ -15,7 +15,7 @@ from typing import Literal, Mapping
 import torch
 
 from optimer_merge.errors import ConfigError
-from optimer_merge.evaluation.evaluator import LMEvalEvaluator, max_positions, scoped_environment
+from optimer_merge.evaluation.evaluator import LMEvalEvaluator, max_positions, restore_environment, scoped_environment
 from optimer_merge.io.progress import human_bytes
 
 WORKER_EXTENSION = "optimer_merge.evaluation.vllm_worker.OptimerWorkerExtension"
@@ -144,8 +144,8 @@ class VLLMEvaluator(LMEvalEvaluator):
                     **engine,
                 )
         finally:
-            changed = {key: os.environ.get(key) for key in set(before) | set(os.environ) if os.environ.get(key) != before.get(key)}
-            self._given_back = ({key: (before.get(key), value) for key, value in changed.items()}, set_num_threads)
+            changes = {key: (before.get(key), os.environ.get(key)) for key in set(before) | set(os.environ) if os.environ.get(key) != before.get(key)}
+            self._given_back = (changes, set_num_threads)
             if self.lm is None:  # the engine did not start
                 self.close()
         self.names: list[str] | None = None
@@ -205,9 +205,5 @@ class VLLMEvaluator(LMEvalEvaluator):
         state, self._given_back = getattr(self, "_given_back", None), None
         if state is not None:
             changes, torch.set_num_threads = state
-            for key, (old, new) in changes.items():
-                if os.environ.get(key) == new:  # as vLLM left it: back to what it was
-                    if old is None:
-                        os.environ.pop(key, None)
-                    else:
-                        os.environ[key] = old
+            # the variables still as vLLM left them, back to what they were
+            restore_environment({key: old for key, (old, new) in changes.items() if os.environ.get(key) == new})

@@ -89,6 +89,7 @@ class LocalWorkers:
     size = 1
 
     def __init__(self, config, spec, log: Callable[[str], None] = print):
+        log(f"loading {config.base} on {config.backend}")
         self.scorer = TrialScorer(config, spec, log)
         self.relative_norms = self.scorer.relative_norms
 
@@ -260,7 +261,4 @@ class _Actor:
 
 def open_workers(config, spec, log: Callable[[str], None] = print):
     """The trial workers of ``config``: in this process for ``parallel: 1``, else on Ray."""
-    if config.parallel == 1:
-        log(f"loading {config.base} on {config.backend}")
-        return LocalWorkers(config, spec, log)
-    return RayWorkers(config, spec, log)
+    return LocalWorkers(config, spec, log) if config.parallel == 1 else RayWorkers(config, spec, log)
