@@ -132,6 +132,23 @@ def test_trained_model_beats_untrained_on_every_domain(small_base):
         assert trained[key] < 0.92 * fresh[key], (domain, trained[key], fresh[key])
 
 
+def test_the_environment_is_described_once_per_process(small_base, monkeypatch):
+    """lm-eval's environment record (torch's collect_env runs `pip list`: about a second) is taken
+    by the first evaluation in a process and reused by every later evaluator (a demo worker runs many)."""
+    import lm_eval.evaluator
+
+    from optimer_merge.evaluation import evaluator
+
+    monkeypatch.setattr(evaluator, "_ENV_INFO", {})
+    calls, original = [], lm_eval.evaluator.add_env_info
+    monkeypatch.setattr(lm_eval.evaluator, "add_env_info", lambda results: (calls.append(1), original(results))[1])
+    for _ in range(2):
+        with open_evaluator("hf", small_base, log=lambda _m: None) as each:
+            results = each.evaluate(["optimer_ja_dev_bpb"], 1, quiet=True)
+        assert "pretty_env_info" in results and results["transformers_version"]
+    assert len(calls) == 1
+
+
 def test_objective_needs_a_direction_where_lm_eval_gives_none():
     results = {"results": {"t": {"loss,none": 2.0}}, "higher_is_better": {"t": {}}}
     with pytest.raises(ValueError, match="direction: maximize"):

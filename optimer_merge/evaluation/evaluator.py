@@ -43,6 +43,8 @@ HARMLESS_WARNINGS = (
     "Custom kwargs can be passed to `--metadata`",
     "For example --metadata=",
 )
+# What lm-eval's add_env_info puts in a results dict (versions, torch's collect_env), once per process.
+_ENV_INFO: dict = {}
 
 
 def check_settings(backend: str, dtype: str | None, batch_size: int, threads, tensor_parallel_size: int, limit: int | None = None) -> None:
@@ -93,7 +95,6 @@ class LMEvalEvaluator:
             size = sum(f.stat().st_size for f in self.model_path.glob("*.safetensors"))
             threads = default_threads(size // 3)
         self.threads = int(threads)
-        self._env_info: dict | None = None
         self.lm = None
 
     def _saved_dtype(self) -> str:
@@ -139,18 +140,19 @@ class LMEvalEvaluator:
     def _environment_once(self):
         """lm-eval describes the environment in every results dict: a git lookup (which prints
         "not a git repository" outside one) and torch's collect_env, which runs `pip list` (about a
-        second, as long as a tiny model's whole trial). Both are computed on the first evaluation
-        and reused for the rest, only while ``simple_evaluate`` runs."""
+        second, as long as a tiny model's whole trial). Both are computed on this process's first
+        evaluation and reused for the rest (a demo worker runs many evaluators), only while
+        ``simple_evaluate`` runs."""
         import lm_eval.evaluator
 
         original_env, original_git = lm_eval.evaluator.add_env_info, lm_eval.evaluator.get_git_commit_hash
 
         def add_env_info(results: dict) -> None:
-            if self._env_info is None:
+            if not _ENV_INFO:
                 before = set(results)
                 original_env(results)
-                self._env_info = {k: results[k] for k in set(results) - before}
-            results.update(self._env_info)
+                _ENV_INFO.update({k: results[k] for k in set(results) - before})
+            results.update(_ENV_INFO)
 
         lm_eval.evaluator.add_env_info, lm_eval.evaluator.get_git_commit_hash = add_env_info, _git_commit_hash
         try:
