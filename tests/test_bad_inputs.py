@@ -158,6 +158,7 @@ CASES = [
     Case("train-unknown-source", train("--dataset", "jp"), ["unknown dataset source 'jp'"]),
     Case("train-base-missing", ["train", "--base", "{tmp}/nobase", "--output", "{out}", "--dataset", "ja", "--max-steps", "2"], ["nobase does not exist"]),
     Case("train-seq-len", train("--seq-len", "100000"), ["seq_len=100000", "maximum"]),
+    Case("train-token-cache-is-a-file", train("--set", "token_cache={bad_yaml}"), ["token_cache folder", "bad.yaml is a file; give a folder"]),
     Case("train-unknown-strategy", train("--strategy", "fdsp"), ["unknown strategy 'fdsp'", "choose fsdp"]),
     Case("train-velocitune-one-dataset", train("--mixture", "velocitune"), ["velocitune", "at least 2", "got ja"]),
     Case("train-overwrite-not-a-run", ["train", "--base", "{base}", "--output", "{zoo}/tiny-text", "--dataset", "ja", "--max-steps", "2", "--overwrite"],

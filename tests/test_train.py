@@ -181,6 +181,7 @@ def test_velocitune_fits_targets_on_a_proxy_run(small_base, tmp_path):
     m = train(config, log=QUIET)
     info = m["velocitune"]
     assert set(info["fits"]) == {"zh", "code"} and info["proxy"]["steps"] == 10
+    assert not (tmp_path / "vt" / "velocitune-proxy" / "tokens").exists()  # the proxy reads the run's own token files
     for name, target in info["targets"].items():
         assert 0 < target < m["initial_eval_loss"][name]
         # the cosine run decays: its targets sit below the constant-lr law by what the proxy's decay gained
@@ -481,16 +482,23 @@ def test_metrics_rows_do_not_depend_on_checkpoints(small_base, tmp_path):
     checkpoints were written in between (and resumed from)."""
     import csv
 
+    cache = tmp_path / "tokens"  # shared by both runs (token_cache)
+
     def rows(out: Path, checkpoint_every: int) -> list[dict]:
         config = TrainConfig(
-            base=str(small_base), output=str(out), datasets=[{"name": "ja", "source": "ja"}],
+            base=str(small_base), output=str(out), token_cache=str(cache), datasets=[{"name": "ja", "source": "ja"}],
             **{**CPT_SETTINGS, "max_steps": 12, "seq_len": 64, "micro_batch_size": 4, "eval_every": 4, "checkpoint_every": checkpoint_every},
         )  # fmt: skip
         train(config, log=QUIET)
         with open(out / "metrics.csv", newline="") as f:
             return list(csv.DictReader(f))
 
-    plain, checkpointed = rows(tmp_path / "plain", 100), rows(tmp_path / "ckpt", 3)
+    plain = rows(tmp_path / "plain", 100)
+    tokenized = {p.name: p.stat().st_mtime_ns for p in cache.iterdir()}
+    checkpointed = rows(tmp_path / "ckpt", 3)
+    assert sorted(n.split("-")[:2] for n in tokenized) == [["ja", "dev"], ["ja", "train"]]
+    assert {p.name: p.stat().st_mtime_ns for p in cache.iterdir()} == tokenized  # the second run tokenized nothing
+    assert not (tmp_path / "plain" / "tokens").exists() and not (tmp_path / "ckpt" / "tokens").exists()
     assert [r["step"] for r in plain] == ["0", "4", "8", "12"]
     assert [r["train_loss"] for r in checkpointed] == [r["train_loss"] for r in plain]
     assert all(float(r["tokens_per_s"]) > 0 for r in checkpointed[1:])

@@ -77,6 +77,9 @@ class TrainConfig(_Frozen):
 
     base: LocalPath
     output: LocalPath
+    # tokenized datasets, keyed by their content and the tokenizer; runs over the same data may share
+    # one (the demo's do); default OUTPUT/tokens
+    token_cache: LocalPath | None = None
     datasets: list[DatasetSpec]
     eval_datasets: list[DatasetSpec] = []
     mixture: Literal["static", "velocitune"] = "static"
@@ -151,6 +154,10 @@ class TrainConfig(_Frozen):
     @property
     def strategy_config(self) -> StrategyConfig:
         return self.strategy if isinstance(self.strategy, StrategyConfig) else StrategyConfig(name=self.strategy)
+
+    def token_dir(self) -> Path:
+        """Where the tokenized datasets are cached."""
+        return Path(self.token_cache) if self.token_cache else Path(self.output) / "tokens"
 
     def ratios(self) -> dict[str, float]:
         """Dataset ratios normalised to sum to 1."""

@@ -35,7 +35,7 @@ from optimer_merge.cpt import velocitune as vt
 from optimer_merge.cpt.config import TrainConfig
 from optimer_merge.errors import ConfigError, OnEveryRank, RunFolderError, Stopped, UserError
 from optimer_merge.io.checkpoints import check_model_folder, fingerprint, saved_dtype
-from optimer_merge.io.files import atomic_write_text, check_free_space, write_json
+from optimer_merge.io.files import atomic_write_text, check_free_space, check_output_dir, write_json
 from optimer_merge.io.progress import duration, human_bytes
 from optimer_merge.io.quiet import drop_messages
 from optimer_merge.io.run_folder import RunFolder, is_primary_process
@@ -43,8 +43,8 @@ from optimer_merge.signals import on_sigterm
 from optimer_merge.threads import default_threads
 
 # Fields that may change between a run and its resumption without changing the result.
-RESUMABLE_FIELDS = {"progress", "threads", "checkpoint_every", "keep_checkpoints", "export_shard_bytes"}
-TOKENS_DIR, CHECKPOINTS_DIR, MODEL_DIR, RUN_RECORD = "tokens", "checkpoints", "model", "run_config.json"
+RESUMABLE_FIELDS = {"progress", "threads", "checkpoint_every", "keep_checkpoints", "export_shard_bytes", "token_cache"}
+CHECKPOINTS_DIR, MODEL_DIR, RUN_RECORD = "checkpoints", "model", "run_config.json"
 
 
 def _decay_start(total_steps: int, decay_fraction: float) -> int:
@@ -215,6 +215,7 @@ def velocitune_targets(config: TrainConfig, log: Callable[[str], None] = print) 
         proxy = config.model_copy(
             update={
                 "output": str(out / "velocitune-proxy"),
+                "token_cache": str(config.token_dir()),  # the same data: tokenized once
                 "mixture": "static",
                 # the loss-vs-data curve at constant lr, then (where the run decays) the decay's gain
                 "schedule": "wsd" if decays else "constant",
@@ -354,7 +355,9 @@ def prepare(config: TrainConfig, log: Callable[[str], None] = print) -> Run:
     if max_len is not None and config.seq_len > max_len:
         raise ConfigError(f"seq_len={config.seq_len} is above the model's maximum of {max_len} positions")
     sharded = config.strategy_config.name == "fsdp"
-    token_dir = out / TOKENS_DIR
+    token_dir = config.token_dir()
+    if config.token_cache:
+        check_output_dir(token_dir, "token_cache folder")
     if is_primary_process():  # a bad line in the data is one error before any other rank starts (then: cached)
         _load_data(config, tokenizer, token_dir)
     from lightning.fabric import Fabric  # Lightning takes seconds to import: only once the inputs are checked
