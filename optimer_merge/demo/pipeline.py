@@ -31,7 +31,7 @@ import traceback
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, ClassVar, Literal
+from typing import Callable, ClassVar, Iterator, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -205,7 +205,7 @@ def _cpt(ctx: _Context, domain: str) -> dict:
 
     steps = -(-ctx.s.cpt_tokens // (TRAIN["seq_len"] * TRAIN["micro_batch_size"]))
     config = TrainConfig(  # checkpoints at mid-run and at the end (both kept) for the linearity measurement
-        base=ctx.base, output=str(ctx.run / "cpt" / domain), datasets=[{"name": domain, "source": domain}],
+        base=ctx.base, output=str(ctx.run / "cpt" / domain), token_cache=str(ctx.run / "tokens"), datasets=[{"name": domain, "source": domain}],
         max_tokens=ctx.s.cpt_tokens, lr=ctx.s.lr, seed=ctx.s.seed, progress=False, **{**TRAIN, "checkpoint_every": -(-steps // 2)},
     )  # fmt: skip
     return _train_summary(train(config, log=ctx.log))
@@ -224,7 +224,7 @@ def _mixture(ctx: _Context, kind: str) -> dict:
     tokens = len(DOMAINS) * s.cpt_tokens
     steps = -(-tokens // (TRAIN["seq_len"] * TRAIN["micro_batch_size"]))
     config = TrainConfig(
-        base=ctx.base, output=str(ctx.run / "mixture" / kind),
+        base=ctx.base, output=str(ctx.run / "mixture" / kind), token_cache=str(ctx.run / "tokens"),
         datasets=[{"name": d, "source": d, "ratio": ratios[d]} for d in DOMAINS],
         mixture="velocitune" if kind == "velocitune" else "static",
         velocitune={"update_every": max(1, steps // 12)},
@@ -421,8 +421,21 @@ def _progress(run: Path, settings: DemoSettings, name: str) -> str:
     return "running"
 
 
-def run_demo(run_dir: str | Path, settings: DemoSettings, log: Callable[[str], None] = print) -> dict:
-    """Run (or resume) every job of the demo; returns {job: state}."""
+@contextlib.contextmanager
+def job_pool(workers: int) -> Iterator[ProcessPoolExecutor]:
+    """The worker processes that run the jobs; a multi-seed demo keeps them for every seed (each
+    worker imports torch, transformers and lm-eval once)."""
+    context = multiprocessing.get_context("spawn")
+    # the semaphore tracker (started with the pool, with these warning options) would report the
+    # pool's locks as "leaked" after a stop that kills the workers: nothing a user can act on
+    if "ignore:resource_tracker:UserWarning" not in sys.warnoptions:
+        sys.warnoptions.append("ignore:resource_tracker:UserWarning")
+    with ProcessPoolExecutor(max_workers=workers, mp_context=context, initializer=_worker_init) as pool:
+        yield pool
+
+
+def run_demo(run_dir: str | Path, settings: DemoSettings, log: Callable[[str], None] = print, pool: ProcessPoolExecutor | None = None) -> dict:
+    """Run (or resume) every job of the demo, in ``pool`` or in a pool of its own; returns {job: state}."""
     from optimer_merge.io.files import write_json
     from optimer_merge.io.run_folder import RunFolder
 
@@ -434,7 +447,10 @@ def run_demo(run_dir: str | Path, settings: DemoSettings, log: Callable[[str], N
         log(f"OptiMer demo into {run} ({settings.workers} workers); each job logs to {run}/logs/")
         start, ran = time.perf_counter(), []
         try:
-            return _schedule(run, settings, log, ran)
+            if pool is not None:
+                return _schedule(run, settings, log, ran, pool)
+            with job_pool(settings.workers) as own:
+                return _schedule(run, settings, log, ran, own)
         finally:
             if ran:  # wall time of every invocation that did work, for the report
                 path = run / "invocations.json"
@@ -443,7 +459,7 @@ def run_demo(run_dir: str | Path, settings: DemoSettings, log: Callable[[str], N
                 write_json(path, items)
 
 
-def _schedule(run: Path, settings: DemoSettings, log: Callable[[str], None], ran: list[str]) -> dict:
+def _schedule(run: Path, settings: DemoSettings, log: Callable[[str], None], ran: list[str], pool: ProcessPoolExecutor) -> dict:
     jobs = plan(settings)
     states = {}
     for job in jobs:
@@ -461,41 +477,35 @@ def _schedule(run: Path, settings: DemoSettings, log: Callable[[str], None], ran
                       {name: states[name]["seconds"] for name in ran}, settings.workers)  # fmt: skip
         return f"ETA {duration(seconds)}"
 
-    context = multiprocessing.get_context("spawn")
-    # the semaphore tracker (started with the pool, with these warning options) would report the
-    # pool's locks as "leaked" after a stop that kills the workers: nothing a user can act on
-    if "ignore:resource_tracker:UserWarning" not in sys.warnoptions:
-        sys.warnoptions.append("ignore:resource_tracker:UserWarning")
-    with ProcessPoolExecutor(max_workers=settings.workers, mp_context=context, initializer=_worker_init) as pool:
-        running: dict = {}
-        try:
-            while len(states) < len(jobs):
-                for job in jobs:
-                    if len(running) >= settings.workers:
-                        break
-                    if job.name in states or job.name in running.values() or not all(d in states for d in job.deps):
-                        continue
-                    log(f"  start  {job.name}: {job.what}")
-                    running[pool.submit(run_job, str(run), settings.model_dump(), job.name)] = job.name
-                    started[job.name] = time.perf_counter()
-                if not running:
-                    raise RuntimeError("no job can start (a dependency cycle?)")
-                finished, _ = wait(running, timeout=HEARTBEAT_SECONDS, return_when=FIRST_COMPLETED)
-                if not finished:
-                    log("  ... " + "; ".join(f"{name} {_progress(run, settings, name)}" for name in running.values()) + f"; {left()}")
-                for future in finished:
-                    name = running.pop(future)
-                    try:
-                        states[name] = future.result()
-                        ran.append(name)
-                    except Exception as error:
-                        job_log = run / "logs" / f"{name}.log"
-                        tail = job_log.read_text(errors="replace")[-3000:] if job_log.exists() else ""
-                        raise DemoJobFailed(f"{name} failed: {type(error).__name__}: {error}\n--- end of {job_log} ---\n{tail}") from None
-                    elapsed = time.perf_counter() - start
-                    done = f"{elapsed / 60:.1f} min in" + (f", {left()}" if len(states) < len(jobs) else "")
-                    log(f"[{len(states)}/{len(jobs)}] {name} ({states[name]['seconds']:.0f}s, {done}): {_summary_line(name, states[name])}")
-        except BaseException:
-            _stop_workers(running)
-            raise
+    running: dict = {}
+    try:
+        while len(states) < len(jobs):
+            for job in jobs:
+                if len(running) >= settings.workers:
+                    break
+                if job.name in states or job.name in running.values() or not all(d in states for d in job.deps):
+                    continue
+                log(f"  start  {job.name}: {job.what}")
+                running[pool.submit(run_job, str(run), settings.model_dump(), job.name)] = job.name
+                started[job.name] = time.perf_counter()
+            if not running:
+                raise RuntimeError("no job can start (a dependency cycle?)")
+            finished, _ = wait(running, timeout=HEARTBEAT_SECONDS, return_when=FIRST_COMPLETED)
+            if not finished:
+                log("  ... " + "; ".join(f"{name} {_progress(run, settings, name)}" for name in running.values()) + f"; {left()}")
+            for future in finished:
+                name = running.pop(future)
+                try:
+                    states[name] = future.result()
+                    ran.append(name)
+                except Exception as error:
+                    job_log = run / "logs" / f"{name}.log"
+                    tail = job_log.read_text(errors="replace")[-3000:] if job_log.exists() else ""
+                    raise DemoJobFailed(f"{name} failed: {type(error).__name__}: {error}\n--- end of {job_log} ---\n{tail}") from None
+                elapsed = time.perf_counter() - start
+                done = f"{elapsed / 60:.1f} min in" + (f", {left()}" if len(states) < len(jobs) else "")
+                log(f"[{len(states)}/{len(jobs)}] {name} ({states[name]['seconds']:.0f}s, {done}): {_summary_line(name, states[name])}")
+    except BaseException:
+        _stop_workers(running)
+        raise
     return states

@@ -21,7 +21,7 @@ import time
 from pathlib import Path
 from typing import Callable
 
-from optimer_merge.demo.pipeline import CANDIDATES, DOMAINS, SETTINGS_RECORD, DemoSettings, run_demo
+from optimer_merge.demo.pipeline import CANDIDATES, DOMAINS, SETTINGS_RECORD, DemoSettings, job_pool, run_demo
 from optimer_merge.errors import ConfigError
 from optimer_merge.io.progress import duration
 from optimer_merge.report.plots import pyplot, save
@@ -320,15 +320,16 @@ def run_seeds(run_dir: Path, settings: DemoSettings, seeds: int, log: Callable[[
         folder.keep()
         log(f"OptiMer demo, {seeds} seeds from {settings.seed}, into {run_dir}/seed-<s>/ ({settings.workers} workers)")
         ran = []  # wall seconds of the seeds that did work in this invocation (the ETA's pace)
-        for i, seed in enumerate(range(settings.seed, settings.seed + seeds), start=1):
-            seed_dir = run_dir / f"seed-{seed}"
-            eta = f", ETA for the seeds left {duration(statistics.mean(ran) * (seeds - i + 1))}" if ran else ""
-            log(f"== seed {seed} ({i}/{seeds}) into {seed_dir}{eta}")
-            seed_settings = settings.model_copy(update={"seed": seed})
-            start = time.perf_counter()
-            per_seed[seed] = write_report(seed_dir, seed_settings, run_demo(seed_dir, seed_settings, log=log))
-            if time.perf_counter() - start > 30:  # not a seed finished earlier, only reported again
-                ran.append(time.perf_counter() - start)
+        with job_pool(settings.workers) as pool:
+            for i, seed in enumerate(range(settings.seed, settings.seed + seeds), start=1):
+                seed_dir = run_dir / f"seed-{seed}"
+                eta = f", ETA for the seeds left {duration(statistics.mean(ran) * (seeds - i + 1))}" if ran else ""
+                log(f"== seed {seed} ({i}/{seeds}) into {seed_dir}{eta}")
+                seed_settings = settings.model_copy(update={"seed": seed})
+                start = time.perf_counter()
+                per_seed[seed] = write_report(seed_dir, seed_settings, run_demo(seed_dir, seed_settings, log=log, pool=pool))
+                if time.perf_counter() - start > 30:  # not a seed finished earlier, only reported again
+                    ran.append(time.perf_counter() - start)
     return write_seeds_report(run_dir, per_seed)
 
 
