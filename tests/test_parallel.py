@@ -123,11 +123,15 @@ def test_vllm_workers_join_a_running_cluster_and_leave_it_running(parallel_run, 
         backend = "vllm" if importlib.util.find_spec("vllm") else "hf"
         out = tmp_path / "run"
         argv = args(tiny_zoo, out, "--trials", "4", "--finalists", "0", "--backend", backend, "--set", f"ray_address={address}")
-        refused = subprocess.run(argv, capture_output=True, text=True, timeout=600, env={**env, "RAY_AUTH_MODE": "disabled"})
-        assert refused.returncode == 2, refused.stderr[-3000:]
-        assert f"error: ray_address {address}: cannot join the Ray cluster" in refused.stderr
-        assert "set RAY_AUTH_MODE=token" in refused.stderr and not out.exists()
+        # the refused join (Ray retries for some 20 s before it gives up) runs beside the real one
+        refused_out = tmp_path / "refused"
+        refused_argv = [a if a != str(out) else str(refused_out) for a in argv]
+        refused = subprocess.Popen(refused_argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env={**env, "RAY_AUTH_MODE": "disabled"})
         done = subprocess.run(argv, capture_output=True, text=True, timeout=600, env=env)
+        _, refused_err = refused.communicate(timeout=600)
+        assert refused.returncode == 2, refused_err[-3000:]
+        assert f"error: ray_address {address}: cannot join the Ray cluster" in refused_err
+        assert "set RAY_AUTH_MODE=token" in refused_err and not refused_out.exists()
         assert done.returncode == 0, done.stderr[-3000:]
         assert f"starting 2 trial workers on Ray (cluster {address})" in done.stdout
         assert f"on {backend} in 2 workers" in done.stdout
