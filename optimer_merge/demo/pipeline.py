@@ -51,7 +51,7 @@ class DemoJobFailed(RuntimeError):
 
 
 class DemoSettings(BaseModel):
-    """Sizes of the demo; the defaults fit a 2-core CPU in about five minutes."""
+    """Sizes of the demo; the defaults fit a 2-core CPU in 5-7 minutes."""
 
     model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
