@@ -155,9 +155,9 @@ class TrainConfig(_Frozen):
     def strategy_config(self) -> StrategyConfig:
         return self.strategy if isinstance(self.strategy, StrategyConfig) else StrategyConfig(name=self.strategy)
 
-    def token_dir(self) -> Path:
-        """Where the tokenized datasets are cached."""
-        return Path(self.token_cache) if self.token_cache else Path(self.output) / "tokens"
+    def token_dir(self, output: str | Path | None = None) -> Path:
+        """Where the tokenized datasets are cached (``output``: where the run's folder is now, if moved)."""
+        return Path(self.token_cache) if self.token_cache else Path(output or self.output) / "tokens"
 
     def ratios(self) -> dict[str, float]:
         """Dataset ratios normalised to sum to 1."""

@@ -341,6 +341,9 @@ def prepare(config: TrainConfig, log: Callable[[str], None] = print) -> Run:
     """Check every input, launch Fabric, load the base, tokenize the data, set up the optimizer."""
     out = Path(config.output)
     base = check_model_folder(config.base, "base model", tokenizer=True)  # the cheap checks first: no library loaded yet
+    token_dir = config.token_dir()
+    if config.token_cache:
+        check_output_dir(token_dir, "token_cache folder")
     for spec in config.datasets + config.eval_datasets:
         for source in filter(None, (spec.source, spec.eval_source)):
             warning = ds.check_source(source)
@@ -355,9 +358,6 @@ def prepare(config: TrainConfig, log: Callable[[str], None] = print) -> Run:
     if max_len is not None and config.seq_len > max_len:
         raise ConfigError(f"seq_len={config.seq_len} is above the model's maximum of {max_len} positions")
     sharded = config.strategy_config.name == "fsdp"
-    token_dir = config.token_dir()
-    if config.token_cache:
-        check_output_dir(token_dir, "token_cache folder")
     if is_primary_process():  # a bad line in the data is one error before any other rank starts (then: cached)
         _load_data(config, tokenizer, token_dir)
     from lightning.fabric import Fabric  # Lightning takes seconds to import: only once the inputs are checked

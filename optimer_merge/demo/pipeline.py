@@ -447,10 +447,8 @@ def run_demo(run_dir: str | Path, settings: DemoSettings, log: Callable[[str], N
         log(f"OptiMer demo into {run} ({settings.workers} workers); each job logs to {run}/logs/")
         start, ran = time.perf_counter(), []
         try:
-            if pool is not None:
-                return _schedule(run, settings, log, ran, pool)
-            with job_pool(settings.workers) as own:
-                return _schedule(run, settings, log, ran, own)
+            with contextlib.nullcontext(pool) if pool is not None else job_pool(settings.workers) as jobs:
+                return _schedule(run, settings, log, ran, jobs)
         finally:
             if ran:  # wall time of every invocation that did work, for the report
                 path = run / "invocations.json"

@@ -53,11 +53,11 @@ def linearity(run: str | Path, grid: tuple[float, ...] = T_GRID) -> dict:
     v = {k: final[k].float() - theta0[k] for k in theta0}
     vv = sum(float((x.double() ** 2).sum()) for x in v.values())
 
-    sets, token_dir = {}, Path(config.token_cache) if config.token_cache else run / "tokens"  # the run may have moved
+    sets = {}
     for spec in [*config.datasets, *config.eval_datasets]:
         source = ds.eval_source(spec)
         if source is not None:
-            sets[spec.name] = ds.load_blocks(spec, "dev", tokenizer, config.seq_len, token_dir, source)
+            sets[spec.name] = ds.load_blocks(spec, "dev", tokenizer, config.seq_len, config.token_dir(run), source)
 
     def losses() -> dict[str, float]:
         return held_out_losses(model, sets, config.eval_blocks, config.micro_batch_size)
