@@ -1,8 +1,8 @@
 """The search's vector pool: the base and one row per vector, resident where the live weights are,
 merged again at every trial through the one rule (``optimer_merge.merge.rule.combine``).
 
-A row is a CPT model's own tensor theta_i (kept in its checkpoint dtype, so a bf16 model is exact
-and its delta is formed in float32 while merging) or a distribution vector v_i. With a
+A row is a CPT model's own tensor theta_i (kept in its checkpoint dtype, so a bf16 model is exact;
+the merge gives the base the coefficient 1 - sum_i c_i) or a distribution vector v_i. With a
 ``pool_dtype`` other than a model's own, its row is stored as v_i = theta_i - base in that dtype.
 The base keeps its checkpoint dtype. A trial computes base + sum_i c_i d_i in float32 per
 tensor and casts it once into the live parameter.
@@ -58,7 +58,7 @@ class PoolSpec:
         return self.pool_dtype or source.dtype
 
     def relative(self) -> list[bool]:
-        """Which rows are models' own tensors (their delta is formed while merging)."""
+        """Which rows are models' own tensors theta_i (not v_i)."""
         return [s.kind == "model" and self.row_dtype(s) == s.dtype for s in self.sources]
 
     def bytes_per_param(self) -> int:
