@@ -6,20 +6,16 @@ import re
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, PositiveInt, ValidationInfo, field_validator, model_validator
+from pydantic import Field, PositiveInt, ValidationInfo, field_validator, model_validator
 
-from optimer_merge.io.yaml_config import LocalPath, PlainName, Seed
+from optimer_merge.io.yaml_config import ConfigModel, LocalPath, PlainName, Seed
 from optimer_merge.threads import too_many_threads
 
 # Lightning Fabric's precision settings.
 PRECISIONS = ("32-true", "32", "16-mixed", "16", "bf16-mixed", "bf16", "bf16-true", "16-true", "64-true", "64", "transformer-engine", "transformer-engine-float16")
 
 
-class _Frozen(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
-
-
-class DatasetSpec(_Frozen):
+class DatasetSpec(ConfigModel):
     """One training dataset: a corpus domain (``ja``, ``zh``, ``math``, ``code``, ``en``) or files.
 
     ``source`` is a corpus domain name or a path to a ``.jsonl``/``.jsonl.gz``/``.json``,
@@ -41,7 +37,7 @@ class DatasetSpec(_Frozen):
         return value
 
 
-class VelocituneConfig(_Frozen):
+class VelocituneConfig(ConfigModel):
     """Velocitune (Luo et al., ACL 2025): reweight domains by learning velocity every ``update_every`` steps.
 
     Target losses come from ``targets`` (per dataset name) or, for the datasets without one, from
@@ -62,7 +58,7 @@ class VelocituneConfig(_Frozen):
     refit: bool = True  # refit the targets on the run's own losses at every update (velocitune.refit_targets)
 
 
-class StrategyConfig(_Frozen):
+class StrategyConfig(ConfigModel):
     """A distributed strategy with its settings. ``fsdp`` is this project's FSDP2 path (meta-device
     creation, sharding by layer, distributed checkpoints; optimer_merge.cpt.sharding); any other
     name is a Lightning Fabric strategy (``ddp``, ``deepspeed``, ...) built with ``options``."""
@@ -72,7 +68,7 @@ class StrategyConfig(_Frozen):
     options: dict[str, Any] = {}  # keyword arguments of the Lightning strategy
 
 
-class TrainConfig(_Frozen):
+class TrainConfig(ConfigModel):
     """Everything one CPT run needs; the defaults suit the tiny CPU models."""
 
     base: LocalPath

@@ -33,10 +33,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, ClassVar, Iterator, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
 
 from optimer_merge.io.progress import duration
-from optimer_merge.io.yaml_config import Seed
+from optimer_merge.io.yaml_config import ConfigModel, Seed
 
 DOMAINS = ("ja", "zh", "math", "code")
 SETTINGS_RECORD = "demo_settings.json"
@@ -50,10 +50,8 @@ class DemoJobFailed(RuntimeError):
     """A job of the demo raised; the message holds the end of its log (with the traceback)."""
 
 
-class DemoSettings(BaseModel):
+class DemoSettings(ConfigModel):
     """Sizes of the demo; the defaults fit a 2-core CPU in 5-7 minutes."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
     seed: Seed = 0
     base: str = Field(default_factory=lambda: _shipped_base_digest())  # sha256 of the shipped base's weights

@@ -24,14 +24,13 @@ import os
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import Field, ValidationError, field_validator
 
 from optimer_merge.errors import ConfigError
+from optimer_merge.io.yaml_config import ConfigModel
 
 
-class ObjectiveTerm(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
-
+class ObjectiveTerm(ConfigModel):
     task: str
     metric: str
     weight: float = Field(1.0, gt=0)
@@ -39,9 +38,7 @@ class ObjectiveTerm(BaseModel):
     direction: Literal["maximize", "minimize"] | None = None  # only where lm-eval gives none
 
 
-class Objective(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
-
+class Objective(ConfigModel):
     tasks: list[ObjectiveTerm]
     reference: dict | str | None = None
 

@@ -6,9 +6,10 @@ import functools
 import os
 import re
 from pathlib import Path
+import typing
 from typing import Annotated, Any, TypeVar
 
-from pydantic import AfterValidator, Field
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 
 from optimer_merge.errors import ConfigError
 from optimer_merge.io import plain_name_problem
@@ -35,6 +36,49 @@ def _plain_name(name: str) -> str:
 
 
 PlainName = Annotated[str, AfterValidator(_plain_name)]  # a vector's or a dataset's name
+
+
+class ConfigModel(BaseModel):
+    """Base of every typed config: unknown keys, NaN/Inf, and a YAML boolean where a number belongs
+    are refused (pydantic alone reads `trials: true` as 1 and `lr: yes` as 1.0)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _no_boolean_numbers(cls, value: Any, info: ValidationInfo) -> Any:
+        kinds = _kinds(cls.model_fields[info.field_name].annotation)
+        if kinds & {int, float} and not kinds & {bool, Any, BaseModel} and _has_bool(value):
+            got = f"got {_yaml_value(value)}" if isinstance(value, bool) else f"got a boolean in {_yaml_value(value)}"
+            raise ValueError(f"expected a number, {got} (YAML reads true/false/yes/no/on/off as booleans)")
+        return value
+
+
+def _kinds(annotation: Any) -> set:
+    """The plain types an annotation can hold (through unions, Annotated, containers); every model
+    class counts as BaseModel (it checks its own fields)."""
+    if annotation is Any:
+        return {Any}
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return {BaseModel}
+    args = typing.get_args(annotation)
+    if args:
+        return set().union(*(_kinds(a) for a in args))
+    return {annotation} if isinstance(annotation, type) else set()
+
+
+def _has_bool(value: Any) -> bool:
+    if isinstance(value, bool):
+        return True
+    if isinstance(value, (list, tuple)):
+        return any(_has_bool(v) for v in value)
+    return isinstance(value, dict) and any(_has_bool(v) for v in value.values())
+
+
+def _yaml_value(value: Any) -> str:
+    import json
+
+    return json.dumps(value) if isinstance(value, (bool, list, tuple, dict)) else repr(value)
 
 
 def load_yaml(path: str | Path, what: str = "YAML file") -> Any:

@@ -6,10 +6,10 @@ import math
 from pathlib import Path
 from typing import ClassVar, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, PositiveInt, model_validator
+from pydantic import Field, PositiveInt, model_validator
 
 from optimer_merge.evaluation.objective import Objective
-from optimer_merge.io.yaml_config import LocalPath, PlainName, Seed
+from optimer_merge.io.yaml_config import ConfigModel, LocalPath, PlainName, Seed
 from optimer_merge.threads import too_many_threads
 
 Dtype = Literal["float32", "bfloat16", "float16"]
@@ -28,10 +28,8 @@ def check_bounds(bounds: tuple[float, float], where: str = "") -> None:
         raise ValueError(f"{where}bounds {list(bounds)} are wider than a float holds; narrow them (weights beyond +-{LARGE_BOUND:g} are rarely useful)")
 
 
-class VectorSource(BaseModel):
+class VectorSource(ConfigModel):
     """One vector of the pool: a CPT model folder (v = model - base) or an extracted vector file."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
     name: PlainName
     model: LocalPath | None = None
@@ -47,10 +45,8 @@ class VectorSource(BaseModel):
         return self
 
 
-class Acquisition(BaseModel):
+class Acquisition(ConfigModel):
     """How hard SMAC works on each proposal (see optimer_merge.search.optimizers.SMACSearch)."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
 
     challengers: PositiveInt = 200
     local_search_iterations: PositiveInt = 1
@@ -61,10 +57,8 @@ class Acquisition(BaseModel):
     gp_refit_growth: float = Field(0.1, ge=0)  # refit the GP's kernel once the trials grew by this fraction
 
 
-class SearchConfig(BaseModel):
+class SearchConfig(ConfigModel):
     """`optimer-merge search --config FILE.yaml`; every field can also be set with --set key=value."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
     base: LocalPath
     vectors: list[VectorSource]
