@@ -134,19 +134,17 @@ def test_stock_mergekit_yaml_reports_zero_sum(tiny_zoo):
     shutil.rmtree(tiny_zoo / "out-zero-sum", ignore_errors=True)
 
 
-@pytest.mark.parametrize("field, value", [("weight", ".nan"), ("scale", ".inf")])
-def test_stock_mergekit_yaml_refuses_non_finite_values_before_merging(tiny_zoo, tmp_path, field, value):
-    """The method declares its numbers finite, so mergekit's planner rejects NaN/Inf before any tensor."""
+@pytest.mark.parametrize("old, new, message", [("weight: 0.6", "weight: .nan", "finite number"), ("scale: 0.8", "scale: .inf", "finite number"),
+                                                ("weight: 0.6", "weight: on", "expected a number, got true")])  # fmt: skip
+def test_stock_mergekit_yaml_refuses_non_finite_and_boolean_values_before_merging(tiny_zoo, tmp_path, old, new, message):
+    """The method declares its numbers finite and not booleans, so mergekit's planner rejects NaN,
+    Inf and `on` (YAML's true, which pydantic would read as 1.0) before any tensor."""
     text = yaml.safe_dump(text_recipe())
-    if field == "weight":
-        text = text.replace("weight: 0.6", "weight: .nan")
-    else:
-        text = text.replace("scale: 0.8", "scale: .inf")
-    assert value in text
+    assert old in text
     recipe = tmp_path / "bad.yml"
-    recipe.write_text(text)
+    recipe.write_text(text.replace(old, new))
     result = stock_merge(recipe, tiny_zoo, str(tmp_path / "out"))
-    assert result.returncode != 0 and "finite number" in result.stderr, result.stderr[-2000:]
+    assert result.returncode != 0 and message in result.stderr, result.stderr[-2000:]
     assert not list((tmp_path / "out").glob("*.safetensors"))
 
 

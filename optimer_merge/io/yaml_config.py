@@ -49,9 +49,21 @@ class ConfigModel(BaseModel):
     def _no_boolean_numbers(cls, value: Any, info: ValidationInfo) -> Any:
         kinds = _kinds(cls.model_fields[info.field_name].annotation)
         if kinds & {int, float} and not kinds & {bool, Any, BaseModel} and _has_bool(value):
-            got = f"got {_yaml_value(value)}" if isinstance(value, bool) else f"got a boolean in {_yaml_value(value)}"
-            raise ValueError(f"expected a number, {got} (YAML reads true/false/yes/no/on/off as booleans)")
+            raise ValueError(boolean_problem(value))
         return value
+
+
+def boolean_problem(value: Any) -> str:
+    """The message for a YAML boolean (or a list or mapping holding one) where a number belongs."""
+    got = f"got {_yaml_value(value)}" if isinstance(value, bool) else f"got a boolean in {_yaml_value(value)}"
+    return f"expected a number, {got} (YAML reads true/false/yes/no/on/off as booleans)"
+
+
+def not_boolean(value: Any) -> Any:
+    """A pydantic before-validator for numbers: pydantic alone reads true as 1."""
+    if isinstance(value, bool):
+        raise ValueError(boolean_problem(value))
+    return value
 
 
 def _kinds(annotation: Any) -> set:

@@ -3,7 +3,7 @@
 Recipe parameters: per model `weight` (required, any sign); global `scale` (default 1.0) and
 `normalize` (default false: true divides by the sum of weights). The result is returned in float32
 (float64 for float64 inputs) and mergekit casts it to the recipe's `out_dtype` when one is set.
-Non-finite `weight` or `scale` values are refused when mergekit resolves the parameters, before it
+Non-finite or boolean `weight` or `scale` values are refused when mergekit resolves the parameters, before it
 merges any tensor; values the rule cannot merge with (weights summing to 0 under `normalize`), and
 a merge with NaN/Inf values (an input model holds some), are one `Error:` line under `mergekit-yaml`.
 """
@@ -21,14 +21,19 @@ from mergekit.merge_methods import (
     TensorBatch,
     merge_method,
 )
-from pydantic import FiniteFloat
+from pydantic import AllowInfNan, BeforeValidator
 from typing_extensions import Annotated
 
 from optimer_merge.errors import UserError
+from optimer_merge.io.yaml_config import not_boolean
 from optimer_merge.merge.rule import merge_tensor
 from optimer_merge.vectors.checks import is_finite
 
 METHOD_NAME = "optimer"
+
+# A finite number, never a YAML boolean (`weight: true` would merge as 1.0). Strings stay allowed:
+# PyYAML reads `5e-1` as one, and mergekit turns it into the number.
+Number = Annotated[float, BeforeValidator(not_boolean), AllowInfNan(False)]
 
 
 @merge_method(
@@ -39,8 +44,8 @@ METHOD_NAME = "optimer"
 )
 def optimer_merge(
     batch: TensorBatch,
-    weight: Annotated[torch.Tensor, BatchParameter(FiniteFloat, ParameterScope.NON_BASE)],
-    scale: FiniteFloat = 1.0,
+    weight: Annotated[torch.Tensor, BatchParameter(Number, ParameterScope.NON_BASE)],
+    scale: Number = 1.0,
     normalize: bool = False,
 ) -> torch.Tensor:
     if batch.base_index is None:

@@ -81,7 +81,8 @@ def check_recipe(raw: Any, path: str | Path) -> None:
                 try:
                     specs[key].validate(value)
                 except ValidationError as error:
-                    raise RecipeError(f"{path}: {where}.{key}: {error.errors()[0]['msg']} (got {value!r})") from None
+                    message = error.errors()[0]["msg"].removeprefix("Value error, ")
+                    raise RecipeError(f"{path}: {where}.{key}: {message}" + ("" if "got" in message else f" (got {value!r})")) from None
 
 
 def check_structure(config, path: str | Path) -> None:
