@@ -5,8 +5,8 @@ from __future__ import annotations
 import functools
 import os
 import re
-from pathlib import Path
 import typing
+from pathlib import Path
 from typing import Annotated, Any, TypeVar
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationInfo, field_validator
