@@ -87,6 +87,29 @@ def test_extracting_into_a_vectors_folder_adds_to_it(vectors_dir, small_base, cp
     assert json.loads((out / "vectors.json").read_text())["vectors"]["ja"]["l2_norm"] == pytest.approx(before["vectors"]["zh"]["l2_norm"], rel=1e-9)
 
 
+def test_an_extraction_rerun_keeps_the_vectors_of_unchanged_models(vectors_dir, small_base, cpt_runs, tmp_path, capsys):
+    """The same command again reads nothing and rewrites nothing; a model folder whose weights
+    changed since (retrained in place) is extracted again."""
+    out, model = tmp_path / "v", tmp_path / "ja-model"
+    shutil.copytree(vectors_dir, out)
+    shutil.copytree(cpt_runs["ja"] / "model", model)
+    args = ["vectors", "extract", "--base", str(small_base), "--out", str(out), "--model", f"ja={model}", "--model", f"zh={cpt_runs['zh'] / 'model'}"]
+    before = json.loads((out / "vectors.json").read_text())["vectors"]
+    assert cli.main(args) == 0  # ja now comes from another folder: extracted again
+    assert "ja replaced (another model, or changed since)" in capsys.readouterr().out
+    stamps = {p.name: p.stat().st_mtime_ns for p in out.iterdir() if p.suffix == ".safetensors"}
+    assert cli.main(args) == 0
+    log = capsys.readouterr().out
+    assert "ja, zh up to date (same model, unchanged since)" in log and "extracting" not in log
+    assert {p.name: p.stat().st_mtime_ns for p in out.iterdir() if p.suffix == ".safetensors"} == stamps
+    shutil.copy(cpt_runs["zh"] / "model/model.safetensors", model / "model.safetensors")  # retrained in place
+    assert cli.main(args) == 0
+    assert "ja replaced (another model, or changed since)" in capsys.readouterr().out
+    after = json.loads((out / "vectors.json").read_text())["vectors"]
+    assert after["ja"]["l2_norm"] == pytest.approx(before["zh"]["l2_norm"], rel=1e-9)
+    assert {d: after[d]["l2_norm"] for d in ("zh", "math", "code")} == {d: before[d]["l2_norm"] for d in ("zh", "math", "code")}
+
+
 def test_tensors_equal_in_all_models_are_skipped_and_recorded(tmp_path, small_base, cpt_runs):
     base = load_weights(small_base)
     frozen = "model.norm.weight"

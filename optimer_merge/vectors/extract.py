@@ -33,7 +33,10 @@ def extract(
     log: Callable[[str], None] = print,
 ) -> dict:
     """Write ``out_dir/<name>.safetensors`` = model - base for each model, and ``vectors.json``
-    (vectors of the same base already in ``out_dir`` stay listed; another base is refused).
+    (vectors of the same base already in ``out_dir`` stay listed; another base is refused). A NAME
+    whose vector in ``out_dir`` came from the same model folder, unchanged since (its fingerprint),
+    is kept without reading anything: rerunning a command, or adding a model to it, extracts only
+    what is new.
 
     ``dtype`` is the vectors' stored dtype (default: the base's; a bf16 delta keeps 2^-9 of its
     own size, whatever the weights' size). Everything is checked first (names, folders, tensors,
@@ -62,7 +65,19 @@ def extract(
         ckpts[name] = ckpt
     if dtype is None:
         dtype = base_ckpt.float_dtype() if base_ckpt.float_dtype() in FLOAT_DTYPES else "float32"
-    earlier = _earlier_vectors(out_dir, base_fp, dtype, log)
+    earlier = _earlier_vectors(out_dir, base_fp, dtype)
+    model_fps = {name: fingerprint(path) for name, path in models.items()}
+    held = earlier.get("vectors", {})
+    kept = [name for name, path in models.items() if _up_to_date(held.get(name), path, model_fps[name])]
+    if held:
+        groups = {"kept": [n for n in held if n not in models], "up to date (same model, unchanged since)": kept,
+                  "replaced (another model, or changed since)": [n for n in held if n in models and n not in kept]}  # fmt: skip
+        log(f"{out_dir} already holds {', '.join(held)}: " + "; ".join(f"{', '.join(names)} {what}" for what, names in groups.items() if names))
+    ckpts = {name: ckpt for name, ckpt in ckpts.items() if name not in kept}
+    if not ckpts:
+        with RunFolder(out_dir, "vector extraction"):
+            write_json(Path(out_dir) / MANIFEST, earlier)  # files that vanished are no longer listed
+        return earlier
     store = getattr(torch, dtype)
     names = [n for n in base_ckpt.names() if base_ckpt.is_float(n)]
     skipped_non_float = [n for n in base_ckpt.names() if n not in names]
@@ -109,9 +124,9 @@ def extract(
         for name, norm in norms.items():
             if norm == 0.0 and Path(models[name]).resolve() != Path(base).resolve():
                 log(f"warning: model {name} equals the base in every tensor; its vector is all zeros")
-        vectors = {name: entry for name, entry in earlier.get("vectors", {}).items() if name not in models}
-        vectors.update({name: {"file": f"{name}.safetensors", "model": str(Path(path).resolve()), "l2_norm": math.sqrt(norms[name])}
-                        for name, path in models.items()})  # fmt: skip
+        vectors = {name: entry for name, entry in earlier.get("vectors", {}).items() if name not in ckpts}
+        vectors.update({name: {"file": f"{name}.safetensors", "model": str(Path(models[name]).resolve()), "model_fingerprint": model_fps[name],
+                               "l2_norm": math.sqrt(norms[name])} for name in ckpts})  # fmt: skip
         if earlier:  # a tensor is left out of every file only where every extraction left it out
             equal = [n for n in equal if n in set(earlier["skipped"]["equal_in_all_models"])]
         manifest = {
@@ -125,7 +140,12 @@ def extract(
     return manifest
 
 
-def _earlier_vectors(out_dir: str | Path, base_fp: str, dtype: str, log: Callable[[str], None]) -> dict:
+def _up_to_date(entry: dict | None, model: str | Path, model_fp: str) -> bool:
+    """An earlier extraction's manifest entry came from this model folder, unchanged since."""
+    return bool(entry) and entry.get("model") == str(Path(model).resolve()) and entry.get("model_fingerprint") == model_fp
+
+
+def _earlier_vectors(out_dir: str | Path, base_fp: str, dtype: str) -> dict:
     """The manifest of vectors an earlier extraction left in ``out_dir`` (they stay, listed beside
     the new ones), after checking they share this base and dtype; {} for a new or empty folder.
     Any other folder (a model's, above all: a vector file there would join its weights) is refused."""
@@ -139,8 +159,6 @@ def _earlier_vectors(out_dir: str | Path, base_fp: str, dtype: str, log: Callabl
     if earlier.get("dtype") != dtype:
         raise VectorError(f"{out_dir} holds {earlier.get('dtype')} vectors; extract with --dtype {earlier.get('dtype')} or choose another --out")
     present = {name: entry for name, entry in earlier.get("vectors", {}).items() if (Path(out_dir) / entry["file"]).is_file()}
-    if present:
-        log(f"{out_dir} already holds {', '.join(present)}: kept (a name given again is replaced)")
     return {**earlier, "vectors": present}
 
 
