@@ -3,9 +3,10 @@
 Recipe parameters: per model `weight` (required, any sign); global `scale` (default 1.0) and
 `normalize` (default false: true divides by the sum of weights). The result is returned in float32
 (float64 for float64 inputs) and mergekit casts it to the recipe's `out_dtype` when one is set.
-Non-finite or boolean `weight` or `scale` values are refused when mergekit resolves the parameters, before it
-merges any tensor; values the rule cannot merge with (weights summing to 0 under `normalize`), and
-a merge with NaN/Inf values (an input model holds some), are one `Error:` line under `mergekit-yaml`.
+Non-finite or boolean `weight` or `scale` values are refused when mergekit resolves the
+parameters, before it merges any tensor; values the rule cannot merge with (weights summing to 0
+under `normalize`), and a merge with NaN/Inf values (an input model holds some), are one `Error:`
+line under `mergekit-yaml`.
 """
 
 from __future__ import annotations
