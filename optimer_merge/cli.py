@@ -41,17 +41,21 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    parser.commands = {}
     for name, module_name in COMMANDS.items():
         module = importlib.import_module(module_name)
         summary = (module.__doc__ or "").strip().splitlines()[0]
-        command = sub.add_parser(name, help=summary, description=summary)
+        command = parser.commands[name] = sub.add_parser(name, help=summary, description=summary)
         module.add_arguments(command)
         command.set_defaults(_run=module.run)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, unknown = parser.parse_known_args(argv)
+    if unknown:  # named by the command's own parser, with its --help
+        parser.commands[args.command].error(f"unrecognized arguments: {' '.join(unknown)}")
     previous = on_sigterm(_terminated)
     try:
         return _run(args)

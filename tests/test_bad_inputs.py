@@ -153,6 +153,7 @@ CASES = [
     Case("train-inf-weight-decay", train("--set", "weight_decay=.inf"), ["weight_decay", "finite"]),
     Case("train-betas", train("--set", "betas=[0.9, 1.0]"), ["betas", "[0.9, 1.0]"]),
     Case("train-boolean-lr", train("--set", "lr=on"), ["lr: expected a number, got true"]),
+    Case("train-unknown-flag", train("--eval-every", "5"), ["optimer-merge train: error: unrecognized arguments: --eval-every 5", "optimer-merge train --help"]),
     Case("train-threads-over-cpus", train("--threads", "100000"), ["threads: this machine has", "(got 100000)"]),
     Case("train-threads-zero", train("--threads", "0"), ["--threads", "expected 'auto' or a whole number >= 1, got 0"]),
     Case("search-threads-not-a-number", search("--threads", "abc"), ["--threads", "expected 'auto' or a whole number >= 1, got 'abc'"]),
