@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import json
 import os
 import re
 import typing
@@ -88,8 +89,6 @@ def _has_bool(value: Any) -> bool:
 
 
 def _yaml_value(value: Any) -> str:
-    import json
-
     return json.dumps(value) if isinstance(value, (bool, list, tuple, dict)) else repr(value)
 
 

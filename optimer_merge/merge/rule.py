@@ -78,9 +78,8 @@ def combine(
     """
     acc_dtype = accumulation_dtype(base.dtype)
     flags = [relative] * coeffs.shape[-1] if isinstance(relative, bool) else list(relative)
-    mask = torch.tensor(flags, dtype=coeffs.dtype, device=coeffs.device)
-    base_coeff = 1.0 - (coeffs * mask).sum(dim=-1)  # the base's own coefficient, [] or [B]
     if not isinstance(rows, Sequence) or coeffs.ndim != 1:
+        base_coeff = 1.0 - coeffs[..., [i for i, rel in enumerate(flags) if rel]].sum(dim=-1)  # [] or [B]
         return _combine_streamed(base, rows, coeffs, base_coeff, acc_dtype, out)
     if out is not None and not out.is_contiguous():
         out.copy_(combine(base, rows, coeffs, relative=flags))
@@ -89,7 +88,8 @@ def combine(
     device = result.device  # rows kept in host memory are streamed to it chunk by chunk
     flat_base, flat_out = base.reshape(-1), result.view(-1)
     flat_rows = [row.reshape(-1) for row in rows]
-    c, c_base = [float(v) for v in coeffs.tolist()], float(base_coeff)
+    c = [float(v) for v in coeffs.tolist()]
+    c_base = 1.0 - sum(weight for weight, rel in zip(c, flags, strict=True) if rel)  # the base's own coefficient
     step = CHUNK.get(device.type, CHUNK["cuda"])
     acc, row_buffer = (torch.empty(min(step, flat_base.numel()), dtype=acc_dtype, device=device) for _ in range(2))
     for start in range(0, flat_base.numel(), step):
