@@ -77,6 +77,8 @@ CASES = [
     Case("merge-no-base", ["merge", "{recipe_nobase}", "{out}"], ["requires a base input", "set base_model"]),
     Case("merge-missing-weight", ["merge", "{recipe_noweight}", "{out}"], ["models[0]", "tiny-text/ja", "requires parameter 'weight'"]),
     Case("merge-model-twice", ["merge", "{recipe_twice}", "{out}"], ["tiny-text/ja is listed twice"]),
+    Case("merge-slice-without-base", ["merge", "{recipe_slices_nobase}", "{out}"], ["slices[0]", "base model {zoo}/tiny-text/base is not among"]),
+    Case("merge-slice-layer-range", ["merge", "{recipe_slices_layers}", "{out}"], ["slices[0].sources[0]", "layer_range [0, 9] selects no layers of the model's 2"]),
     Case("merge-unknown-dtype", ["merge", "{recipe_dtype}", "{out}"], ["unknown dtype 'float33'"]),
     Case("merge-normalize-zero-sum", ["merge", "{recipe_zerosum}", "{out}"], ["normalize: true", "which is 0"]),
     Case("merge-truncated-model", ["merge", "{recipe_truncated}", "{out}"], ["truncated/model.safetensors is not a readable safetensors file"]),
@@ -256,6 +258,12 @@ def paths(tmp_path_factory, tiny_zoo) -> dict[str, str]:
         assert old in text
         (root / f"recipe-{name}.yml").write_text(text.replace(old, new) if old else text)
         p[f"recipe_{name}"] = str(root / f"recipe-{name}.yml")
+    sliced = "merge_method: optimer\nbase_model: {zoo}/tiny-text/base\nslices:\n  - sources:\n{sources}dtype: float32\n"
+    source = "    - model: {zoo}/tiny-text/{name}\n      layer_range: {layers}\n      parameters: {{weight: 0.5}}\n"
+    for name, sources in (("nobase", [("ja", "[0, 2]")]), ("layers", [("ja", "[0, 9]"), ("base", "[0, 9]")])):
+        text = sliced.format(zoo=zoo, sources="".join(source.format(zoo=zoo, name=n, layers=r) for n, r in sources))
+        (root / f"recipe-slices-{name}.yml").write_text(text)
+        p[f"recipe_slices_{name}"] = str(root / f"recipe-slices-{name}.yml")
     (root / "bad.yaml").write_text("merge_method: optimer\nbase_model: x\n  models: y\n")
     p["bad_yaml"] = str(root / "bad.yaml")
     # a CPT model whose train_meta.json records another base

@@ -97,9 +97,10 @@ def check_structure(config, path: str | Path) -> None:
             dtype_from_name(getattr(config, key))
         except RuntimeError:
             raise RecipeError(f"{path}: {key}: unknown dtype {getattr(config, key)!r}; use float32, bfloat16, float16 or float64") from None
-    if not config.models:  # `slices:` recipes are planned by mergekit itself
-        return
     spec = merge_methods.get(config.merge_method).spec
+    if not config.models:
+        _check_slices(config, spec, path)
+        return
     base = str(config.base_model.model.path) if config.base_model else None
     ids = [str(m.model.model.path) for m in config.models]
     twice = sorted({i for i in ids if ids.count(i) > 1})
@@ -123,6 +124,46 @@ def check_structure(config, path: str | Path) -> None:
     if config.merge_method == "optimer" and shared.get("normalize") is True and all(isinstance(w, (int, float)) for w in weights):
         if sum(weights) == 0:
             raise RecipeError(f"{path}: normalize: true divides by the sum of the weights, which is 0 ({weights}); set normalize: false or change the weights")
+
+
+def _check_slices(config, spec, path: str | Path) -> None:
+    """The contract check mergekit runs on each output slice once it has loaded every model's config:
+    a base the method needs (or is given) must be one of the slice's sources, no source twice."""
+    groups = [(f"slices[{i}]", s) for i, s in enumerate(config.slices or [])]
+    for name, module in (config.modules or {}).items():
+        groups += [(f"modules.{name}.slices[{i}]", s) for i, s in enumerate(module.slices or [])]
+    for where, output in groups:
+        base = output.base_model or config.base_model
+        sources = [source.model for source in output.sources]
+        twice = sorted({str(m.model.path) for m in sources if sources.count(m) > 1})
+        if twice:
+            raise RecipeError(f"{path}: {where}: model {twice[0]} is listed twice among the slice's sources; list each model once")
+        try:
+            spec.contract.validate_ids(sources, base, group_name=config.merge_method)
+        except ValueError as error:
+            if base is not None and base not in sources:
+                raise RecipeError(f"{path}: {where}: the base model {base.model.path} is not among this slice's sources; "
+                                  f"add it as a source with the slice's layer_range") from None  # fmt: skip
+            raise RecipeError(f"{path}: {where}: {error}") from None
+        for i, source in enumerate(output.sources):
+            layers = _layer_count(source.model)
+            start, stop = source.layer_range
+            if layers is not None and not 0 <= start < stop <= layers:
+                raise RecipeError(f"{path}: {where}.sources[{i}] ({source.model.model.path}): layer_range [{start}, {stop}] selects no "
+                                  f"layers of the model's {layers}; give [start, stop] with 0 <= start < stop <= {layers}")  # fmt: skip
+
+
+def _layer_count(ref) -> int | None:
+    """Layers of a local single-module model (what a slice's layer_range indexes); None where unknown."""
+    from mergekit.architecture import arch_info_for_config
+
+    if not (Path(str(ref.model.path)).expanduser() / "config.json").is_file():
+        return None
+    config = ref.config()
+    arch = arch_info_for_config(config)
+    if arch is None or len(arch.modules) != 1:
+        return None
+    return next(iter(arch.modules.values())).architecture.num_layers(config)
 
 
 def load_recipe(path: str | Path):
