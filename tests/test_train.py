@@ -391,17 +391,28 @@ def test_bad_data_under_two_ranks_is_one_line_before_the_second_starts(tmp_path,
     assert not out.exists()
 
 
-def test_a_disk_too_small_under_two_ranks_stops_both_in_one_line(tmp_path, small_base):
-    """The disk check needs the model, so it runs on every rank after the launch: the ranks decide
-    together (none is left waiting for the others) and only the primary says why."""
+def test_a_disk_too_small_on_another_rank_stops_both_in_one_line(tmp_path, small_base):
+    """The disk check needs the model, so it runs on every rank after the launch, each on its own
+    disk (the nodes of a cluster have their own): the ranks decide together (none is left waiting
+    for the others) and the primary says which rank is short and why. Here only rank 1's disk is
+    short: a `sitecustomize` on its PYTHONPATH makes it report 100 KiB free."""
+    hook = tmp_path / "hook"
+    hook.mkdir()
+    (hook / "sitecustomize.py").write_text(
+        "import collections, os, shutil\n"
+        "if os.environ.get('LOCAL_RANK') == '1':\n"
+        "    usage = collections.namedtuple('usage', 'total used free')\n"
+        "    shutil.disk_usage = lambda path: usage(2**30, 2**30 - 100 * 1024, 100 * 1024)\n"
+    )
     out = tmp_path / "run"
     argv = [str(Path(sys.executable).with_name("optimer-merge")), "train", "--base", str(small_base), "--output", str(out), "--dataset", "ja",
-            "--max-steps", "2", "--seq-len", "8", "--no-progress", "--devices", "2", "--accelerator", "cpu", "--strategy", "fsdp",
-            "--set", "keep_checkpoints=1000000000"]  # fmt: skip
-    done = subprocess.run(argv, capture_output=True, text=True, timeout=300)
+            "--max-steps", "2", "--seq-len", "8", "--no-progress", "--devices", "2", "--accelerator", "cpu", "--strategy", "fsdp"]  # fmt: skip
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(hook), os.environ.get("PYTHONPATH")]))}
+    done = subprocess.run(argv, capture_output=True, text=True, timeout=300, env=env)
     assert done.returncode == 2, done.stderr[-3000:]
     errors = [line for line in done.stderr.splitlines() if "error" in line]
-    assert len(errors) == 1 and re.fullmatch(r"optimer-merge train: error: training \(1000000001 checkpoints of .+\) needs about .+ free under .+, and its disk has .+", errors[0]), done.stderr[-3000:]
+    assert len(errors) == 1 and re.fullmatch(r"optimer-merge train: error: rank 1: training \(3 checkpoints of .+\) needs about .+ free under .+, "
+                                             r"and its disk has 100 KiB; .+", errors[0]), done.stderr[-3000:]  # fmt: skip
     assert "Traceback" not in done.stderr and not out.exists()
 
 

@@ -139,7 +139,10 @@ class RayWorkers:
             address = config.ray_address or "local"
             sigterm = signal.getsignal(signal.SIGTERM)
             try:
-                ray.init(address=address, include_dashboard=False, log_to_driver=False, logging_level="ERROR", configure_logging=True)
+                # a local Ray's workers run at the driver's priority (Ray's default, nice 15, lets the
+                # driver's optimizer preempt a trial whenever it asks ahead on a machine with few cores)
+                local = {} if config.ray_address else {"_system_config": {"worker_niceness": 0}}
+                ray.init(address=address, include_dashboard=False, log_to_driver=False, logging_level="ERROR", configure_logging=True, **local)
                 if callable(sigterm):
                     on_sigterm(sigterm)  # Ray's own would end the driver without stopping its workers
             except ConnectionError as error:
