@@ -231,10 +231,10 @@ def test_trial_recipe_through_stock_mergekit_equals_in_memory_merge(search_run, 
     assert max((on_disk[k] - t).abs().max().item() for k, t in pool.merged(record["weights"])) < 1e-6
 
 
-def test_stopped_and_killed_searches_resume_to_the_same_search(search_run, small_base, cpt_runs, tmp_path):
+def test_stopped_and_killed_searches_resume_to_the_same_search(search_run, small_base, cpt_runs, tmp_path, capsys):
     """SIGTERM (a scheduler's stop) unwinds like Ctrl-C: one line, exit 143; the rerun SIGKILLed past
     SMAC's initial design, in the middle of writing a line; the next rerun replays to the very search
-    an uninterrupted run makes."""
+    an uninterrupted run makes. A rerun asking for fewer trials than are done runs none and says so."""
     out = tmp_path / "run"
     args = CLI + search_args(small_base, cpt_runs, out)
     env = {**os.environ, "PYTHONHASHSEED": "2"}  # another process hash seed: proposals must not depend on it
@@ -266,6 +266,10 @@ def test_stopped_and_killed_searches_resume_to_the_same_search(search_run, small
     assert max(abs(a["score"] - b["score"]) for a, b in zip(resumed, reference)) < 1e-9
     best = json.loads((out / "summary.json").read_text())["best"]
     assert best["weights"] == json.loads((search_run / "summary.json").read_text())["best"]["weights"]
+
+    assert cli.main(search_args(small_base, cpt_runs, out, "--trials", "12")) == 0
+    assert f"resumed {out}: {TRIALS} trials already done (more than trials 12: the results cover all {TRIALS})" in capsys.readouterr().out
+    assert trials(out) == resumed and json.loads((out / "summary.json").read_text())["best"] == best
 
 
 def test_failed_trials_are_recorded_and_the_search_goes_on(small_base, cpt_runs, tmp_path, capsys):

@@ -269,7 +269,8 @@ class _Search:
         if repaired:
             atomic_write_text(self.trials_path, "".join(json.dumps(r) + "\n" for r in records))
         if records:
-            self.log(f"resumed {self.out}: {len(records)} trials already done")
+            beyond = f" (more than trials {self.config.trials}: the results cover all {len(records)})" if len(records) > self.config.trials else ""
+            self.log(f"resumed {self.out}: {len(records)} trials already done{beyond}")
         return records, pending
 
     def _failed_tail(self, records: list[dict | None]) -> int:
