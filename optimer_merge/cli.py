@@ -54,8 +54,10 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args, unknown = parser.parse_known_args(argv)
-    if unknown:  # named by the command's own parser, with its --help
-        parser.commands[args.command].error(f"unrecognized arguments: {' '.join(unknown)}")
+    if unknown:  # named by the command's own parser (`vectors extract`'s for its flags), with its --help
+        command = parser.commands[args.command]
+        command = getattr(command, "commands", {}).get(getattr(args, "action", None), command)
+        command.error(f"unrecognized arguments: {' '.join(unknown)}")
     previous = on_sigterm(_terminated)
     try:
         return _run(args)

@@ -101,6 +101,8 @@ CASES = [
     Case("extract-into-model-folder", extract("ja={zoo}/tiny-text/ja", out="{zoo}/tiny-text/zh"), ["tiny-text/zh is not empty", "holds no vectors"],
          ["{zoo}/tiny-text/zh/ja.safetensors", "{zoo}/tiny-text/zh/vectors.json"]),
     Case("extract-into-other-files", extract("ja={zoo}/tiny-text/ja", out="{not_a_run}"), ["not-a-run is not empty and holds no vectors"], ["{not_a_run}/.lock"]),
+    Case("extract-unknown-flag", [*extract("ja={zoo}/tiny-text/ja"), "--threads", "2"],
+         ["optimer-merge vectors extract: error: unrecognized arguments: --threads 2", "optimer-merge vectors extract --help"]),
     Case("extract-no-equals", extract("{zoo}/tiny-text/ja"), ["expects NAME=PATH"]),
     Case("stats-nan", ["vectors", "stats", "nan={nan_vector}", "--out", "{out}"], ["vector nan", "NaN/Inf"]),
     Case("stats-model-folder", ["vectors", "stats", "ja={zoo}/tiny-text/ja", "--out", "{out}"], ["tiny-text/ja is a folder", "model folder"]),

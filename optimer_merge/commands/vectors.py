@@ -20,6 +20,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     stats.add_argument("vectors", type=path, nargs="+", help="a folder from `vectors extract`, or NAME=FILE.safetensors entries")
     stats.add_argument("--out", type=path, help="folder for stats.json and cosine.png (default: the vectors folder)")
     stats.add_argument("--base", type=path, help="the base the vectors came from, for ||v|| / ||base|| (default: the one vectors.json records)")
+    parser.commands = {"extract": extract, "stats": stats}  # the CLI reports an unknown flag by the action's own parser
 
 
 def run(args: argparse.Namespace) -> int:
