@@ -78,7 +78,7 @@ CASES = [
     Case("merge-missing-weight", ["merge", "{recipe_noweight}", "{out}"], ["models[0]", "tiny-text/ja", "requires parameter 'weight'"]),
     Case("merge-model-twice", ["merge", "{recipe_twice}", "{out}"], ["tiny-text/ja is listed twice"]),
     Case("merge-slice-without-base", ["merge", "{recipe_slices_nobase}", "{out}"], ["slices[0]", "base model {zoo}/tiny-text/base is not among"]),
-    Case("merge-slice-layer-range", ["merge", "{recipe_slices_layers}", "{out}"], ["slices[0].sources[0]", "layer_range [0, 9] selects no layers of the model's 2"]),
+    Case("merge-slice-layer-range", ["merge", "{recipe_slices_layers}", "{out}"], ["slices[0].sources[0]", "layer_range [0, 9] does not fit the model's 2 layers"]),
     Case("merge-unknown-dtype", ["merge", "{recipe_dtype}", "{out}"], ["unknown dtype 'float33'"]),
     Case("merge-normalize-zero-sum", ["merge", "{recipe_zerosum}", "{out}"], ["normalize: true", "which is 0"]),
     Case("merge-truncated-model", ["merge", "{recipe_truncated}", "{out}"], ["truncated/model.safetensors is not a readable safetensors file"]),

@@ -81,6 +81,8 @@ def test_a_killed_worker_fails_its_trial_and_is_started_again(tiny_zoo, tmp_path
     wait_for_trials(out, 3, process)
     workers = subprocess.run(["pgrep", "-f", "ray::_Actor"], capture_output=True, text=True, timeout=30).stdout.split()
     assert len(workers) == 2, workers
+    # a local Ray's workers run at the driver's priority (Ray's own default is nice 15)
+    assert [os.getpriority(os.PRIO_PROCESS, int(pid)) for pid in workers] == [os.getpriority(os.PRIO_PROCESS, process.pid)] * 2
     os.kill(int(workers[0]), signal.SIGKILL)
     output, _ = process.communicate(timeout=600)
     assert process.returncode == 0, output[-3000:]

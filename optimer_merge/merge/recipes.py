@@ -149,8 +149,8 @@ def _check_slices(config, spec, path: str | Path) -> None:
             layers = _layer_count(source.model)
             start, stop = source.layer_range
             if layers is not None and not 0 <= start < stop <= layers:
-                raise RecipeError(f"{path}: {where}.sources[{i}] ({source.model.model.path}): layer_range [{start}, {stop}] selects no "
-                                  f"layers of the model's {layers}; give [start, stop] with 0 <= start < stop <= {layers}")  # fmt: skip
+                raise RecipeError(f"{path}: {where}.sources[{i}] ({source.model.model.path}): layer_range [{start}, {stop}] does not "
+                                  f"fit the model's {layers} layers; give [start, stop] with 0 <= start < stop <= {layers}")  # fmt: skip
 
 
 def _layer_count(ref) -> int | None:
