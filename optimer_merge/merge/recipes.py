@@ -103,9 +103,8 @@ def check_structure(config, path: str | Path) -> None:
         return
     base = str(config.base_model.model.path) if config.base_model else None
     ids = [str(m.model.model.path) for m in config.models]
-    twice = sorted({i for i in ids if ids.count(i) > 1})
-    if twice:
-        raise RecipeError(f"{path}: model {twice[0]} is listed twice under models; list each model once")
+    if twice := _listed_twice(ids):
+        raise RecipeError(f"{path}: model {twice} is listed twice under models; list each model once")
     try:
         spec.contract.validate_ids(ids + ([base] if base and base not in ids else []), base, group_name=config.merge_method)
     except ValueError as error:
@@ -132,12 +131,12 @@ def _check_slices(config, spec, path: str | Path) -> None:
     groups = [(f"slices[{i}]", s) for i, s in enumerate(config.slices or [])]
     for name, module in (config.modules or {}).items():
         groups += [(f"modules.{name}.slices[{i}]", s) for i, s in enumerate(module.slices or [])]
+    layer_counts: dict = {}
     for where, output in groups:
         base = output.base_model or config.base_model
         sources = [source.model for source in output.sources]
-        twice = sorted({str(m.model.path) for m in sources if sources.count(m) > 1})
-        if twice:
-            raise RecipeError(f"{path}: {where}: model {twice[0]} is listed twice among the slice's sources; list each model once")
+        if twice := _listed_twice([str(m.model.path) for m in sources]):
+            raise RecipeError(f"{path}: {where}: model {twice} is listed twice among the slice's sources; list each model once")
         try:
             spec.contract.validate_ids(sources, base, group_name=config.merge_method)
         except ValueError as error:
@@ -146,11 +145,18 @@ def _check_slices(config, spec, path: str | Path) -> None:
                                   f"add it as a source with the slice's layer_range") from None  # fmt: skip
             raise RecipeError(f"{path}: {where}: {error}") from None
         for i, source in enumerate(output.sources):
-            layers = _layer_count(source.model)
+            if source.model not in layer_counts:  # a model in several slices: its config is read once
+                layer_counts[source.model] = _layer_count(source.model)
+            layers = layer_counts[source.model]
             start, stop = source.layer_range
             if layers is not None and not 0 <= start < stop <= layers:
                 raise RecipeError(f"{path}: {where}.sources[{i}] ({source.model.model.path}): layer_range [{start}, {stop}] does not "
                                   f"fit the model's {layers} layers; give [start, stop] with 0 <= start < stop <= {layers}")  # fmt: skip
+
+
+def _listed_twice(paths: list[str]) -> str | None:
+    """The first (in sorted order) of the paths given more than once, if any."""
+    return min((p for p in paths if paths.count(p) > 1), default=None)
 
 
 def _layer_count(ref) -> int | None:

@@ -269,8 +269,10 @@ class _Search:
         if repaired:
             atomic_write_text(self.trials_path, "".join(json.dumps(r) + "\n" for r in records))
         if records:
-            beyond = f" (more than trials {self.config.trials}: the results cover all {len(records)})" if len(records) > self.config.trials else ""
-            self.log(f"resumed {self.out}: {len(records)} trials already done{beyond}")
+            done = f"{len(records)} trials already done"
+            if len(records) > self.config.trials:
+                done += f" (more than trials {self.config.trials}: the results cover all {len(records)})"
+            self.log(f"resumed {self.out}: {done}")
         return records, pending
 
     def _failed_tail(self, records: list[dict | None]) -> int:
