@@ -194,7 +194,7 @@ def main() -> None:
     parser.add_argument("--out", default="runs/gpu-check.json")
     parser.add_argument("--workdir", default=None)
     parser.add_argument("--device", choices=["cuda", "cpu"], default="cuda", help="cpu: the hf and cpt checks on the CPU")
-    parser.add_argument("--tiny", action="store_true", help="a model of about 0.1 M parameters instead of 1 B, and 12 CPT steps instead of 30")
+    parser.add_argument("--tiny", action="store_true", help="a model of about 0.1 M parameters instead of 1 B, and 6 CPT steps instead of 30")
     args = parser.parse_args()
     if lacking := missing():
         sys.exit(f"gpu-check: this Python ({sys.executable}) lacks {', '.join(lacking)}: pip install them, or where no package "
@@ -213,7 +213,7 @@ def main() -> None:
     if cuda:
         torch.cuda.empty_cache()
         summary["vllm"] = check_vllm(base, models, root)
-    summary["cpt"] = check_cpt(base, root, args.device, steps=12 if args.tiny else 30)
+    summary["cpt"] = check_cpt(base, root, args.device, steps=6 if args.tiny else 30)
     summary["seconds"] = time.perf_counter() - start
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(summary, indent=2))

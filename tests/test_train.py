@@ -92,7 +92,7 @@ def test_stopped_and_killed_runs_resume_to_the_uninterrupted_run(small_base, tmp
     from helpers import load_weights, max_abs_diff
 
     env = {**os.environ, "PYTHONPATH": str(REPO)}
-    subprocess.run(_train_cmd(small_base, tmp_path / "full"), check=True, env=env, capture_output=True, timeout=600)
+    assert cli.main(_train_cmd(small_base, tmp_path / "full")[3:]) == 0
     part = tmp_path / "part"
     proc = subprocess.Popen(_train_cmd(small_base, part), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 240
@@ -202,7 +202,7 @@ def test_velocitune_fits_targets_on_a_proxy_run(small_base, tmp_path):
 def test_multimodal_trains_text_only_and_merges_with_stock_mergekit(tiny_zoo, tmp_path, strategy):
     """Also sharded: FSDP wraps the vision encoder layers too, and the export keeps the hub names."""
     import yaml
-    from helpers import load_weights
+    from helpers import load_weights, mergekit_yaml
 
     base = tiny_zoo / "tiny-multimodal" / "base"
     if strategy == "fsdp":
@@ -228,8 +228,7 @@ def test_multimodal_trains_text_only_and_merges_with_stock_mergekit(tiny_zoo, tm
         "dtype": "float32",
     }
     (tmp_path / "r.yml").write_text(yaml.safe_dump(recipe))
-    mergekit_yaml = Path(sys.executable).with_name("mergekit-yaml")
-    subprocess.run([str(mergekit_yaml), str(tmp_path / "r.yml"), str(tmp_path / "merged")], check=True, capture_output=True, timeout=600)
+    assert mergekit_yaml(tmp_path / "r.yml", tmp_path / "merged").returncode == 0
     merged = load_weights(tmp_path / "merged")
     key = "language_model.model.layers.0.mlp.up_proj.weight"
     assert ((merged[key] - (before[key] + 0.5 * (after[key] - before[key]))).abs().max()) < 1e-6
