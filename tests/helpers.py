@@ -40,7 +40,7 @@ def reference_merge(recipe: str | Path, root: Path) -> dict[str, torch.Tensor]:
 def mergekit_yaml(recipe: str | Path, out: str | Path, *options: str, cwd: str | Path | None = None) -> subprocess.CompletedProcess:
     """Stock `mergekit-yaml RECIPE OUT [OPTIONS]` in this process: the click command its console
     script calls, without a second interpreter importing mergekit (10-20 s on 2 cores; test_install
-    and test_train run the console script itself). An exception click leaves unhandled comes back as
+    runs the console script of a wheel install). An exception click leaves unhandled comes back as
     the traceback the console script would print."""
     from click.testing import CliRunner
     from mergekit.scripts.run_yaml import main

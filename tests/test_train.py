@@ -48,7 +48,7 @@ def test_cpt_lowers_its_own_domain_loss_most(cpt_runs, domain):
 
 def test_cpt_models_merge_with_stock_mergekit(cpt_runs, small_base, tmp_path):
     import yaml
-    from helpers import load_weights, max_abs_diff, reference_merge
+    from helpers import load_weights, max_abs_diff, mergekit_yaml, reference_merge
 
     recipe = {
         "merge_method": "optimer",
@@ -58,8 +58,8 @@ def test_cpt_models_merge_with_stock_mergekit(cpt_runs, small_base, tmp_path):
     }
     path = tmp_path / "recipe.yml"
     path.write_text(yaml.safe_dump(recipe))
-    mergekit_yaml = Path(sys.executable).with_name("mergekit-yaml")
-    subprocess.run([str(mergekit_yaml), str(path), str(tmp_path / "out")], check=True, capture_output=True, timeout=600)
+    done = mergekit_yaml(path, tmp_path / "out")
+    assert done.returncode == 0, done.stderr[-2000:]
     assert max_abs_diff(load_weights(tmp_path / "out"), reference_merge(path, tmp_path)) < 1e-6
 
 

@@ -233,13 +233,13 @@ class RayWorkers:
         return f"workers {self.busy}/{self.size} busy{restarts}"
 
     def close(self) -> None:
-        for actor in getattr(self, "actors", []):
-            try:
-                self.ray.get(actor.close.remote(), timeout=60)
-            except Exception:  # noqa: BLE001 - a dead worker has nothing to close
-                pass
+        actors, self.actors = getattr(self, "actors", []), []
+        if actors:
+            # every worker closes its evaluator at once (a vLLM engine takes seconds to stop; a dead
+            # worker has nothing to close), then the actors end
+            self.ray.wait([actor.close.remote() for actor in actors], num_returns=len(actors), timeout=60)
+        for actor in actors:
             self.ray.kill(actor)
-        self.actors = []
         if self.started_ray and self.ray.is_initialized():
             self.ray.shutdown()
 
