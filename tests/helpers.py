@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import subprocess
 import time
@@ -46,12 +47,8 @@ def mergekit_yaml(recipe: str | Path, out: str | Path, *options: str, cwd: str |
     from mergekit.scripts.run_yaml import main
 
     argv = [str(recipe), str(out), *options]
-    previous = os.getcwd()
-    os.chdir(cwd or previous)
-    try:
+    with contextlib.chdir(cwd or os.getcwd()):
         result = CliRunner().invoke(main, argv)
-    finally:
-        os.chdir(previous)
     stderr = result.stderr
     if result.exception is not None and not isinstance(result.exception, SystemExit):
         stderr += "".join(traceback.format_exception(result.exception))
