@@ -64,6 +64,28 @@ def test_a_second_merge_into_one_folder_waits_its_turn(tiny_zoo, tmp_path, monke
     assert max_abs_diff(load_weights(out), reference_merge(REPO / "recipes" / "tiny" / "optimer-text.yml", tiny_zoo)) < 1e-6
 
 
+def test_a_merge_of_local_models_never_asks_the_hub(tiny_zoo, tmp_path, monkeypatch):
+    """mergekit's model card asks the Hub whether a relative path like `tiny-text/ja` that exists
+    here is also a Hub repo (offline: an error after the whole merge was written). Our merge names
+    local models by absolute path for mergekit, keeps the recipe as written in mergekit_config.yml,
+    and titles the card with OUT's name, not the temporary folder's."""
+    import huggingface_hub
+
+    from optimer_merge import cli
+
+    asked = []
+    monkeypatch.setattr(huggingface_hub, "repo_exists", lambda *args, **kwargs: asked.append(args) or False)
+    monkeypatch.chdir(tiny_zoo)
+    text = (REPO / "recipes" / "tiny" / "optimer-text.yml").read_text().replace("./tiny-text/", "tiny-text/")
+    (tmp_path / "recipe.yml").write_text(text)
+    assert cli.main(["merge", str(tmp_path / "recipe.yml"), str(tmp_path / "merged"), "--quiet"]) == 0
+    assert asked == []
+    assert (tmp_path / "merged" / "mergekit_config.yml").read_text() == text
+    assert "# merged\n" in (tmp_path / "merged" / "README.md").read_text()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["merged", "recipe.yml"]
+    assert max_abs_diff(load_weights(tmp_path / "merged"), reference_merge(REPO / "recipes" / "tiny" / "optimer-text.yml", tiny_zoo)) < 1e-6
+
+
 def test_merge_errors_are_one_line(tmp_path):
     missing = run_cli("merge", str(tmp_path / "none.yml"), str(tmp_path / "out"))
     assert missing.returncode == 2 and missing.stderr.strip().endswith("none.yml does not exist")

@@ -9,7 +9,7 @@ import shutil
 from pathlib import Path
 from typing import Any, Iterator
 
-from optimer_merge.errors import InputNotFound, RunFolderError
+from optimer_merge.errors import InputNotFound, RunFolderError, disk_full
 from optimer_merge.io.progress import human_bytes
 
 
@@ -67,6 +67,19 @@ def check_output_dir(path: str | Path, what: str = "output folder") -> Path:
         raise RunFolderError(f"{what} {path} cannot be created: {probe} is a file")
     if not os.access(probe, os.W_OK | os.X_OK):
         raise RunFolderError(f"{what} {path} cannot be written: no write permission on {probe}")
+    return path
+
+
+def make_dirs(path: str | Path, what: str = "output folder") -> Path:
+    """``path`` and its missing parents, created; a folder the system refuses to create (a special
+    file system such as /proc, a path too long) is a one-line error naming it."""
+    path = Path(path)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        if disk_full(e):
+            raise
+        raise RunFolderError(f"{what} {path} cannot be created: {e.strerror or e}") from e
     return path
 
 

@@ -11,7 +11,7 @@ import sys
 from pathlib import Path
 
 from optimer_merge.errors import RunFolderError, UserError, disk_full
-from optimer_merge.io.files import check_output_dir, write_json
+from optimer_merge.io.files import check_output_dir, make_dirs, write_json
 
 LOCK = ".lock"
 
@@ -57,7 +57,7 @@ class RunFolder:
         while not missing.parent.exists():
             missing = missing.parent
         self.created = None if self.path.exists() else missing
-        self.path.mkdir(parents=True, exist_ok=True)
+        make_dirs(self.path, f"{self.what} folder")
         self._made_lock = not (self.path / LOCK).exists()
         lock = open(self.path / LOCK, "a+")
         if not lock_or_warn(lock, self.path, self.what):

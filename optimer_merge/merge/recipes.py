@@ -219,6 +219,28 @@ def check_merge_target(out_dir: str | Path) -> Path:
     return out
 
 
+def local_models_absolute(config):
+    """``config`` with each local model folder named by its absolute path. mergekit's model card asks
+    the Hugging Face Hub whether a relative path with at most one '/' (`ja`, `runs/ja`) that exists
+    here is also a Hub repo: offline that is an error, raised after the whole merge was written."""
+    from mergekit.config import MergeConfiguration
+
+    local = {
+        str(ref): os.path.abspath(Path(ref.model.path).expanduser())
+        for ref in config.referenced_models()
+        if ref.lora is None and ref.model.revision is None and not Path(ref.model.path).is_absolute() and Path(ref.model.path).expanduser().is_dir()
+    }  # fmt: skip
+    if not local:
+        return config
+
+    def absolute(node):
+        if isinstance(node, dict):
+            return {k: local.get(v, v) if k in ("model", "base_model") and isinstance(v, str) else absolute(v) for k, v in node.items()}
+        return [absolute(v) for v in node] if isinstance(node, list) else node
+
+    return MergeConfiguration.model_validate(absolute(config.model_dump(mode="json", exclude_none=True)))
+
+
 def merge_size(config) -> int | None:
     """Bytes of the model a recipe writes (its base's tensors in the output dtype); None where the
     base is not a local folder."""
@@ -266,7 +288,8 @@ def run_recipe(
     **options: Any,
 ) -> dict:
     """Merge with mergekit's own `run_merge`, exactly as `mergekit-yaml RECIPE OUT` does, into
-    ``OUT.partial`` renamed into place when complete (an earlier merge there is replaced).
+    ``OUT.partial/NAME`` (so the model card carries OUT's name), renamed to OUT when complete (an
+    earlier merge there is replaced).
     ``loaded``: the recipe as ``load_recipe`` returned it, when the caller read it already.
 
     Returns a summary (method, inputs, seconds) for logging.
@@ -300,14 +323,13 @@ def run_recipe(
     # mergekit sets the deprecated `torch_dtype` on the configs it writes; transformers says so
     try:
         with drop_messages(("transformers.configuration_utils", "transformers.modeling_utils"), ("`torch_dtype` is deprecated",)):
-            run_merge(config, str(partial), options=merge_options, config_source=source)
+            # the recipe as written goes to mergekit_config.yml; mergekit reads it with absolute paths
+            run_merge(local_models_absolute(config), str(partial / out.name), options=merge_options, config_source=source)
         if out.exists():
             shutil.rmtree(out)
-        os.replace(partial, out)
-    except BaseException:
-        shutil.rmtree(partial, ignore_errors=True)  # nothing half-written stays behind
-        raise
+        os.replace(partial / out.name, out)
     finally:
+        shutil.rmtree(partial, ignore_errors=True)  # nothing half-written stays behind
         os.close(lock)
     return {
         "method": config.merge_method,

@@ -171,10 +171,9 @@ def to_markdown(board: dict) -> str:
 
 def write(board: dict, out_dir: str | Path) -> dict[str, Path]:
     """leaderboard.md, leaderboard.csv and leaderboard.png in ``out_dir``."""
-    from optimer_merge.io.files import atomic_write_text
+    from optimer_merge.io.files import atomic_write_text, make_dirs
 
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    out_dir = make_dirs(out_dir, "--output")
     paths = {"md": out_dir / "leaderboard.md", "csv": out_dir / "leaderboard.csv", "png": out_dir / "leaderboard.png"}
     atomic_write_text(paths["md"], to_markdown(board))
     table = io.StringIO(newline="")

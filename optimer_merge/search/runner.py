@@ -111,7 +111,11 @@ def search(config: SearchConfig, *, export: bool = False, log: Callable[[str], N
     with RunFolder(out, "search") as folder:
         identity = config.identity(objective)  # the objective file is read once (it may be a pipe)
         resumed = folder.check(RECORD, identity, ignore=config.may_differ_on_resume(), added=SearchConfig.ADDED)
-        sources, missing = model_sources(config)
+        from optimer_merge.search.pool import check_sources
+
+        spec = check_sources(config.base, {v.name: ({"model": v.model} if v.model else {"vector": v.vector}) for v in config.vectors},
+                             pool_dtype=config.pool_dtype, placement=config.pool_device)  # fmt: skip
+        sources, missing = model_sources(config)  # after the check: a model given as a vector source exists
         if missing:
             gone = ", ".join(f"{n} ({sources[n]})" for n in missing)
             if export:
@@ -120,10 +124,6 @@ def search(config: SearchConfig, *, export: bool = False, log: Callable[[str], N
         if export:
             size = Checkpoint.open(config.base).size_as(config.out_dtype)
             check_free_space(out / "best-model", size, "--export")
-        from optimer_merge.search.pool import check_sources
-
-        spec = check_sources(config.base, {v.name: ({"model": v.model} if v.model else {"vector": v.vector}) for v in config.vectors},
-                             pool_dtype=config.pool_dtype, placement=config.pool_device)  # fmt: skip
         inputs = input_fingerprints(config, objective)
         earlier = json.loads((out / RECORD).read_text()).get("inputs", {}) if resumed else {}  # runs before this record: {}
         changed = [key for key, value in inputs.items() if earlier.get(key, value) != value]

@@ -12,7 +12,7 @@ from typing import Callable, Mapping
 import torch
 
 from optimer_merge.io.checkpoints import Checkpoint
-from optimer_merge.io.files import check_output_dir, write_json
+from optimer_merge.io.files import check_output_dir, make_dirs, write_json
 from optimer_merge.io.progress import BytesProgress
 from optimer_merge.vectors.checks import VectorError, check_distinct, check_finite
 
@@ -147,8 +147,7 @@ def stats(vectors: Mapping[str, str | Path], out_dir: str | Path | None = None, 
     off = [result["cosine"][i][j] for i in range(k) for j in range(i + 1, k)]
     result["off_diagonal_cosine"] = {"min": min(off), "max": max(off), "mean": sum(off) / len(off)} if off else None
     if out_dir is not None:
-        out_dir = Path(out_dir)
-        out_dir.mkdir(parents=True, exist_ok=True)
+        out_dir = make_dirs(out_dir, "stats folder")
         write_json(out_dir / "stats.json", result)
         plot_cosines(result, out_dir / "cosine.png")
     return result
