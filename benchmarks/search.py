@@ -231,19 +231,18 @@ def bench_parallel(root: Path, trials: int, limit: int, tokens: int, objective: 
         first = records[0]
         loop = records[-1]["finished_at"] - first["finished_at"] + sum(first["seconds"].values())
         evaluating = sum(r["seconds"]["eval"] for r in records)
-        # a batch ends with its slowest trial: the other workers' wait for it, apart from the overhead
-        waiting = 0.0
-        for start in range(0, len(records), parallel):
-            batch = [r["seconds"]["merge"] + r["seconds"]["eval"] for r in records[start : start + parallel]]
-            waiting += sum(max(batch) - b for b in batch)
+        merging = sum(r["seconds"]["merge"] for r in records)
         out[parallel] = {
             "trials": len(records),
             "loop_seconds": loop,
             "trials_per_minute": 60 * len(records) / loop,
             "not_evaluation_share": 1 - evaluating / (parallel * loop),
-            "waiting_for_batch_share": waiting / (parallel * loop),
-            "overhead_share": 1 - (evaluating + waiting) / (parallel * loop),  # optimizer, merge, dispatch, results
+            "merge_share": merging / (parallel * loop),
+            # a worker neither merging nor evaluating: dispatch, results, waiting for a proposal (with
+            # one worker: the optimizer), and the run's last trial while the other worker has none left
+            "idle_share": 1 - (evaluating + merging) / (parallel * loop),
             "optimizer_seconds_median": statistics.median(r["seconds"]["optimizer"] for r in records),
+            "eval_seconds": [min(r["seconds"]["eval"] for r in records), max(r["seconds"]["eval"] for r in records)],
         }
     out["speedup"] = out[2]["trials_per_minute"] / out[1]["trials_per_minute"]
     return out
@@ -286,13 +285,14 @@ def main() -> None:
                   + f" (99%: {r['trials_to_99%']}; {args.trials + 1} = not reached), median best {r['median_best']:.5f}")  # fmt: skip
         print(f"  best weights {e['best_weights']}; beats uniform: {e['best_beats_uniform']}, beats every single model: {e['best_beats_every_single_model']}")
     if "parallel" in parts:
-        trials = 2 * -(-max(args.trials, 20) // 2)  # whole batches of 2
+        trials = 2 * -(-max(args.trials, 20) // 2)  # an even count: both workers run the same number
         report["parallel"] = p = bench_parallel(root, trials, args.limit, args.cpt_tokens, args.objective)
         for n in (1, 2):
             r = p[n]
             print(f"parallel={n}: {r['trials_per_minute']:.1f} trials/min, {r['not_evaluation_share']:.1%} of the trial loop not evaluating "
-                  f"(goal <= 5%): {r['overhead_share']:.1%} optimizer, merge, dispatch and results, {r['waiting_for_batch_share']:.1%} "
-                  f"waiting for a batch's slowest trial; optimizer median {r['optimizer_seconds_median'] * 1000:.0f} ms")  # fmt: skip
+                  f"(goal <= 5%): {r['merge_share']:.1%} merging, {r['idle_share']:.1%} idle (dispatch, results, the run's last trial); "
+                  f"optimizer median {r['optimizer_seconds_median'] * 1000:.0f} ms ({'asked while trials run' if n > 1 else 'between trials'}); "
+                  f"one evaluation {r['eval_seconds'][0]:.1f}-{r['eval_seconds'][1]:.1f} s")  # fmt: skip
         print(f"2 workers vs 1: {p['speedup']:.2f}x trials per minute (goal >= 1.7x)")
     out.write_text(json.dumps(report, indent=2))
     print(f"results: {out}")

@@ -491,7 +491,7 @@ def test_a_damaged_line_inside_the_log_is_run_again_in_place(search_run, small_b
     lines[4] = lines[4][: len(lines[4]) // 2]  # trial 5, cut in half
     (out / "trials.jsonl").write_text("\n".join(lines) + "\n")
     assert cli.main(search_args(small_base, cpt_runs, out)) == 0
-    assert f"trials 5: damaged lines in {out / 'trials.jsonl'}; running them again" in capsys.readouterr().out
+    assert f"trial 5: a damaged line in {out / 'trials.jsonl'}; running it again" in capsys.readouterr().out
     repaired = trials(out)
     assert [r["weights"] for r in repaired] == [r["weights"] for r in reference]
     assert max(abs(a["score"] - b["score"]) for a, b in zip(repaired, reference)) < 1e-9

@@ -27,7 +27,7 @@ import statistics
 import sys
 import time
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Callable
 
 from optimer_merge.errors import UserError
 from optimer_merge.io.checkpoints import Checkpoint, check_tokenizer, fingerprint
@@ -37,6 +37,7 @@ from optimer_merge.io.progress import duration
 from optimer_merge.io.run_folder import RunFolder
 from optimer_merge.search.config import LARGE_BOUND, SearchConfig
 from optimer_merge.search.optimizers import make_optimizer
+from optimer_merge.search.workers import score_all
 
 RECORD = "search_config.json"
 
@@ -136,47 +137,40 @@ def search(config: SearchConfig, *, export: bool = False, log: Callable[[str], N
         return _Search(config, objective.resolved(), spec, sources, missing, out, log, folder).run(export, objective)
 
 
-class _Proposer:
-    """The optimizer's proposals, a batch at a time. With several workers (``ahead``) each batch
-    has ``n`` proposals and the next one is asked while the current one runs, before its results
-    are told: asking then costs the workers no time. The order of asks and tells is fixed
-    (ask 1, ask 2, tell 1, ask 3, tell 2, ...), whatever the timing, so a replay repeats it."""
+class _Proposals:
+    """The optimizer's proposals, numbered in order. Trial m + ``lag`` is asked right after trial m
+    is told (trials 1..lag at the start), and trials are told in order, whatever the timing: a
+    replay repeats the same asks and tells, so a resumed search proposes what an uninterrupted one
+    does. With N workers the lag is N + 1: a proposal waits ready for the first worker that frees
+    up, and the optimizer works while the trials run. One worker: lag 1 (ask, run, tell)."""
 
-    def __init__(self, optimizer, n: int):
-        self.optimizer, self.n, self.ahead = optimizer, n, n > 1
-        self.next: list[dict] | None = None
-        self.seconds = 0.0  # asking, since it was last read
+    def __init__(self, optimizer, lag: int):
+        self.optimizer, self.lag = optimizer, lag
+        self.asked: dict[int, dict] = {}  # trial number -> weights, not told yet
+        self.seconds: dict[int, float] = {}  # trial number -> seconds its ask took
+        self.told = 0
+        self._ask_through(lag)
 
-    def _ask(self, count: int) -> list[dict]:
+    def _ask_through(self, last: int) -> None:
+        while (number := self.told + len(self.asked) + 1) <= last:
+            start = time.perf_counter()
+            self.asked[number] = self.optimizer.ask()
+            self.seconds[number] = time.perf_counter() - start
+
+    def tell(self, number: int, value: float) -> float:
+        """Tell trial ``number`` (the next in order) and ask the one ``lag`` after it; returns the
+        seconds the optimizer spent on this trial (its ask and its tell)."""
+        assert number == self.told + 1, (number, self.told)
         start = time.perf_counter()
-        proposals = [self.optimizer.ask() for _ in range(count)]
-        self.seconds += time.perf_counter() - start
-        return proposals
-
-    def take(self, count: int) -> list[dict]:
-        """The next batch's proposals; ``count`` of them run (fewer than ``n`` only at the end)."""
-        if not self.ahead:
-            return self._ask(count)
-        batch, self.next = (self.next if self.next is not None else self._ask(self.n)), None
-        return batch[:count]
-
-    def look_ahead(self) -> None:
-        """Ask the batch after the one just started (with several workers)."""
-        if self.ahead:
-            self.next = self._ask(self.n)
-
-    def tell(self, weights: dict[str, float], value: float) -> float:
-        start = time.perf_counter()
-        self.optimizer.tell(weights, value)
-        return time.perf_counter() - start
-
-    def spent(self) -> float:
-        seconds, self.seconds = self.seconds, 0.0
-        return seconds
+        self.optimizer.tell(self.asked.pop(number), value)
+        self.told = number
+        spent = self.seconds.pop(number) + time.perf_counter() - start
+        self._ask_through(number + self.lag)
+        return spent
 
 
 class _Search:
-    """One search in its locked folder: the replay, the trials in batches of ``parallel``, the
+    """One search in its locked folder: the replay, the trials on ``parallel`` workers, the
     finalists, the summary."""
 
     def __init__(self, config: SearchConfig, objective, spec, sources, missing, out: Path, log, folder: RunFolder):
@@ -200,72 +194,74 @@ class _Search:
             self.folder.keep()
         return self.workers
 
-    def run_batch(self, proposer: _Proposer, batch: list[tuple[int, dict]], records: list[dict], fresh: bool) -> Iterator[dict]:
-        """Run a batch of (trial number, weights) on the workers (a ``fresh`` batch: asking for the
-        next meanwhile); tell the optimizer and yield each record in proposal order, as soon as it
-        and those before it are done."""
+    def run_trials(self, proposals: _Proposals, records: list[dict]) -> None:
+        """Run trials up to ``trials``: each proposal starts as soon as a worker is idle; finished
+        trials are told, logged and printed in proposal order (a trial done early waits for those
+        before it; its worker meanwhile runs the next proposal)."""
         c = self.config
-        recipes = {}
-        for number, weights in batch:
-            recipes[number] = self.out / "recipes" / f"trial-{number:04d}.yaml"
-            write_yaml(recipes[number], trial_recipe(c, self.sources, weights))
-        outcomes = self.get_workers().score([(weights, c.limit) for _, weights in batch])
-        if fresh:
-            proposer.look_ahead()
-        asked = proposer.spent() / len(batch)
-        for (number, weights), outcome in zip(batch, outcomes):
-            told = outcome["score"] if outcome["status"] == "ok" else _crash_value(records)
-            outcome["seconds"]["optimizer"] = asked + proposer.tell(weights, told)
-            self.durations.append(sum(outcome["seconds"].values()))
-            record = {"trial": number, "weights": weights, **outcome, "told": told, "limit": c.limit,
-                      "recipe": str(recipes[number].relative_to(self.out)), "finished_at": time.time()}  # fmt: skip
-            records.append(record)
-            yield record
+        workers = self.get_workers()
+        finished: dict[int, dict] = {}
+        upcoming = len(records) + 1  # the next trial to start
+
+        def start_ready() -> None:
+            nonlocal upcoming
+            while upcoming <= c.trials and upcoming in proposals.asked and workers.idle():
+                weights = proposals.asked[upcoming]
+                write_yaml(self.out / "recipes" / f"trial-{upcoming:04d}.yaml", trial_recipe(c, self.sources, weights))
+                workers.start(upcoming, weights, c.limit)
+                upcoming += 1
+
+        while len(records) < c.trials:
+            start_ready()
+            number, outcome = workers.wait()
+            finished[number] = outcome
+            start_ready()  # the worker just freed takes a proposal ready for it before the optimizer tells and asks
+            while (number := len(records) + 1) in finished:
+                record = self._told(proposals, number, proposals.asked[number], finished.pop(number), records)
+                append_jsonl(self.trials_path, record)
+                self.log(self._trial_line(record, records))
+                _check_failures(records, c.max_consecutive_failures)
+
+    def _told(self, proposals: _Proposals, number: int, weights: dict, outcome: dict, records: list[dict]) -> dict:
+        """A finished trial told to the optimizer (a failure as a value worse than any so far) and
+        appended to ``records``."""
+        told = outcome["score"] if outcome["status"] == "ok" else _crash_value(records)
+        outcome["seconds"]["optimizer"] = proposals.tell(number, told)
+        self.durations.append(sum(outcome["seconds"].values()))
+        record = {"trial": number, "weights": weights, **outcome, "told": told, "limit": self.config.limit,
+                  "recipe": f"recipes/trial-{number:04d}.yaml", "finished_at": time.time()}  # fmt: skip
+        records.append(record)
+        return record
 
     # -- the loop -----------------------------------------------------------------------------
-    def replay(self, proposer: _Proposer) -> tuple[list[dict], list[tuple[int, dict]]]:
-        """Bring the optimizer to where the log ends, batch by batch as the trials were proposed;
-        damaged lines are run again in place. Returns the records and the proposals of the last
-        batch that are still to run."""
-        c, n = self.config, self.config.parallel
+    def replay(self, proposals: _Proposals) -> list[dict]:
+        """Bring the optimizer to where the log ends, telling the trials in order as the run did;
+        damaged lines are run again in place. Returns the records."""
+        c = self.config
         logged = read_jsonl(self.trials_path, holes=True)
         retry = self._failed_tail(logged)
         if retry:
             logged = logged[: len(logged) - retry]
             atomic_write_text(self.trials_path, "".join(json.dumps(r) + "\n" for r in logged))
         records: list[dict] = []
-        pending: list[tuple[int, dict]] = []
         repaired = False
-        for start in range(0, len(logged), n):
-            group = logged[start : start + n]
-            size = n if proposer.ahead else min(n, max(c.trials, len(logged)) - start)
-            proposals = [(start + i + 1, weights) for i, weights in enumerate(proposer.take(size))]
-            proposer.look_ahead()  # as the run did once this batch had started
-            holes = []
-            for (number, weights), record in zip(proposals, group):
-                if record is None:
-                    holes.append((number, weights))
-                elif any(not math.isclose(weights[k], record["weights"][k], rel_tol=1e-9, abs_tol=1e-12) for k in c.names):
-                    raise SearchError(
-                        f"resume: the optimizer proposed {weights} for trial {record['trial']}, the log has "
-                        f"{record['weights']}; the installed optimizer gives other proposals than the one that "
-                        "wrote this log (a different version?). Start a new output folder."
-                    )
-            rerun = {}
-            if holes:
-                self.log(f"trials {', '.join(str(number) for number, _ in holes)}: damaged lines in {self.trials_path}; running them again")
-                outcomes = self.get_workers().score([(weights, c.limit) for _, weights in holes])
-                rerun = dict(zip((number for number, _ in holes), outcomes))
+        for number, record in enumerate(logged, 1):
+            weights = proposals.asked[number]
+            if record is None:
+                self.log(f"trial {number}: a damaged line in {self.trials_path}; running it again")
+                workers = self.get_workers()
+                workers.start(number, weights, c.limit)
+                self._told(proposals, number, weights, workers.wait()[1], records)
                 repaired = True
-            for (number, weights), record in zip(proposals, group):
-                if record is None:
-                    outcome = rerun[number]
-                    told = outcome["score"] if outcome["status"] == "ok" else _crash_value(records)
-                    record = {"trial": number, "weights": weights, **outcome, "told": told, "limit": c.limit,
-                              "recipe": f"recipes/trial-{number:04d}.yaml"}  # fmt: skip
-                proposer.tell(weights, record["told"])
-                records.append(record)
-            pending = proposals[len(group) :]
+                continue
+            if any(not math.isclose(weights[k], record["weights"][k], rel_tol=1e-9, abs_tol=1e-12) for k in c.names):
+                raise SearchError(
+                    f"resume: the optimizer proposed {weights} for trial {number}, the log has "
+                    f"{record['weights']}; the installed optimizer gives other proposals than the one that "
+                    "wrote this log (a different version?). Start a new output folder."
+                )
+            proposals.tell(number, record["told"])
+            records.append(record)
         if repaired:
             atomic_write_text(self.trials_path, "".join(json.dumps(r) + "\n" for r in records))
         if records:
@@ -273,7 +269,7 @@ class _Search:
             if len(records) > self.config.trials:
                 done += f" (more than trials {self.config.trials}: the results cover all {len(records)})"
             self.log(f"resumed {self.out}: {done}")
-        return records, pending
+        return records
 
     def _failed_tail(self, records: list[dict | None]) -> int:
         """How many failed trials at the end of the log to run again: all of them, if an
@@ -298,21 +294,10 @@ class _Search:
         bounds = {v.name: c.bounds_of(v) for v in c.vectors}
         optimizer = make_optimizer(c.optimizer, bounds, c.seed, out / "smac", c.initial_points, c.acquisition.model_dump())
         try:
-            proposer = _Proposer(optimizer, c.parallel)
-            records, pending = self.replay(proposer)
-            proposer.spent()
+            proposals = _Proposals(optimizer, 1 if c.parallel == 1 else c.parallel + 1)
+            records = self.replay(proposals)
             _check_failures(records, c.max_consecutive_failures)
-            while len(records) < c.trials:
-                # a new batch (proposals run side by side, told in order), or the rest of one the log ends in
-                fresh = not pending
-                if fresh:
-                    first = len(records) + 1
-                    pending = [(first + i, w) for i, w in enumerate(proposer.take(min(c.parallel, c.trials - len(records))))]
-                batch, pending = pending, []
-                for record in self.run_batch(proposer, batch, records, fresh):
-                    append_jsonl(self.trials_path, record)
-                    self.log(self._trial_line(record, records))
-                _check_failures(records, c.max_consecutive_failures)
+            self.run_trials(proposals, records)
             finalists = self.finalists(records)
         finally:
             if self.workers is not None:
@@ -375,7 +360,7 @@ class _Search:
         if todo:
             self.log(f"finalists: trials {', '.join(str(r['trial']) for r in todo)} at limit {c.finalist_limit}")
             start = time.perf_counter()
-            outcomes = self.get_workers().score([(r["weights"], c.finalist_limit) for r in todo])
+            outcomes = score_all(self.get_workers(), [(r["weights"], c.finalist_limit) for r in todo])
             for i, (r, outcome) in enumerate(zip(todo, outcomes), 1):
                 done[(r["trial"], c.finalist_limit)] = {"trial": r["trial"], "limit": c.finalist_limit, **outcome}
                 append_jsonl(path, done[(r["trial"], c.finalist_limit)])

@@ -5,9 +5,10 @@ and evaluates, and returns a failure as a reason instead of raising. ``LocalWork
 this process (``parallel: 1``, the default); ``RayWorkers`` holds N, each a Ray actor started once
 per search with its own resources (GPUs per worker = tensor_parallel_size on GPU machines, CPU
 threads on CPU machines), on a local Ray it always stops or a cluster at ``ray_address``. Both
-score a batch and yield the outcomes in the order given, each as soon as it and those before it
-are done; a worker that dies (killed, out of memory) turns its trial into a failed trial and is
-started again.
+``start(key, weights, limit)`` a trial on an idle worker (``idle()`` says how many there are) and
+``wait()`` for the next one to finish, as ``(key, outcome)``; a worker that dies (killed, out of
+memory) turns its trial into a failed trial and is started again. ``score_all`` runs a list of
+trials side by side and yields the outcomes in the order given.
 """
 
 from __future__ import annotations
@@ -93,9 +94,18 @@ class LocalWorkers:
         self.scorer = TrialScorer(config, spec, log)
         self.relative_norms = self.scorer.relative_norms
 
-    def score(self, jobs: list[tuple[dict, int | None]]) -> Iterator[dict]:
-        for weights, limit in jobs:
-            yield self.scorer.score(weights, limit)
+        self.job: tuple | None = None
+
+    def idle(self) -> int:
+        return int(self.job is None)
+
+    def start(self, key, weights: dict[str, float], limit: int | None) -> None:
+        self.job = (key, weights, limit)
+
+    def wait(self) -> tuple:
+        """The started trial, run now (in this process)."""
+        (key, weights, limit), self.job = self.job, None
+        return key, self.scorer.score(weights, limit)
 
     def state(self) -> str:
         return ""
@@ -161,7 +171,8 @@ class RayWorkers:
         log(f"starting {self.size} trial workers on Ray ({'cluster ' + config.ray_address if config.ray_address else 'local'})")
         self.actors = [self._start() for _ in range(self.size)]
         self.restarts = 0
-        self.busy = 0
+        self.free = list(range(self.size))  # idle workers, in order
+        self.running: dict = {}  # future -> (key, worker index)
         # wait for every worker's model and pool (their refusals come before the first trial)
         try:
             norms = ray.get([actor.relative_norms.remote() for actor in self.actors])
@@ -188,49 +199,34 @@ class RayWorkers:
     def _start(self):
         return self.actor_class.remote(self.config.model_dump(mode="json"), self.spec)
 
-    def score(self, jobs: list[tuple[dict, int | None]]) -> Iterator[dict]:
-        """Starts the jobs on the idle workers now (the caller may work meanwhile); yields outcomes."""
+    def idle(self) -> int:
+        return len(self.free)
+
+    def start(self, key, weights: dict[str, float], limit: int | None) -> None:
+        """Start a trial on the first idle worker (the caller may work meanwhile)."""
+        worker = self.free.pop(0)
+        self.running[self.actors[worker].score.remote(weights, limit)] = (key, worker)
+
+    def wait(self) -> tuple:
+        """The next trial to finish, as (key, outcome); a worker that died is started again."""
         ray = self.ray
-        queue = list(range(len(jobs)))
-        running: dict = {}  # future -> (job index, worker index)
-        idle = list(range(len(self.actors)))
-
-        def dispatch() -> None:
-            while queue and idle:
-                job, worker = queue.pop(0), idle.pop(0)
-                weights, limit = jobs[job]
-                running[self.actors[worker].score.remote(weights, limit)] = (job, worker)
-            self.busy = len(running)
-
-        def outcomes() -> Iterator[dict]:
-            results: dict[int, dict] = {}
-            emitted = 0
-            while emitted < len(jobs):
-                dispatch()
-                done, _ = ray.wait(list(running), num_returns=1)
-                for future in done:
-                    job, worker = running.pop(future)
-                    try:
-                        results[job] = ray.get(future)
-                    except (ray.exceptions.RayActorError, ray.exceptions.WorkerCrashedError, ray.exceptions.OutOfMemoryError) as error:
-                        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-                        results[job] = {"status": "failed", "reason": f"worker {worker} died: {type(error).__name__}: {reason}",
-                                        "score": None, "metrics": {}, "seconds": {}, "settings": self.config.operational()}  # fmt: skip
-                        self.log(f"trial worker {worker} died; starting it again")
-                        self.actors[worker] = self._start()
-                        self.restarts += 1
-                    idle.append(worker)
-                self.busy = len(running)
-                while emitted in results:
-                    yield results.pop(emitted)
-                    emitted += 1
-
-        dispatch()
-        return outcomes()
+        done, _ = ray.wait(list(self.running), num_returns=1)
+        key, worker = self.running.pop(done[0])
+        try:
+            outcome = ray.get(done[0])
+        except (ray.exceptions.RayActorError, ray.exceptions.WorkerCrashedError, ray.exceptions.OutOfMemoryError) as error:
+            reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+            outcome = {"status": "failed", "reason": f"worker {worker} died: {type(error).__name__}: {reason}",
+                       "score": None, "metrics": {}, "seconds": {}, "settings": self.config.operational()}  # fmt: skip
+            self.log(f"trial worker {worker} died; starting it again")
+            self.actors[worker] = self._start()
+            self.restarts += 1
+        self.free.append(worker)
+        return key, outcome
 
     def state(self) -> str:
         restarts = f", {self.restarts} restarted" if self.restarts else ""
-        return f"workers {self.busy}/{self.size} busy{restarts}"
+        return f"workers {len(self.running)}/{self.size} busy{restarts}"
 
     def close(self) -> None:
         actors, self.actors = getattr(self, "actors", []), []
@@ -261,6 +257,22 @@ class _Actor:
 
     def close(self) -> None:
         self.scorer.close()
+
+
+def score_all(workers, jobs: list[tuple[dict, int | None]]) -> Iterator[dict]:
+    """The outcomes of ``jobs`` (weights, limit), run side by side on the workers, in the order given,
+    each as soon as it and those before it are done."""
+    finished: dict[int, dict] = {}
+    started = emitted = 0
+    while emitted < len(jobs):
+        while started < len(jobs) and workers.idle():
+            workers.start(started, *jobs[started])
+            started += 1
+        key, outcome = workers.wait()
+        finished[key] = outcome
+        while emitted in finished:
+            yield finished.pop(emitted)
+            emitted += 1
 
 
 def open_workers(config, spec, log: Callable[[str], None] = print):
