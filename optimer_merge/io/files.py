@@ -72,11 +72,18 @@ def check_output_dir(path: str | Path, what: str = "output folder") -> Path:
 
 def make_dirs(path: str | Path, what: str = "output folder") -> Path:
     """``path`` and its missing parents, created; a folder the system refuses to create (a special
-    file system such as /proc, a path too long) is a one-line error naming it."""
+    file system such as /proc, a name too long) is a one-line error naming it, and the parents this
+    call made are removed again."""
     path = Path(path)
+    first_made = None
+    probe = path.absolute()
+    while not probe.exists() and probe != probe.parent:
+        first_made, probe = probe, probe.parent
     try:
         path.mkdir(parents=True, exist_ok=True)
     except OSError as e:
+        if first_made is not None:
+            shutil.rmtree(first_made, ignore_errors=True)
         if disk_full(e):
             raise
         raise RunFolderError(f"{what} {path} cannot be created: {e.strerror or e}") from e
