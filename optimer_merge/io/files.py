@@ -70,10 +70,10 @@ def check_output_dir(path: str | Path, what: str = "output folder") -> Path:
     return path
 
 
-def make_dirs(path: str | Path, what: str = "output folder") -> Path:
-    """``path`` and its missing parents, created; a folder the system refuses to create (a special
-    file system such as /proc, a name too long) is a one-line error naming it, and the parents this
-    call made are removed again."""
+def make_dirs(path: str | Path, what: str = "output folder") -> Path | None:
+    """``path`` and its missing parents, created; returns the first folder this call made (None if
+    ``path`` existed). A folder the system refuses to create (a special file system such as /proc,
+    a name too long) is a one-line error naming it, and the parents this call made are removed."""
     path = Path(path)
     first_made = None
     probe = path.absolute()
@@ -87,7 +87,7 @@ def make_dirs(path: str | Path, what: str = "output folder") -> Path:
         if disk_full(e):
             raise
         raise RunFolderError(f"{what} {path} cannot be created: {e.strerror or e}") from e
-    return path
+    return first_made
 
 
 def check_output_file(path: str | Path, what: str = "output file") -> Path:

@@ -53,11 +53,7 @@ class RunFolder:
 
     def __enter__(self) -> "RunFolder":
         check_output_dir(self.path, f"{self.what} folder")
-        missing = self.path.absolute()
-        while not missing.parent.exists():
-            missing = missing.parent
-        self.created = None if self.path.exists() else missing
-        make_dirs(self.path, f"{self.what} folder")
+        self.created = make_dirs(self.path, f"{self.what} folder")
         self._made_lock = not (self.path / LOCK).exists()
         lock = open(self.path / LOCK, "a+")
         if not lock_or_warn(lock, self.path, self.what):

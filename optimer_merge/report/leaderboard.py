@@ -173,7 +173,8 @@ def write(board: dict, out_dir: str | Path) -> dict[str, Path]:
     """leaderboard.md, leaderboard.csv and leaderboard.png in ``out_dir``."""
     from optimer_merge.io.files import atomic_write_text, make_dirs
 
-    out_dir = make_dirs(out_dir, "--output")
+    out_dir = Path(out_dir)
+    make_dirs(out_dir, "--output")
     paths = {"md": out_dir / "leaderboard.md", "csv": out_dir / "leaderboard.csv", "png": out_dir / "leaderboard.png"}
     atomic_write_text(paths["md"], to_markdown(board))
     table = io.StringIO(newline="")

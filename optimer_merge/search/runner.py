@@ -217,14 +217,15 @@ class _Search:
             finished[number] = outcome
             start_ready()  # the worker just freed takes a proposal ready for it before the optimizer tells and asks
             while (number := len(records) + 1) in finished:
-                record = self._told(proposals, number, proposals.asked[number], finished.pop(number), records)
+                record = self._told(proposals, number, finished.pop(number), records)
                 append_jsonl(self.trials_path, record)
                 self.log(self._trial_line(record, records))
                 _check_failures(records, c.max_consecutive_failures)
 
-    def _told(self, proposals: _Proposals, number: int, weights: dict, outcome: dict, records: list[dict]) -> dict:
+    def _told(self, proposals: _Proposals, number: int, outcome: dict, records: list[dict]) -> dict:
         """A finished trial told to the optimizer (a failure as a value worse than any so far) and
         appended to ``records``."""
+        weights = proposals.asked[number]
         told = outcome["score"] if outcome["status"] == "ok" else _crash_value(records)
         outcome["seconds"]["optimizer"] = proposals.tell(number, told)
         self.durations.append(sum(outcome["seconds"].values()))
@@ -251,7 +252,7 @@ class _Search:
                 self.log(f"trial {number}: a damaged line in {self.trials_path}; running it again")
                 workers = self.get_workers()
                 workers.start(number, weights, c.limit)
-                self._told(proposals, number, weights, workers.wait()[1], records)
+                self._told(proposals, number, workers.wait()[1], records)
                 repaired = True
                 continue
             if any(not math.isclose(weights[k], record["weights"][k], rel_tol=1e-9, abs_tol=1e-12) for k in c.names):

@@ -147,7 +147,8 @@ def stats(vectors: Mapping[str, str | Path], out_dir: str | Path | None = None, 
     off = [result["cosine"][i][j] for i in range(k) for j in range(i + 1, k)]
     result["off_diagonal_cosine"] = {"min": min(off), "max": max(off), "mean": sum(off) / len(off)} if off else None
     if out_dir is not None:
-        out_dir = make_dirs(out_dir, "stats folder")
+        out_dir = Path(out_dir)
+        make_dirs(out_dir, "stats folder")
         write_json(out_dir / "stats.json", result)
         plot_cosines(result, out_dir / "cosine.png")
     return result
