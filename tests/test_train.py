@@ -8,6 +8,7 @@ import os
 import re
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -390,29 +391,36 @@ def test_bad_data_under_two_ranks_is_one_line_before_the_second_starts(tmp_path,
     assert not out.exists()
 
 
-def test_a_disk_too_small_on_another_rank_stops_both_in_one_line(tmp_path, small_base):
-    """The disk check needs the model, so it runs on every rank after the launch, each on its own
-    disk (the nodes of a cluster have their own): the ranks decide together (none is left waiting
-    for the others) and the primary says which rank is short and why. Here only rank 1's disk is
-    short: a `sitecustomize` on its PYTHONPATH makes it report 100 KiB free."""
+def test_a_disk_too_small_on_another_node_stops_both_in_one_line(tmp_path, small_base):
+    """Two nodes, started by hand as on a cluster without a launcher (MASTER_ADDR, MASTER_PORT,
+    NODE_RANK), sharing the output folder: only node 0 keeps the folder's books. The disk check
+    needs the model, so it runs on every rank after the launch, each on its own disk (a cluster's
+    nodes have their own): the ranks decide together (none is left waiting for the others) and the
+    primary says which rank is short and why. Only node 1's disk is short here: a `sitecustomize`
+    on its PYTHONPATH makes it report 100 KiB free."""
     hook = tmp_path / "hook"
     hook.mkdir()
     (hook / "sitecustomize.py").write_text(
         "import collections, os, shutil\n"
-        "if os.environ.get('LOCAL_RANK') == '1':\n"
+        "if os.environ.get('NODE_RANK') == '1':\n"
         "    usage = collections.namedtuple('usage', 'total used free')\n"
         "    shutil.disk_usage = lambda path: usage(2**30, 2**30 - 100 * 1024, 100 * 1024)\n"
     )
     out = tmp_path / "run"
     argv = [str(Path(sys.executable).with_name("optimer-merge")), "train", "--base", str(small_base), "--output", str(out), "--dataset", "ja",
-            "--max-steps", "2", "--seq-len", "8", "--no-progress", "--devices", "2", "--accelerator", "cpu", "--strategy", "fsdp"]  # fmt: skip
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(hook), os.environ.get("PYTHONPATH")]))}
-    done = subprocess.run(argv, capture_output=True, text=True, timeout=300, env=env)
-    assert done.returncode == 2, done.stderr[-3000:]
-    errors = [line for line in done.stderr.splitlines() if "error" in line]
+            "--max-steps", "2", "--seq-len", "8", "--no-progress", "--num-nodes", "2", "--devices", "1", "--accelerator", "cpu", "--strategy", "fsdp"]  # fmt: skip
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(hook), os.environ.get("PYTHONPATH")])), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
+    nodes = [subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env={**env, "NODE_RANK": str(rank)}) for rank in (0, 1)]
+    (out0, err0), (out1, err1) = (node.communicate(timeout=300) for node in nodes)
+    assert [node.returncode for node in nodes] == [2, 2], err0[-3000:] + err1[-3000:]
+    assert out0.startswith("waiting for all 2 nodes to join (this is node 0; node 0 at 127.0.0.1:") and "this is node 1;" in out1
+    errors = [line for line in err0.splitlines() if "error" in line]
     assert len(errors) == 1 and re.fullmatch(r"optimer-merge train: error: rank 1: training \(3 checkpoints of .+\) needs about .+ free under .+, "
-                                             r"and its disk has 100 KiB; .+", errors[0]), done.stderr[-3000:]  # fmt: skip
-    assert "Traceback" not in done.stderr and not out.exists()
+                                             r"and its disk has 100 KiB; .+", errors[0]), err0[-3000:]  # fmt: skip
+    assert "Traceback" not in err0 + err1 and "error" not in err1 and not out.exists()
 
 
 def test_progress_away_from_a_terminal_is_plain_lines_with_an_eta(tmp_path, small_base, capsys, monkeypatch):

@@ -18,7 +18,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     extract.add_argument("--dtype", default=None, choices=FLOAT_DTYPES, help="stored dtype (default: the base's)")
     stats = sub.add_parser("stats", help="L2 norms and pairwise cosine similarities, overall and per layer (JSON + PNG)")
     stats.add_argument("vectors", type=path, nargs="+", help="a folder from `vectors extract`, or NAME=FILE.safetensors entries")
-    stats.add_argument("--out", type=path, help="folder for stats.json and cosine.png (default: the vectors folder)")
+    stats.add_argument("--out", type=path, help="folder for stats.json and cosine.png (default: the vectors folder; for NAME=FILE entries, the current folder)")
     stats.add_argument("--base", type=path, help="the base the vectors came from, for ||v|| / ||base|| (default: the one vectors.json records)")
     parser.commands = {"extract": extract, "stats": stats}  # the CLI reports an unknown flag by the action's own parser
 

@@ -124,6 +124,17 @@ class TrainConfig(ConfigModel):
         named = iter(datasets_from_specs([v for v in value if isinstance(v, str)], taken))
         return [next(named) if isinstance(v, str) else v for v in value]
 
+    @field_validator("devices")
+    @classmethod
+    def _devices(cls, value: int | str) -> int | str:
+        """Lightning's forms: a count, -1 (all), "auto", or device indices ("0,1")."""
+        if isinstance(value, int) and (value >= 1 or value == -1):
+            return value
+        text = value.strip() if isinstance(value, str) else ""
+        if text in ("auto", "-1") or re.fullmatch(r"[1-9]\d*|\d+(\s*,\s*\d+)*\s*,|\d+(\s*,\s*\d+)+", text):
+            return value
+        raise ValueError(f"expected a number of devices per node >= 1, -1 (all), 'auto', or device indices such as '0,1'; got {value!r}")
+
     @model_validator(mode="after")
     def _check(self) -> "TrainConfig":
         if not self.datasets:

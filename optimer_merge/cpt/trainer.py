@@ -353,6 +353,7 @@ def prepare(config: TrainConfig, log: Callable[[str], None] = print) -> Run:
         lacking = [d.name for d in config.datasets if ds.eval_source(d) is None]
         if lacking:
             raise ConfigError(f"velocitune needs held-out data for every dataset; set eval_source for: {', '.join(lacking)}")
+    nodes = _nodes(config)
     hf_config, tokenizer, text_config, model_class = open_base(base)
     max_len = getattr(text_config, "max_position_embeddings", None)
     if max_len is not None and config.seq_len > max_len:
@@ -372,7 +373,7 @@ def prepare(config: TrainConfig, log: Callable[[str], None] = print) -> Run:
         )
     except UserError:
         raise
-    except (ValueError, RuntimeError, ImportError) as error:  # Lightning's checks of these settings
+    except (ValueError, TypeError, RuntimeError, ImportError) as error:  # Lightning's checks of these settings
         raise ConfigError(
             f"accelerator={config.accelerator!r}, strategy={config.strategy_config.name!r}, devices={config.devices!r}, "
             f"precision={config.precision!r}: {error}"
@@ -380,6 +381,8 @@ def prepare(config: TrainConfig, log: Callable[[str], None] = print) -> Run:
     # Lightning's per-rank connection banner says nothing a user acts on; errors still reach stderr
     # (its rank-zero messages go to the logger of whichever Lightning package was imported last)
     loggers = tuple(f"lightning.{p}.utilities.{m}" for p in ("fabric", "pytorch") for m in ("distributed", "rank_zero"))
+    if nodes and (is_primary_process() or os.environ.get("LOCAL_RANK") is None and "NODE_RANK" in os.environ):
+        log(f"waiting for all {config.num_nodes} nodes to join ({nodes})")  # each node's first process
     with drop_messages(loggers, ("Initializing distributed:", "All distributed processes registered")):
         fabric.launch()
     say = log if fabric.is_global_zero else (lambda _msg: None)
@@ -440,6 +443,26 @@ def prepare(config: TrainConfig, log: Callable[[str], None] = print) -> Run:
         ratios=ratios, targets=targets, total_steps=total, tokens_per_step=_tokens_per_step(config, world),
         n_params=n_params, n_trainable=sum(p.numel() for p in trainable), say=say, sharded=sharded, checkpoint_names=saved_names,
     )  # fmt: skip
+
+
+def _nodes(config: TrainConfig) -> str | None:
+    """For a multi-node run, how the nodes find each other (for the log); refused when they cannot:
+    without a cluster launcher Lightning listens on 127.0.0.1 at a random port, which no other node reaches."""
+    if config.num_nodes == 1:
+        return None
+    from lightning.fabric.plugins.environments import LSFEnvironment, MPIEnvironment, SLURMEnvironment, TorchElasticEnvironment
+
+    for environment, name in ((TorchElasticEnvironment, "torchrun"), (SLURMEnvironment, "SLURM"), (LSFEnvironment, "LSF"), (MPIEnvironment, "MPI")):
+        if environment.detect():
+            return f"launched by {name}"
+    missing = [name for name in ("MASTER_ADDR", "MASTER_PORT", "NODE_RANK") if name not in os.environ]
+    if missing:
+        raise ConfigError(
+            f"num_nodes={config.num_nodes} without a cluster launcher (SLURM, torchrun, LSF, MPI) needs {', '.join(missing)} set: "
+            f"run the same command on every node with MASTER_ADDR and MASTER_PORT naming node 0's address and a free port, "
+            f"and NODE_RANK 0..{config.num_nodes - 1}"
+        )
+    return f"this is node {os.environ['NODE_RANK']}; node 0 at {os.environ['MASTER_ADDR']}:{os.environ['MASTER_PORT']}"
 
 
 def _load_data(config: TrainConfig, tokenizer, token_dir: Path) -> tuple[list, dict]:

@@ -16,10 +16,15 @@ from optimer_merge.io.files import check_output_dir, make_dirs, write_json
 LOCK = ".lock"
 
 
+# Where launchers put a process's rank: torchrun and Lightning (RANK, LOCAL_RANK; NODE_RANK on the
+# other nodes of a multi-node run, GROUP_RANK under torchrun), SLURM's srun, LSF's jsrun, MPI.
+RANK_VARIABLES = ("RANK", "LOCAL_RANK", "NODE_RANK", "GROUP_RANK", "SLURM_PROCID", "JSM_NAMESPACE_RANK", "OMPI_COMM_WORLD_RANK", "PMI_RANK")
+
+
 def is_primary_process() -> bool:
-    """False in the extra ranks a distributed launcher starts (they share the primary's folder and
-    leave its bookkeeping, and what is said to the user, to it)."""
-    return os.environ.get("RANK", "0") == "0" and os.environ.get("LOCAL_RANK", "0") == "0"
+    """False in the extra ranks a distributed launcher starts, on this node or another (they share
+    the primary's folder and leave its bookkeeping, and what is said to the user, to it)."""
+    return all(os.environ.get(name, "0") == "0" for name in RANK_VARIABLES)
 
 
 def lock_or_warn(fd, path: Path, what: str) -> bool:
