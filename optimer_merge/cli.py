@@ -13,7 +13,7 @@ from optimer_merge import __version__
 from optimer_merge.commands import OneLineParser
 from optimer_merge.errors import OnEveryRank, Stopped, UserError, disk_full
 from optimer_merge.io.run_folder import is_primary_process
-from optimer_merge.signals import on_sigterm
+from optimer_merge.signals import deliver_again, in_import, on_sigterm
 
 # name -> module with `add_arguments(parser)`, `run(args) -> int` and a one-line docstring.
 # Modules are imported lazily so `--help` stays fast.
@@ -65,9 +65,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         on_sigterm(previous)
 
 
-def _terminated(signum: int, _frame) -> None:
+def _terminated(signum: int, frame) -> None:
     """SIGTERM unwinds like Ctrl-C: files being written are removed, workers stopped, a resumable
-    run says so (training saves a checkpoint first: it handles the signal itself)."""
+    run says so (training saves a checkpoint first: it handles the signal itself). Inside an import
+    it waits for the import to finish: an exception raised there can be swallowed by the extension
+    importing (torch's C code drops a failed numpy import, and the run would go on) or leave a
+    module half-initialised that a later import trips over."""
+    if in_import(frame):
+        deliver_again(signum)
+        return
     raise Stopped(f"stopped by {signal.Signals(signum).name}", signum)
 
 

@@ -141,6 +141,28 @@ def test_ctrl_c_exits_130_and_says_whether_a_rerun_resumes(monkeypatch, capsys):
     assert capsys.readouterr().err == "interrupted\n"
 
 
+def test_sigterm_inside_an_import_stops_right_after_it(tmp_path):
+    """A SIGTERM that lands while a module is being imported (torch takes a second, vLLM several)
+    stops the command once the import is done: raised inside it, the stop could be swallowed by the
+    importing extension (torch's C code drops a failed numpy import, and the run went on) or leave
+    the module half-initialised."""
+    (tmp_path / "slow_module.py").write_text("import os, signal, time\nos.kill(os.getpid(), signal.SIGTERM)\ntime.sleep(0.5)\ndone = True\n")
+    code = (
+        "import signal, sys, time\n"
+        "from optimer_merge import cli\n"
+        "signal.signal(signal.SIGTERM, cli._terminated)\n"
+        "sys.path.insert(0, sys.argv[1])\n"
+        "try:\n"
+        "    import slow_module\n"
+        "    print('imported')\n"
+        "    time.sleep(10)\n"
+        "except KeyboardInterrupt as stop:\n"
+        "    print(stop, 'after the import' if getattr(sys.modules.get('slow_module'), 'done', False) else 'inside the import')\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code, str(tmp_path)], capture_output=True, text=True, timeout=120)
+    assert done.stdout.splitlines() == ["imported", "stopped by SIGTERM after the import"], done.stdout + done.stderr
+
+
 def test_a_crash_keeps_its_traceback_through_the_console_script(tmp_path):
     # a results file whose metric value is a dict crashes inside the leaderboard writer: a bug's shape
     (tmp_path / "r.json").write_text('{"results": {"t": {"acc,none": 1}}, "higher_is_better": {"t": {"acc": true}}}')
