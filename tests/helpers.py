@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import socket
 import subprocess
 import time
 import traceback
@@ -70,3 +71,10 @@ def wait_for_trials(run: Path, count: int, process: subprocess.Popen, seconds: f
         assert process.poll() is None, "the search ended before it could be interrupted"
         time.sleep(0.1)
     raise AssertionError(f"no {count} trials within {seconds}s")
+
+
+def free_port() -> int:
+    """A TCP port nothing listens on now (for a server or a rendezvous a test starts)."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]

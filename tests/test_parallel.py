@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 from conftest import REPO
-from helpers import wait_for_trials
+from helpers import free_port, wait_for_trials
 
 needs_ray = pytest.mark.skipif(importlib.util.find_spec("ray") is None, reason="Ray is not installed (the `ray` extra)")
 CLI = [sys.executable, "-m", "optimer_merge.cli"]
@@ -102,12 +102,9 @@ def test_vllm_workers_join_a_running_cluster_and_leave_it_running(parallel_run, 
     builds its pool inside it, the trials are those of the hf search on its own local Ray (the same
     proposals, the same scores to 1e-4, only the weights sent), and the cluster outlives the search."""
     import secrets
-    import socket
 
     ray_cli = str(Path(sys.executable).with_name("ray"))
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
+    port = free_port()
     token = {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(32)}
     env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", **token}
     # --block: the head runs in the foreground, and SIGTERM stops it and only it (`ray stop` would

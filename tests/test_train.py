@@ -8,7 +8,6 @@ import os
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -17,6 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import CPT_SETTINGS, DOMAINS, REPO
+from helpers import free_port
 
 from optimer_merge import cli
 from optimer_merge.cpt import TrainConfig, load_config, train
@@ -409,10 +409,7 @@ def test_a_disk_too_small_on_another_node_stops_both_in_one_line(tmp_path, small
     out = tmp_path / "run"
     argv = [str(Path(sys.executable).with_name("optimer-merge")), "train", "--base", str(small_base), "--output", str(out), "--dataset", "ja",
             "--max-steps", "2", "--seq-len", "8", "--no-progress", "--num-nodes", "2", "--devices", "1", "--accelerator", "cpu", "--strategy", "fsdp"]  # fmt: skip
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(hook), os.environ.get("PYTHONPATH")])), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(hook), os.environ.get("PYTHONPATH")])), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port())}
     nodes = [subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env={**env, "NODE_RANK": str(rank)}) for rank in (0, 1)]
     (out0, err0), (out1, err1) = (node.communicate(timeout=300) for node in nodes)
     assert [node.returncode for node in nodes] == [2, 2], err0[-3000:] + err1[-3000:]

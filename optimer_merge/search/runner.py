@@ -137,6 +137,11 @@ def search(config: SearchConfig, *, export: bool = False, log: Callable[[str], N
         return _Search(config, objective.resolved(), spec, sources, missing, out, log, folder).run(export, objective)
 
 
+def _recipe(number: int) -> str:
+    """Where trial ``number``'s mergekit recipe is, in the search folder."""
+    return f"recipes/trial-{number:04d}.yaml"
+
+
 class _Proposals:
     """The optimizer's proposals, numbered in order. Trial m + ``lag`` is asked right after trial m
     is told (trials 1..lag at the start), and trials are told in order, whatever the timing: a
@@ -207,7 +212,7 @@ class _Search:
             nonlocal upcoming
             while upcoming <= c.trials and upcoming in proposals.asked and workers.idle():
                 weights = proposals.asked[upcoming]
-                write_yaml(self.out / "recipes" / f"trial-{upcoming:04d}.yaml", trial_recipe(c, self.sources, weights))
+                write_yaml(self.out / _recipe(upcoming), trial_recipe(c, self.sources, weights))
                 workers.start(upcoming, weights, c.limit)
                 upcoming += 1
 
@@ -230,7 +235,7 @@ class _Search:
         outcome["seconds"]["optimizer"] = proposals.tell(number, told)
         self.durations.append(sum(outcome["seconds"].values()))
         record = {"trial": number, "weights": weights, **outcome, "told": told, "limit": self.config.limit,
-                  "recipe": f"recipes/trial-{number:04d}.yaml", "finished_at": time.time()}  # fmt: skip
+                  "recipe": _recipe(number), "finished_at": time.time()}  # fmt: skip
         records.append(record)
         return record
 
