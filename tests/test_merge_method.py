@@ -89,6 +89,17 @@ def test_normalize_reads_weights_as_ratios(tiny_zoo, monkeypatch):
     assert max_abs_diff(merged, average) < 1e-6
 
 
+def test_filtered_weights_fall_back_to_the_top_level_default(tiny_zoo, monkeypatch):
+    """A model's weight under filters, the rest of its tensors from the top-level weight (mergekit's order)."""
+    config = text_recipe(models=text_recipe()["models"][:1], parameters={"weight": [{"filter": "embed", "value": 0.9}, {"value": 0.25}]})
+    config["models"][0]["parameters"] = {"weight": [{"filter": "mlp", "value": -0.5}]}
+    merged = run_in_process(config, tiny_zoo, "out-filtered", monkeypatch)
+    base, ja = load_weights(tiny_zoo / "tiny-text" / "base"), load_weights(tiny_zoo / "tiny-text" / "ja")
+    for key, weight in (("model.layers.0.mlp.up_proj.weight", -0.5), ("model.embed_tokens.weight", 0.9), ("model.layers.0.self_attn.q_proj.weight", 0.25)):
+        expected = base[key].double() + weight * (ja[key].double() - base[key].double())
+        assert (merged[key].double() - expected).abs().max().item() < 1e-6, key
+
+
 @pytest.mark.parametrize(
     "change, message",
     [

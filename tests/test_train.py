@@ -246,6 +246,23 @@ def test_lr_schedules():
     assert lr_at(50, 100, cfg(schedule="constant")) == 1.0
 
 
+def test_strategy_options_reach_lightning_and_timeout_is_seconds():
+    import datetime
+
+    from lightning.fabric.strategies import DDPStrategy
+
+    from optimer_merge.cpt.trainer import _strategy, _strategy_settings
+
+    config = TrainConfig(base="b", output="o", datasets=["ja"], max_steps=1,
+                         strategy={"name": "ddp_spawn", "options": {"timeout": 90, "bucket_cap_mb": 10, "static_graph": True}})  # fmt: skip
+    settings = _strategy_settings(config)
+    assert settings == {"start_method": "spawn", "timeout": datetime.timedelta(seconds=90), "bucket_cap_mb": 10, "static_graph": True}
+    strategy = _strategy(config, settings)
+    assert isinstance(strategy, DDPStrategy) and strategy._start_method == "spawn"
+    assert strategy._timeout == datetime.timedelta(seconds=90) and strategy._ddp_kwargs == {"bucket_cap_mb": 10, "static_graph": True}
+    assert _strategy_settings(TrainConfig(base="b", output="o", datasets=["ja"], max_steps=1, strategy="ddp")) is None  # Lightning picks
+
+
 def test_user_files_jsonl_txt_parquet(tmp_path, small_base):
     import pyarrow as pa
     import pyarrow.parquet as pq

@@ -67,6 +67,15 @@ class StrategyConfig(ConfigModel):
     activation_checkpointing: bool = False  # fsdp: recompute each layer's activations in backward
     options: dict[str, Any] = {}  # keyword arguments of the Lightning strategy
 
+    @model_validator(mode="after")
+    def _settings_fit_the_strategy(self) -> "StrategyConfig":
+        if self.activation_checkpointing and self.name != "fsdp":
+            raise ValueError(f"activation_checkpointing is a setting of fsdp; {self.name!r} does not use it: drop it or use fsdp")
+        if self.options and self.name in ("auto", "fsdp"):
+            why = "give a named Lightning strategy, e.g. {name: ddp, options: {...}}" if self.name == "auto" else "its settings are activation_checkpointing and the run's precision"
+            raise ValueError(f"{self.name} takes no options (got {', '.join(map(str, self.options))}): {why}")
+        return self
+
 
 class TrainConfig(ConfigModel):
     """Everything one CPT run needs; the defaults suit the tiny CPU models."""

@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import datetime
+import importlib
 import io
 import json
 import math
@@ -354,6 +356,7 @@ def prepare(config: TrainConfig, log: Callable[[str], None] = print) -> Run:
         if lacking:
             raise ConfigError(f"velocitune needs held-out data for every dataset; set eval_source for: {', '.join(lacking)}")
     nodes = _nodes(config)
+    strategy_settings = _strategy_settings(config)
     hf_config, tokenizer, text_config, model_class = open_base(base)
     max_len = getattr(text_config, "max_position_embeddings", None)
     if max_len is not None and config.seq_len > max_len:
@@ -366,7 +369,7 @@ def prepare(config: TrainConfig, log: Callable[[str], None] = print) -> Run:
     try:
         fabric = Fabric(
             accelerator=config.accelerator,
-            strategy=_strategy(config),
+            strategy=_strategy(config, strategy_settings),
             devices=config.devices,
             num_nodes=config.num_nodes,
             precision=config.precision,
@@ -503,8 +506,9 @@ def _check_disk(config: TrainConfig, out: Path, model: torch.nn.Module, trainabl
         raise OnEveryRank(problems[0] or next(f"rank {rank}: {p}" for rank, p in enumerate(problems) if p))
 
 
-def _strategy(config: TrainConfig):
-    """Lightning's strategy object for the config (fsdp: this project's FSDP2 path)."""
+def _strategy(config: TrainConfig, settings: dict | None):
+    """Lightning's strategy object for the config (fsdp: this project's FSDP2 path; a bare name:
+    Lightning picks the accelerator's variant), from ``_strategy_settings``."""
     chosen = config.strategy_config
     if chosen.name == "fsdp":
         from optimer_merge.cpt import sharding
@@ -515,23 +519,70 @@ def _strategy(config: TrainConfig):
         device_type = "cuda" if config.accelerator in ("cuda", "gpu") or (config.accelerator == "auto" and torch.cuda.is_available()) else "cpu"
         return sharding.strategy(config.devices, config.num_nodes, activation_checkpointing=chosen.activation_checkpointing,
                                  param_dtype=param_dtype, device_type=device_type)  # fmt: skip
+    if settings is None:
+        return chosen.name
     from lightning.fabric.strategies import STRATEGY_REGISTRY
 
-    if chosen.name not in STRATEGY_REGISTRY and (chosen.name != "auto" or chosen.options):  # options need a named strategy
+    strategy = STRATEGY_REGISTRY[chosen.name]["strategy"](**settings)
+    if chosen.name.startswith("deepspeed") and config.grad_clip is not None:
+        strategy.config["gradient_clipping"] = config.grad_clip  # DeepSpeed clips itself; Fabric's clipping raises under it
+    return strategy
+
+
+# Arguments of a Lightning strategy that Fabric fills from the run's own settings.
+FILLED_BY_FABRIC = {"self", "args", "kwargs", "accelerator", "parallel_devices", "cluster_environment", "checkpoint_io", "precision", "device"}
+
+
+def _strategy_settings(config: TrainConfig) -> dict | None:
+    """The keyword arguments of the chosen Lightning strategy, checked before any work (None: the
+    fsdp path, or a bare name): an unknown strategy or option is refused, ``timeout`` is seconds."""
+    chosen = config.strategy_config
+    if chosen.name in ("auto", "fsdp"):  # neither takes options (StrategyConfig)
+        return None
+    from lightning.fabric.strategies import STRATEGY_REGISTRY
+
+    if chosen.name not in STRATEGY_REGISTRY:
         raise ConfigError(f"unknown strategy {chosen.name!r}; choose fsdp, auto or one of Lightning's: {', '.join(sorted(STRATEGY_REGISTRY))}")
     if not chosen.options and not chosen.name.startswith("deepspeed"):
-        return chosen.name  # Lightning picks the accelerator's variant
+        return None
     entry = STRATEGY_REGISTRY[chosen.name]
+    accepted = _accepted_options(entry["strategy"])
+    unknown = sorted(set(chosen.options) - accepted) if accepted is not None else []
+    if unknown:
+        raise ConfigError(f"strategy {chosen.name!r} has no option {', '.join(map(repr, unknown))}; its options are {', '.join(sorted(accepted))}")
     settings = {**entry["init_params"], **chosen.options}
+    if "timeout" in chosen.options:
+        seconds = chosen.options["timeout"]
+        if isinstance(seconds, bool) or not isinstance(seconds, (int, float)) or not 0 < seconds < float("inf"):
+            raise ConfigError(f"strategy option timeout: give seconds as a positive number, got {seconds!r}")
+        settings["timeout"] = datetime.timedelta(seconds=seconds)
     if chosen.name.startswith("deepspeed") and settings.get("stage") == 3:
         raise ConfigError(
             f"strategy {chosen.name!r} (ZeRO stage 3) is not supported: its partitioned parameters would export "
             "empty; use strategy fsdp, which shards the same state and exports it"
         )
-    strategy = entry["strategy"](**settings)
-    if chosen.name.startswith("deepspeed") and config.grad_clip is not None:
-        strategy.config["gradient_clipping"] = config.grad_clip  # DeepSpeed clips itself; Fabric's clipping raises under it
-    return strategy
+    return settings
+
+
+def _accepted_options(strategy_class: type) -> set[str] | None:
+    """The keyword arguments a Lightning strategy class takes from a user, including those it
+    passes on to the wrapper it builds (DDP, FSDP); None where that cannot be known."""
+    import inspect
+
+    def keywords(function) -> tuple[set[str], bool]:
+        parameters = inspect.signature(function).parameters.values()
+        named = {p.name for p in parameters if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
+        return named, any(p.kind == p.VAR_KEYWORD for p in parameters)
+
+    accepted, open_ended = keywords(strategy_class.__init__)
+    if open_ended:
+        wrapper = {"DDPStrategy": "torch.nn.parallel.DistributedDataParallel", "FSDPStrategy": "torch.distributed.fsdp.FullyShardedDataParallel"}
+        if strategy_class.__name__ not in wrapper:
+            return None
+        module, _, name = wrapper[strategy_class.__name__].rpartition(".")
+        passed_on, _ = keywords(getattr(importlib.import_module(module), name).__init__)
+        accepted |= passed_on - {"module", "device_ids", "process_group"}
+    return accepted - FILLED_BY_FABRIC
 
 
 def fit(run: Run) -> dict:

@@ -168,8 +168,8 @@ def validation_message(error, what: str, flags: dict[str, str] | None = None) ->
             message = f"required: give {flags[where]} (or `{where}:` in --config)"
         problems.setdefault(where, []).append(message)
         value = item.get("input")
-        if item["type"] not in ("missing",) and not isinstance(value, dict) and value is not None and "got " not in item["msg"]:
-            got[where] = f" (got {value!r})"
+        if item["type"] != "missing" and "got " not in item["msg"] and not (isinstance(value, dict) and len(repr(value)) > 80):
+            got[where] = " (got an empty value)" if value is None else f" (got {value!r})"  # a whole group of settings: too long to repeat
     lines = [(f"{where}: " if where else "") + ", or ".join(messages) + got.get(where, "") for where, messages in problems.items()]
     return f"invalid {what}: " + "; ".join(lines)
 

@@ -119,10 +119,40 @@ def check_structure(config, path: str | Path) -> None:
         if missing:
             raise RecipeError(f"{path}: models[{i}] ({entry.model.model.path}): {config.merge_method} requires parameter {missing[0]!r}; "
                               f"set it under the model's parameters (or once under the top-level parameters)")  # fmt: skip
+    _check_filters(config, spec, base, ids, path)
     weights = [(entry.parameters or {}).get("weight", shared.get("weight")) for entry in config.models if str(entry.model.model.path) != base]
     if config.merge_method == "optimer" and shared.get("normalize") is True and all(isinstance(w, (int, float)) for w in weights):
         if sum(weights) == 0:
             raise RecipeError(f"{path}: normalize: true divides by the sum of the weights, which is 0 ({weights}); set normalize: false or change the weights")
+
+
+def _check_filters(config, spec, base: str | None, ids: list[str], path: str | Path) -> None:
+    """A required parameter given only under filters (``weight: [{filter: mlp, value: 0.3}]``) must
+    have a value for every tensor, as mergekit resolves it (the model's setting, then the top-level
+    one); mergekit finds a tensor without one only midway through the merge. Checked on the tensor
+    names of a local reference model (the base); nothing to check where it is not local."""
+    from mergekit.config import evaluate_setting
+
+    from optimer_merge.io.checkpoints import Checkpoint
+
+    folder = Path(base or ids[0]).expanduser()
+    required = [p for p in spec.parameters if p.required and p.scope.value == "non_base"]
+    if not required or not folder.is_dir() or not any(folder.glob("*.safetensors")):
+        return
+    names = None
+    shared = config.parameters or {}
+    for i, entry in enumerate(config.models):
+        if str(entry.model.model.path) == base:
+            continue
+        for parameter in required:
+            settings = [s for s in ((entry.parameters or {}).get(parameter.name), shared.get(parameter.name)) if s is not None]
+            if all(isinstance(s, (int, float, str, bool)) for s in settings):
+                continue  # a plain value covers every tensor
+            names = names if names is not None else Checkpoint.open(folder).names()
+            for name in names:
+                if all(evaluate_setting(name, s, validate=parameter.validate) is None for s in settings):
+                    raise RecipeError(f"{path}: models[{i}] ({entry.model.model.path}): {parameter.name} has no value for tensor {name}: no filter "
+                                      f"matches it; add an entry without `filter` as the default, e.g. {{value: 0.5}}")  # fmt: skip
 
 
 def _check_slices(config, spec, path: str | Path) -> None:
