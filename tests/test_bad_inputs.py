@@ -225,6 +225,7 @@ CASES = [
     Case("demo-into-other-files", ["demo", "--run-dir", "{not_a_run}"], ["not-a-run is not empty and holds no demo"], ["{not_a_run}/.lock"]),
     Case("demo-seeds-into-other-files", ["demo", "--run-dir", "{not_a_run}", "--seeds", "2"], ["not-a-run is not empty and holds no multi-seed demo"], ["{not_a_run}/.lock"]),
     Case("demo-zero-seeds", ["demo", "--run-dir", "{out}", "--seeds", "0"], ["--seeds", "got 0"]),
+    Case("demo-cpt-tokens-below-one-step", ["demo", "--run-dir", "{out}", "--cpt-tokens", "100"], ["--cpt-tokens 100", "less than one training step", "2048"]),
     Case("demo-report-dir-one-seed", ["demo", "--run-dir", "{out}", "--report-dir", "{tmp}/report"], ["--report-dir", "needs --seeds 2 or more"]),
     Case("demo-report-dir-is-file", ["demo", "--run-dir", "{out}", "--seeds", "2", "--report-dir", "{file}"], ["a-file.txt is a file"], []),
     Case("demo-seeds-past-range", ["demo", "--run-dir", "{out}", "--seed", "4294967295", "--seeds", "2"], ["--seed 4294967295 with --seeds 2"]),

@@ -170,6 +170,16 @@ def test_velocitune_raises_weight_of_domain_furthest_from_target(small_base, tmp
     assert m["tokens_per_dataset"]["ja"] > m["tokens_per_dataset"]["math"]
 
 
+def test_velocitune_shorter_than_one_update_warns_that_its_weights_stay(small_base, tmp_path):
+    said = []
+    config = TrainConfig(base=str(small_base), output=str(tmp_path / "vt"), datasets=["ja", "math"], mixture="velocitune",
+                         velocitune={"update_every": 5, "targets": {"ja": 0.5, "math": 20.0}}, **{**CPT_SETTINGS, "max_steps": 5})  # fmt: skip
+    train(config, log=said.append)
+    assert any("velocitune reweights every 5 steps and this run has 5: its weights never change" in line for line in said), said
+    trajectory = json.loads((tmp_path / "vt" / "velocitune.json").read_text())["trajectory"]
+    assert [t["weights"] for t in trajectory] == [{"ja": 0.5, "math": 0.5}]
+
+
 def test_velocitune_fits_targets_on_a_proxy_run(small_base, tmp_path):
     config = TrainConfig(
         base=str(small_base),

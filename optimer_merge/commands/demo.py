@@ -81,7 +81,7 @@ def run(args: argparse.Namespace) -> int:
     try:
         settings = DemoSettings(seed=args.seed, **values)
     except ValidationError as error:
-        raise ConfigError("; ".join(f"--{str(e['loc'][0]).replace('_', '-')} {e['input']!r}: {e['msg']}" for e in error.errors())) from None
+        raise ConfigError("; ".join(f"--{str(e['loc'][0]).replace('_', '-')} {e['input']!r}: {e['msg'].removeprefix('Value error, ')}" for e in error.errors())) from None
     if settings.search_workers > 1 and not importlib.util.find_spec("ray"):
         raise ConfigError(f"--search-workers {settings.search_workers} needs Ray: pip install 'optimer-merge[ray]', or give --search-workers 1")
     if settings.search_workers > (os.cpu_count() or 1):

@@ -408,6 +408,9 @@ def prepare(config: TrainConfig, log: Callable[[str], None] = print) -> Run:
 
     with fabric.rank_zero_first(local=False):
         train_sets, eval_sets = _load_data(config, tokenizer, token_dir)
+    if config.mixture == "velocitune" and _total_steps(config, fabric.world_size) <= config.velocitune.update_every:
+        say(f"warning: velocitune reweights every {config.velocitune.update_every} steps and this run has {_total_steps(config, fabric.world_size)}: "
+            "its weights never change from the initial ratios; lower velocitune.update_every or raise the budget")  # fmt: skip
     targets = velocitune_targets(config, log=say) if config.mixture == "velocitune" else None
     fabric.seed_everything(config.seed, verbose=False)
 
@@ -864,7 +867,7 @@ def finalize(run: Run, state: dict, export: bool = True) -> dict:
     fabric.barrier()
     losses = ", ".join(f"{n} {state['initial_eval'][n]:.3f}->{v:.3f}" for n, v in final_eval.items())
     run.say(
-        f"trained {meta['tokens']:,} tokens in {total_steps} steps ({meta['wall_seconds']:.1f}s); "
+        f"trained {meta['tokens']:,} tokens in {total_steps} step{'s' if total_steps != 1 else ''} ({meta['wall_seconds']:.1f}s); "
         + (f"held-out loss {losses}" if losses else "no held-out set (--eval-dataset or a dataset's eval_source gives one)")
     )
     return meta

@@ -33,7 +33,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, ClassVar, Iterator, Literal
 
-from pydantic import Field
+from pydantic import Field, field_validator
 
 from optimer_merge.io.progress import duration
 from optimer_merge.io.yaml_config import ConfigModel, Seed
@@ -55,7 +55,7 @@ class DemoSettings(ConfigModel):
 
     seed: Seed = 0
     base: str = Field(default_factory=lambda: _shipped_base_digest())  # sha256 of the shipped base's weights
-    cpt_tokens: int = Field(100_000, gt=0)  # per domain; each mixture run gets K times this
+    cpt_tokens: int = 100_000  # per domain; each mixture run gets K times this
     lr: float = Field(3e-4, gt=0)  # a tenth of the base's peak: small updates, as CPT of a well-trained model
     trials: int = Field(30, gt=0)  # the all-domain search
     reopt_trials: int = Field(15, gt=0)  # each re-optimisation
@@ -68,6 +68,14 @@ class DemoSettings(ConfigModel):
     search_workers: int = Field(1, ge=1)  # Ray workers of each search (trials side by side)
 
     OPERATIONAL: ClassVar[tuple[str, ...]] = ("workers",)
+
+    @field_validator("cpt_tokens")
+    @classmethod
+    def _at_least_one_step(cls, value: int) -> int:
+        step = TRAIN["seq_len"] * TRAIN["micro_batch_size"]
+        if value < step:
+            raise ValueError(f"less than one training step ({step:,} tokens: {TRAIN['seq_len']} x {TRAIN['micro_batch_size']}); give at least {step}")
+        return value
     ADDED: ClassVar[dict] = {"search_workers": 1}  # settings a run recorded before they existed ran with
 
     def identity(self) -> dict:
