@@ -128,6 +128,9 @@ CASES = [
     Case("search-ray-address-no-port", search("--parallel", "2", "--set", "ray_address=headnode"), ["ray_address 'headnode'", "HOST:PORT"]),
     Case("search-ray-address-one-worker", search("--set", "ray_address=127.0.0.1:6379"), ["ray_address '127.0.0.1:6379'", "parallel >= 2"]),
     Case("search-unknown-metric", search("--objective", "{objective_accuracy}"), ["no metric 'accuracy'", "bits_per_byte"]),
+    Case("search-unknown-filter", search("--objective", "{objective_filter}"), ["optimer_ja_dev_bpb has no filter 'strict-match'", "none"]),
+    Case("search-direction-against-lm-eval", search("--objective", "{objective_direction}"), ["direction: maximize contradicts lm-eval", "lower is better"]),
+    Case("search-infinite-objective-weight", search("--objective", "{objective_weight}"), ["objective-weight.yaml", "weight", "finite", "inf"]),
     Case("search-reference-lacks-task", search("--objective", "{objective_reference_elsewhere}"), ["results.json: task 'optimer_ja_dev_bpb' is not in the results"]),
     Case("search-reference-not-json", search("--objective", "{objective_reference_not_json}"), ["a-file.txt is not a JSON file"]),
     Case("search-reference-nan", search("--objective", "{objective_reference_nan}"), ["reference-nan.json", "optimer_ja_dev_bpb/bits_per_byte is nan"]),
@@ -334,6 +337,9 @@ def paths(tmp_path_factory, tiny_zoo) -> dict[str, str]:
     p["search_key_twice"] = str(root / "search-key-twice.yaml")
     p["objective_twice"] = str(root / "objective-twice.yaml")
     p["objective_accuracy"] = str(root / "objective-accuracy.yaml")
+    for name, term in (("filter", "filter: strict-match"), ("direction", "direction: maximize"), ("weight", "weight: .inf")):
+        (root / f"objective-{name}.yaml").write_text(f"tasks:\n- {{task: optimer_ja_dev_bpb, metric: bits_per_byte, {term}}}\n")
+        p[f"objective_{name}"] = str(root / f"objective-{name}.yaml")
     for name, value in (("nan", "NaN"), ("text", '"N/A"')):  # references whose value is no score
         (root / f"reference-{name}.json").write_text('{"results": {"optimer_ja_dev_bpb": {"bits_per_byte,none": %s}}}' % value)
     for name, reference in (("elsewhere", "results.json"), ("not-json", "a-file.txt"), ("nan", "reference-nan.json"), ("text", "reference-text.json")):

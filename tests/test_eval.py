@@ -157,6 +157,13 @@ def test_objective_needs_a_direction_where_lm_eval_gives_none():
     assert score == -2.0 and parts["t/loss"]["higher_is_better"] is False
     maximised, _ = Objective.model_validate({"tasks": [{"task": "t", "metric": "loss", "direction": "maximize"}]}).score(results)
     assert maximised == 2.0
+    # a direction against the one lm-eval gives is refused, not obeyed
+    ranked = {"results": {"t": {"loss,none": 2.0, "acc,none": 0.5}}, "higher_is_better": {"t": {"loss": False, "acc": True}}}
+    with pytest.raises(ValueError, match="direction: maximize contradicts lm-eval, for which lower is better"):
+        Objective.model_validate({"tasks": [{"task": "t", "metric": "loss", "direction": "maximize"}]}).score(ranked)
+    # weights count relative to each other: even the largest floats give the weighted mean
+    huge = Objective.model_validate({"tasks": [{"task": "t", "metric": "loss", "weight": 1e308}, {"task": "t", "metric": "acc", "weight": 1e308}]})
+    assert huge.score(ranked)[0] == pytest.approx((0.5 - 2.0) / 2)
 
 
 def test_live_hf_update_equals_fresh_load(hf_results, other_model):

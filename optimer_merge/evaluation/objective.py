@@ -33,7 +33,7 @@ from optimer_merge.io.yaml_config import ConfigModel
 class ObjectiveTerm(ConfigModel):
     task: str
     metric: str
-    weight: float = Field(1.0, gt=0)
+    weight: float = Field(1.0, gt=0, allow_inf_nan=False)
     filter: str | None = None  # lm-eval filter name, e.g. strict-match; found automatically if unique
     direction: Literal["maximize", "minimize"] | None = None  # only where lm-eval gives none
 
@@ -96,20 +96,20 @@ class Objective(ConfigModel):
     def check(self) -> None:
         """Before any evaluation: each metric exists in its task and has a direction, and the
         reference (if any) has a value for each term."""
-        from optimer_merge.evaluation.tasks import check_distinct, group_without_metrics, task_metrics
+        from optimer_merge.evaluation.tasks import check_distinct, group_without_metrics, task_filters, task_metrics
 
         check_distinct(self.task_names())
         reference = self.reference_results()
         for term in self.tasks if reference is not None else ():
-            where = self.reference if isinstance(self.reference, str) else "the inline reference"
+            where = f"reference {self.reference}" if isinstance(self.reference, str) else "the inline reference"
             if not isinstance(reference, dict) or not isinstance(reference.get("results"), dict):
-                raise ConfigError(f"objective: reference {where} is not lm-eval results (no 'results' table)")
+                raise ConfigError(f"objective: {where} is not lm-eval results (no 'results' table)")
             try:
                 value, _ = metric_value(reference, term.task, term.metric, term.filter)
             except ValueError as error:
-                raise ConfigError(f"objective: reference {where}: {error}; evaluate the reference on every task of the objective") from None
+                raise ConfigError(f"objective: {where}: {error}; evaluate the reference on every task of the objective") from None
             if not math.isfinite(value):  # every score would be NaN, every trial a failure
-                raise ConfigError(f"objective: reference {where}: {term.task}/{term.metric} is {value}; re-evaluate the reference")
+                raise ConfigError(f"objective: {where}: {term.task}/{term.metric} is {value}; re-evaluate the reference")
         for term in self.tasks:
             members = group_without_metrics(term.task)
             if members is not None:
@@ -120,6 +120,11 @@ class Objective(ConfigModel):
                 continue  # a group or Python task: checked on its first results
             if term.metric not in metrics:
                 raise ConfigError(f"objective: task {term.task} has no metric {term.metric!r}; it has {', '.join(metrics)}")
+            filters = task_filters(term.task)
+            if term.filter is not None and filters is not None and term.filter not in filters:
+                raise ConfigError(f"objective: task {term.task} has no filter {term.filter!r}; its filters are {', '.join(filters)}")
+            if (problem := _contradiction(term, metrics[term.metric])) is not None:
+                raise ConfigError(f"objective: {problem}")
             if metrics[term.metric] is None and term.direction is None:
                 raise ConfigError(
                     f"objective: lm-eval does not say whether higher is better for {term.task}/{term.metric}; "
@@ -134,9 +139,12 @@ class Objective(ConfigModel):
         """
         reference = self.reference_results()
         breakdown, total, weights = {}, 0.0, 0.0
+        largest = max(term.weight for term in self.tasks)  # weights relative to it: their sum cannot overflow
         for term in self.tasks:
             value, key = metric_value(results, term.task, term.metric, term.filter)
             higher = results.get("higher_is_better", {}).get(term.task, {}).get(term.metric)
+            if (problem := _contradiction(term, higher)) is not None:
+                raise ValueError(problem)
             if term.direction is not None:
                 higher = term.direction == "maximize"
             if higher is None:
@@ -154,10 +162,18 @@ class Objective(ConfigModel):
                 contribution = sign * value
             entry["term"] = contribution
             breakdown[f"{term.task}/{term.metric}"] = entry
-            total += term.weight * contribution
-            weights += term.weight
+            total += term.weight / largest * contribution
+            weights += term.weight / largest
         score = total / weights
         return (score if math.isfinite(score) else float("nan")), breakdown
+
+
+def _contradiction(term: ObjectiveTerm, higher_is_better: bool | None) -> str | None:
+    """What is wrong with a term whose ``direction`` contradicts the one lm-eval gives (None: nothing)."""
+    if term.direction is None or higher_is_better is None or (term.direction == "maximize") == higher_is_better:
+        return None
+    return (f"{term.task}/{term.metric}: direction: {term.direction} contradicts lm-eval, for which "
+            f"{'higher' if higher_is_better else 'lower'} is better; drop direction: (it is for metrics lm-eval gives no direction)")  # fmt: skip
 
 
 def metric_value(results: dict, task: str, metric: str, filter_name: str | None = None) -> tuple[float, str]:

@@ -98,6 +98,20 @@ def task_metrics(task: str) -> dict[str, bool | None] | None:
     return {m: HIGHER_IS_BETTER_REGISTRY.get(m) for m in defaults} if defaults else None
 
 
+def task_filters(task: str) -> list[str] | None:
+    """The names of a task's filters (lm-eval's ``none`` where it lists none); None where they
+    cannot be known before running it (groups, tags, Python tasks)."""
+    manager = resolve([task])
+    entry = manager.task_index.get(task)
+    if entry is None or entry.cfg is None or getattr(entry.kind, "name", "") != "TASK":
+        return None
+    listed = entry.cfg.get("filter_list")
+    if not listed:
+        return ["none"]
+    names = [f.get("name") if isinstance(f, dict) else None for f in listed]
+    return names if all(isinstance(n, str) for n in names) else None
+
+
 def group_without_metrics(task: str) -> list[str] | None:
     """The member tasks of a group for which lm-eval reports no metric of its own (a group without
     ``aggregate_metric_list``: its results row is empty); None for a task or an aggregating group."""
