@@ -76,3 +76,10 @@ def test_labels_stay_in_their_markdown_cell(tmp_path):
     assert table[2:] == ["| a\\|b | **0.5000** |", "| c d | **0.5000** |"]
     with open(tmp_path / "out/leaderboard.csv", newline="") as f:
         assert [row[0] for row in csv.reader(f)] == ["model", "a|b", "c\nd"]  # CSV quotes what it must
+
+
+def test_huge_values_stay_short_in_the_table(tmp_path):
+    """A word perplexity of an untrained model has a hundred digits in fixed point."""
+    (tmp_path / "r.json").write_text(json.dumps({"results": {"t": {"word_perplexity,none": 7.0559e101, "bits_per_byte,none": 8.43351}}}))
+    assert cli.main(["leaderboard", str(tmp_path / "r.json"), "--output", str(tmp_path / "out")]) == 0
+    assert (tmp_path / "out/leaderboard.md").read_text().splitlines()[2].endswith("| **7.0559e+101** | **8.4335** |")

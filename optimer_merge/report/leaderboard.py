@@ -161,7 +161,7 @@ def to_markdown(board: dict) -> str:
             if value is None:
                 cells.append("—")
             else:
-                text = f"{value:.4f}"
+                text = f"{value:.4f}" if abs(value) < 1e6 else f"{value:.4e}"  # a perplexity can have 100 digits
                 cells.append(f"**{text}**" if best is not None and value == best else text)
         lines.append(f"| {_cell(row['model'])} | " + " | ".join(cells) + " |")
     if board.get("warnings"):
