@@ -214,6 +214,7 @@ CASES = [
     Case("eval-unknown-dtype", evaluate("--dtype", "float8"), ["'float8'"]),
     Case("eval-output-uncreatable", evaluate("--output", "/proc/optimer-merge-test/run"), ["evaluation folder /proc/optimer-merge-test/run cannot be created"], []),
     Case("eval-output-name-too-long", evaluate("--output", "{tmp}/made/" + "x" * 300), ["evaluation folder", "cannot be created: File name too long"], ["{tmp}/made"]),
+    Case("eval-output-named-like-a-file", evaluate()[:-1] + ["{tmp}/scores.json"], ["--output", "scores.json names a file", "give a folder"], ["{tmp}/scores.json"]),
     Case("eval-out-is-file", evaluate("--output", "{file}"), ["a-file.txt is a file"], []),
     Case("eval-truncated-model", ["eval", "{truncated}", "--tasks", "optimer_ja_dev_bpb", "--output", "{out}"], ["truncated/model.safetensors is not a readable"]),
     Case("eval-not-a-model", ["eval", "{tmp}", "--tasks", "optimer_ja_dev_bpb", "--output", "{out}"], ["has no config.json"]),

@@ -56,12 +56,19 @@ def check_input_file(path: str | Path, what: str) -> Path:
     return path
 
 
+# Names a user gives an output folder meaning a file (`eval --output results.json`); refused rather
+# than made into a folder of that name.
+FILE_SUFFIXES = {".json", ".jsonl", ".md", ".csv", ".png", ".yaml", ".yml", ".txt", ".safetensors"}
+
+
 def check_output_dir(path: str | Path, what: str = "output folder") -> Path:
     """A folder that exists or can be created and written: refused if it, or a parent, is a file,
     or if it is not writable. Nothing is created."""
     path = Path(path).expanduser()
     if path.exists() and not path.is_dir():
         raise RunFolderError(f"{what} {path} is a file; give a folder")
+    if not path.exists() and path.suffix.lower() in FILE_SUFFIXES:
+        raise RunFolderError(f"{what} {path} names a file; give a folder (the command writes its files into it)")
     probe = _existing_ancestor(path)
     if not probe.is_dir():
         raise RunFolderError(f"{what} {path} cannot be created: {probe} is a file")
