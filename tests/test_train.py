@@ -273,6 +273,15 @@ def test_strategy_options_reach_lightning_and_timeout_is_seconds():
     assert _strategy_settings(TrainConfig(base="b", output="o", datasets=["ja"], max_steps=1, strategy="ddp")) is None  # Lightning picks
 
 
+def test_more_cpu_processes_than_cpus_are_warned_about(monkeypatch):
+    from optimer_merge.cpt.trainer import _crowded_cpus
+
+    monkeypatch.setattr(os, "cpu_count", lambda: 2)
+    config = lambda **kw: TrainConfig(base="b", output="o", datasets=["ja"], max_steps=1, **kw)  # noqa: E731
+    assert "devices 3 starts 3 training processes on this machine's 2 CPUs" in _crowded_cpus(config(devices=3, accelerator="cpu"))
+    assert _crowded_cpus(config(devices=2, accelerator="cpu")) is None and _crowded_cpus(config(devices=3, accelerator="cuda")) is None
+
+
 def test_user_files_jsonl_txt_parquet(tmp_path, small_base):
     import pyarrow as pa
     import pyarrow.parquet as pq

@@ -357,6 +357,8 @@ def prepare(config: TrainConfig, log: Callable[[str], None] = print) -> Run:
             raise ConfigError(f"velocitune needs held-out data for every dataset; set eval_source for: {', '.join(lacking)}")
     nodes = _nodes(config)
     strategy_settings = _strategy_settings(config)
+    if (crowded := _crowded_cpus(config)) and is_primary_process():
+        log(f"warning: {crowded}")
     hf_config, tokenizer, text_config, model_class = open_base(base)
     max_len = getattr(text_config, "max_position_embeddings", None)
     if max_len is not None and config.seq_len > max_len:
@@ -449,6 +451,15 @@ def prepare(config: TrainConfig, log: Callable[[str], None] = print) -> Run:
         ratios=ratios, targets=targets, total_steps=total, tokens_per_step=_tokens_per_step(config, world),
         n_params=n_params, n_trainable=sum(p.numel() for p in trainable), say=say, sharded=sharded, checkpoint_names=saved_names,
     )  # fmt: skip
+
+
+def _crowded_cpus(config: TrainConfig) -> str | None:
+    """Why a CPU run's processes would share cores (more devices per node than CPUs), or None."""
+    cpus = os.cpu_count() or 1
+    on_cpu = config.accelerator == "cpu" or (config.accelerator == "auto" and not torch.cuda.is_available())
+    if not (on_cpu and isinstance(config.devices, int) and config.devices > cpus):
+        return None
+    return f"devices {config.devices} starts {config.devices} training processes on this machine's {cpus} CPUs: they share cores and each runs slower; give devices <= {cpus}"
 
 
 def _nodes(config: TrainConfig) -> str | None:
