@@ -68,6 +68,7 @@ class DemoSettings(ConfigModel):
     search_workers: int = Field(1, ge=1)  # Ray workers of each search (trials side by side)
 
     OPERATIONAL: ClassVar[tuple[str, ...]] = ("workers",)
+    ADDED: ClassVar[dict] = {"search_workers": 1}  # settings a run recorded before they existed ran with
 
     @field_validator("cpt_tokens")
     @classmethod
@@ -76,7 +77,6 @@ class DemoSettings(ConfigModel):
         if value < step:
             raise ValueError(f"less than one training step ({step:,} tokens: {TRAIN['seq_len']} x {TRAIN['micro_batch_size']}); give at least {step}")
         return value
-    ADDED: ClassVar[dict] = {"search_workers": 1}  # settings a run recorded before they existed ran with
 
     def identity(self) -> dict:
         return self.model_dump(exclude=set(self.OPERATIONAL))
