@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Callable
 
 from optimer_merge import data
+from optimer_merge.io.files import make_dirs
 
 # About 1.5 M parameters: trains at ~5-6 k tokens/s on one CPU thread.
 MODEL = dict(
@@ -85,7 +86,7 @@ def build_base(folder: Path, settings: dict, log: Callable[[str], None] = print,
     from optimer_merge.cpt.trainer import train
     from optimer_merge.testing import tiny
 
-    folder.mkdir(parents=True, exist_ok=True)
+    make_dirs(folder, "--work")
     (folder / "settings.json").write_text(json.dumps(settings, indent=2))
     init = folder / "init"
     if not (init / "model.safetensors").exists():
@@ -130,7 +131,7 @@ def demo_base(
     final = folder / "pretrain" / "model"
     if (final / "model.safetensors").exists():
         return final
-    folder.mkdir(parents=True, exist_ok=True)
+    make_dirs(folder, "demo base cache folder")
     with open(folder / ".lock", "w") as lock:
         with contextlib.suppress(OSError):  # a file system without locks: built unlocked
             fcntl.flock(lock, fcntl.LOCK_EX)  # another process may be building the same base

@@ -63,7 +63,7 @@ FILE_SUFFIXES = {".json", ".jsonl", ".md", ".csv", ".png", ".yaml", ".yml", ".tx
 
 def check_output_dir(path: str | Path, what: str = "output folder") -> Path:
     """A folder that exists or can be created and written: refused if it, or a parent, is a file,
-    or if it is not writable. Nothing is created."""
+    if it is not writable, or if the system refuses to create it. Nothing is left created."""
     path = Path(path).expanduser()
     if path.exists() and not path.is_dir():
         raise RunFolderError(f"{what} {path} is a file; give a folder")
@@ -74,6 +74,13 @@ def check_output_dir(path: str | Path, what: str = "output folder") -> Path:
         raise RunFolderError(f"{what} {path} cannot be created: {probe} is a file")
     if not os.access(probe, os.W_OK | os.X_OK):
         raise RunFolderError(f"{what} {path} cannot be written: no write permission on {probe}")
+    made = make_dirs(path, what)  # the system may still refuse it (a special file system such as /proc)
+    if made is not None:  # the probe leaves nothing: its folders go again, innermost first, while empty
+        for folder in (path.absolute(), *path.absolute().parents):
+            with contextlib.suppress(OSError):
+                folder.rmdir()
+            if folder == made.absolute():
+                break
     return path
 
 
