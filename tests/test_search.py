@@ -405,6 +405,14 @@ def test_bad_configs_fail_before_any_trial(small_base, cpt_runs, vectors_dir, ti
     assert time.perf_counter() - start < 30 and len(trials(out)) == 1
 
 
+def test_only_non_negative_weights_read_as_mixture_ratios():
+    from optimer_merge.search.runner import mixture_ratios
+
+    assert mixture_ratios({"ja": 0.3, "zh": 0.1, "math": 0.0}) == pytest.approx({"ja": 0.75, "zh": 0.25, "math": 0.0})
+    assert mixture_ratios({"ja": -0.2, "zh": 0.0}) is None  # was {ja: 1.0, zh: -0.0}
+    assert mixture_ratios({"ja": 0.5, "zh": -0.1}) is None and mixture_ratios({"ja": 0.0, "zh": 0.0}) is None
+
+
 @pytest.mark.parametrize("kind", ["smac", "tpe", "random"])
 def test_optimizers_start_with_uniform_and_repeat_for_a_seed(kind, tmp_path):
     bounds = {d: (0.0, 1.0) for d in DOMAINS}

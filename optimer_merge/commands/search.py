@@ -55,6 +55,8 @@ def run(args: argparse.Namespace) -> int:
     print("best weights: " + " ".join(f"{n}={w:.4f}" for n, w in best["weights"].items()))
     if best["mixture_ratios"]:
         print("as mixture ratios: " + " ".join(f"{n}={r:.3f}" for n, r in best["mixture_ratios"].items()))
+    else:
+        print("as mixture ratios: none (a data mixture needs weights >= 0 with a positive sum)")
     final = f", {best['final_score']:.5f} at limit {config.finalist_limit}" if best["final_score"] is not None else ""
     print(f"score {best['score']:.5f} at limit {config.limit}{final} (trial {best['trial']})")
     print(f"recipe: {Path(config.output) / 'best.yaml'}  summary: {Path(config.output) / 'summary.json'}")

@@ -224,7 +224,7 @@ def _mixture(ctx: _Context, kind: str) -> dict:
     if kind == "optimer":
         ratios = ctx.result("search-all")["best"]["mixture_ratios"]
         if not ratios:
-            raise ValueError("the best OptiMer weights sum to zero, so they give no mixture ratios")
+            raise ValueError("the best OptiMer weights give no mixture ratios (one is negative, or they do not sum above 0)")
     else:
         ratios = {d: 1.0 / len(DOMAINS) for d in DOMAINS}
     tokens = len(DOMAINS) * s.cpt_tokens

@@ -424,8 +424,7 @@ def _summarize(config: SearchConfig, objective, sources: dict, missing: list[str
         top = max(ok, key=lambda r: r["score"])
         best = {"trial": top["trial"], "weights": top["weights"], "score": top["score"], "final_score": None, "metrics": top["metrics"]}
     weights = best["weights"]
-    total = sum(weights.values())
-    ratios = {n: w / total for n, w in weights.items()} if abs(total) > 1e-12 else None
+    ratios = mixture_ratios(weights)
     header = "\n".join(
         f"WARNING: the model behind vector {n} ({sources[n]}) no longer exists; restore it before merging this recipe."
         for n in missing
@@ -455,6 +454,15 @@ def _summarize(config: SearchConfig, objective, sources: dict, missing: list[str
     plot_trace(records, out / "trace.png")
     plot_weights(weights, ratios, out / "weights.png")
     return summary
+
+
+def mixture_ratios(weights: dict[str, float]) -> dict[str, float] | None:
+    """The weights read as data-mixture ratios (w_i / sum w); None where no mixture reads them so
+    (a negative weight, or a sum that is not positive)."""
+    total = sum(weights.values())
+    if total <= 1e-12 or any(w < 0 for w in weights.values()):
+        return None
+    return {n: w / total for n, w in weights.items()}
 
 
 def _is_uniform(weights: dict[str, float], config: SearchConfig) -> bool:
