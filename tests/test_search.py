@@ -129,6 +129,19 @@ def test_tensors_equal_in_all_models_are_skipped_and_recorded(tmp_path, small_ba
     assert frozen in pool.skipped and frozen not in {e.name for e in pool.entries}
 
 
+def test_a_delta_beyond_float16_is_refused_and_leaves_nothing(tmp_path, tiny_zoo, capsys):
+    base = tiny_zoo / "tiny-text/base"
+    weights = load_weights(base)
+    weights["model.norm.weight"] = weights["model.norm.weight"] + 1e5  # float16 tops out at 65504
+    (tmp_path / "far").mkdir()
+    shutil.copy(base / "config.json", tmp_path / "far/config.json")
+    save_file(weights, str(tmp_path / "far/model.safetensors"), metadata={"format": "pt"})
+    argv = ["vectors", "extract", "--base", str(base), "--out", str(tmp_path / "v"), "--model", f"far={tmp_path / 'far'}", "--dtype", "float16"]
+    assert cli.main(argv) == 2
+    assert "tensor model.norm.weight differs from the base by up to 100000, beyond float16's largest value 65504" in capsys.readouterr().err
+    assert not (tmp_path / "v").exists()
+
+
 def test_vector_stats_match_direct_cosines(vectors_dir, tmp_path, monkeypatch):
     import optimer_merge.io.checkpoints as checkpoints
 
