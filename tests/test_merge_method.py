@@ -175,6 +175,23 @@ def test_a_merge_that_fails_midway_leaves_nothing_behind(tiny_zoo, tmp_path, mon
     assert not (tmp_path / "out").exists() and not (tmp_path / "out.partial").exists()
 
 
+def test_a_merge_beyond_float16_is_one_error_and_no_output(tiny_zoo, tmp_path, capsys, monkeypatch):
+    """The method checks the merge in float32; the cast to a float16 output happens as mergekit writes it."""
+    from optimer_merge import cli
+
+    config = text_recipe(models=text_recipe()["models"][:1], parameters={}, out_dtype="float16")
+    config["models"][0]["parameters"] = {"weight": 1e8}
+    monkeypatch.chdir(tiny_zoo)
+    (tmp_path / "r.yml").write_text(yaml.safe_dump(config))
+    assert cli.main(["merge", str(tmp_path / "r.yml"), str(tmp_path / "out")]) == 2
+    assert "overflows float16 (largest value 65504)" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists() and not (tmp_path / "out.partial").exists()
+    config["models"][0]["parameters"] = {"weight": 0.5}  # within range: written as before
+    (tmp_path / "r.yml").write_text(yaml.safe_dump(config))
+    assert cli.main(["merge", str(tmp_path / "r.yml"), str(tmp_path / "out")]) == 0
+    assert all(t.dtype == torch.float16 for t in load_weights(tmp_path / "out").values())
+
+
 def test_a_model_with_nan_weights_is_one_error_and_no_output(tiny_zoo, tmp_path, capfd, monkeypatch):
     """A NaN in a model (a diverged run's export) is found in the merged tensor, by stock
     mergekit-yaml and by `optimer-merge merge`: one line, nothing written."""

@@ -304,6 +304,23 @@ def _lock_partial(partial: Path, out: Path) -> int:
     return lock
 
 
+def _check_float16_range(folder: Path, recipe: str | Path) -> None:
+    """A merge written in float16 holds no Inf: the method checks the merge in float32, but the cast
+    to float16 (largest value 65504) happens as mergekit writes it, so only the files can tell."""
+    import torch
+
+    from optimer_merge.io.checkpoints import Checkpoint
+    from optimer_merge.merge.rule import CHUNK
+    from optimer_merge.vectors.checks import is_finite
+
+    ckpt = Checkpoint.open(folder)
+    buffer = torch.empty(2 * CHUNK["cpu"], dtype=torch.float64)
+    for name in ckpt.names():
+        if ckpt.meta[name][0] == "F16" and not all(is_finite(piece, buffer) for piece in ckpt.pieces(name)):
+            raise RecipeError(f"{recipe}: the merged tensor {name} overflows float16 (largest value 65504): the weights are too large "
+                              "for a float16 output; set out_dtype: bfloat16 or float32, or use smaller weights")  # fmt: skip
+
+
 def run_recipe(
     recipe: str | Path,
     out_dir: str | Path,
@@ -355,6 +372,7 @@ def run_recipe(
         with drop_messages(("transformers.configuration_utils", "transformers.modeling_utils"), ("`torch_dtype` is deprecated",)):
             # the recipe as written goes to mergekit_config.yml; mergekit reads it with absolute paths
             run_merge(local_models_absolute(config), str(partial / out.name), options=merge_options, config_source=source)
+        _check_float16_range(partial / out.name, recipe)
         if out.exists():
             shutil.rmtree(out)
         os.replace(partial / out.name, out)
