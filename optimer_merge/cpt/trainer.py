@@ -16,7 +16,6 @@ from __future__ import annotations
 import contextlib
 import csv
 import datetime
-import importlib
 import io
 import json
 import math
@@ -410,8 +409,10 @@ def prepare(config: TrainConfig, log: Callable[[str], None] = print) -> Run:
 
     with fabric.rank_zero_first(local=False):
         train_sets, eval_sets = _load_data(config, tokenizer, token_dir)
-    if config.mixture == "velocitune" and _total_steps(config, fabric.world_size) <= config.velocitune.update_every:
-        say(f"warning: velocitune reweights every {config.velocitune.update_every} steps and this run has {_total_steps(config, fabric.world_size)}: "
+    world = fabric.world_size
+    total = _total_steps(config, world)
+    if config.mixture == "velocitune" and total <= config.velocitune.update_every:
+        say(f"warning: velocitune reweights every {config.velocitune.update_every} steps and this run has {total}: "
             "its weights never change from the initial ratios; lower velocitune.update_every or raise the budget")  # fmt: skip
     targets = velocitune_targets(config, log=say) if config.mixture == "velocitune" else None
     fabric.seed_everything(config.seed, verbose=False)
@@ -431,7 +432,6 @@ def prepare(config: TrainConfig, log: Callable[[str], None] = print) -> Run:
     model.train()
     ratios = config.ratios()
     names = [d.name for d in config.datasets]
-    world = fabric.world_size
     if config.precision in ("bf16-true", "16-true"):
         say(f"warning: precision {config.precision} keeps the weights in 16 bits: an update below "
             f"{'2^-8 (0.4%)' if config.precision == 'bf16-true' else '2^-11 (0.05%)'} of a weight rounds away, and at lr {config.lr:g} "
@@ -440,7 +440,6 @@ def prepare(config: TrainConfig, log: Callable[[str], None] = print) -> Run:
     if config.max_tokens is not None and config.max_tokens < _tokens_per_step(config, world):
         say(f"warning: max_tokens {config.max_tokens} is less than one step's {_tokens_per_step(config, world)} tokens "
             f"(seq_len x micro_batch_size x grad_accum x {world} devices): training one step")  # fmt: skip
-    total = _total_steps(config, world)
     if config.warmup_steps >= total:
         say(f"warning: warmup_steps {config.warmup_steps} is not less than the run's {total} step{'s' if total > 1 else ''}: the learning rate "
             f"peaks at {lr_at(total - 1, total, config):.3g}, not lr {config.lr:g}")  # fmt: skip
@@ -453,11 +452,17 @@ def prepare(config: TrainConfig, log: Callable[[str], None] = print) -> Run:
     )  # fmt: skip
 
 
+def _device_type(config: TrainConfig) -> str:
+    """The kind of device the run trains on: cuda, cpu, or the accelerator named (``auto``: cuda where there is one)."""
+    if config.accelerator in ("cuda", "gpu") or (config.accelerator == "auto" and torch.cuda.is_available()):
+        return "cuda"
+    return "cpu" if config.accelerator == "auto" else config.accelerator
+
+
 def _crowded_cpus(config: TrainConfig) -> str | None:
     """Why a CPU run's processes would share cores (more devices per node than CPUs), or None."""
     cpus = os.cpu_count() or 1
-    on_cpu = config.accelerator == "cpu" or (config.accelerator == "auto" and not torch.cuda.is_available())
-    if not (on_cpu and isinstance(config.devices, int) and config.devices > cpus):
+    if not (_device_type(config) == "cpu" and isinstance(config.devices, int) and config.devices > cpus):
         return None
     return f"devices {config.devices} starts {config.devices} training processes on this machine's {cpus} CPUs: they share cores and each runs slower; give devices <= {cpus}"
 
@@ -530,7 +535,7 @@ def _strategy(config: TrainConfig, settings: dict | None):
         if not isinstance(config.devices, int):
             raise ConfigError(f"strategy fsdp needs devices as a number (per node), got {config.devices!r}")
         param_dtype = torch.bfloat16 if config.precision.startswith("bf16") else torch.float16 if config.precision.startswith("16") else None
-        device_type = "cuda" if config.accelerator in ("cuda", "gpu") or (config.accelerator == "auto" and torch.cuda.is_available()) else "cpu"
+        device_type = "cuda" if _device_type(config) == "cuda" else "cpu"
         return sharding.strategy(config.devices, config.num_nodes, activation_checkpointing=chosen.activation_checkpointing,
                                  param_dtype=param_dtype, device_type=device_type)  # fmt: skip
     if settings is None:
@@ -588,13 +593,15 @@ def _accepted_options(strategy_class: type) -> set[str] | None:
         named = {p.name for p in parameters if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
         return named, any(p.kind == p.VAR_KEYWORD for p in parameters)
 
+    from torch.distributed.fsdp import FullyShardedDataParallel
+    from torch.nn.parallel import DistributedDataParallel
+
     accepted, open_ended = keywords(strategy_class.__init__)
     if open_ended:
-        wrapper = {"DDPStrategy": "torch.nn.parallel.DistributedDataParallel", "FSDPStrategy": "torch.distributed.fsdp.FullyShardedDataParallel"}
-        if strategy_class.__name__ not in wrapper:
+        wrapper = {"DDPStrategy": DistributedDataParallel, "FSDPStrategy": FullyShardedDataParallel}.get(strategy_class.__name__)
+        if wrapper is None:
             return None
-        module, _, name = wrapper[strategy_class.__name__].rpartition(".")
-        passed_on, _ = keywords(getattr(importlib.import_module(module), name).__init__)
+        passed_on, _ = keywords(wrapper.__init__)
         accepted |= passed_on - {"module", "device_ids", "process_group"}
     return accepted - FILLED_BY_FABRIC
 

@@ -79,33 +79,39 @@ def _leaves(manager, name: str, seen: frozenset = frozenset()) -> set[str]:
     return set().union(*(_leaves(manager, n, seen | {name}) for n in names)) if names else {name}
 
 
+def _task_config(task: str) -> dict | None:
+    """A single task's YAML config as lm-eval indexed it; None for groups, tags and Python tasks."""
+    entry = resolve([task]).task_index.get(task)
+    if entry is None or entry.cfg is None or getattr(entry.kind, "name", "") != "TASK":
+        return None
+    return entry.cfg
+
+
 def task_metrics(task: str) -> dict[str, bool | None] | None:
     """A task's metrics and whether higher is better (None where lm-eval does not say).
 
     None when the task's metrics cannot be known before running it (groups, tags, Python tasks)."""
     from lm_eval.api.registry import DEFAULT_METRIC_REGISTRY, HIGHER_IS_BETTER_REGISTRY
 
-    manager = resolve([task])
-    entry = manager.task_index.get(task)
-    if entry is None or entry.cfg is None or getattr(entry.kind, "name", "") != "TASK":
+    cfg = _task_config(task)
+    if cfg is None:
         return None
-    listed = entry.cfg.get("metric_list")
+    listed = cfg.get("metric_list")
     if listed:
         if not all(isinstance(m, dict) and isinstance(m.get("metric"), str) for m in listed):
             return None
         return {m["metric"]: m.get("higher_is_better", HIGHER_IS_BETTER_REGISTRY.get(m["metric"])) for m in listed}
-    defaults = DEFAULT_METRIC_REGISTRY.get(entry.cfg.get("output_type") or "")
+    defaults = DEFAULT_METRIC_REGISTRY.get(cfg.get("output_type") or "")
     return {m: HIGHER_IS_BETTER_REGISTRY.get(m) for m in defaults} if defaults else None
 
 
 def task_filters(task: str) -> list[str] | None:
     """The names of a task's filters (lm-eval's ``none`` where it lists none); None where they
     cannot be known before running it (groups, tags, Python tasks)."""
-    manager = resolve([task])
-    entry = manager.task_index.get(task)
-    if entry is None or entry.cfg is None or getattr(entry.kind, "name", "") != "TASK":
+    cfg = _task_config(task)
+    if cfg is None:
         return None
-    listed = entry.cfg.get("filter_list")
+    listed = cfg.get("filter_list")
     if not listed:
         return ["none"]
     names = [f.get("name") if isinstance(f, dict) else None for f in listed]
