@@ -230,6 +230,17 @@ def test_eval_cli_writes_results_table_and_objective(small_base, other_model, tm
     assert code == 2 and "unknown lm-eval task(s): optimer_nope" in capsys.readouterr().err
 
 
+def test_results_table_writes_huge_numbers_in_scientific_notation():
+    from optimer_merge.commands.eval import _table
+
+    row = {"alias": "t", "bits_per_byte,none": 8.43351, "bits_per_byte_stderr,none": "N/A", "word_perplexity,none": 7.056e101,
+           "word_perplexity_stderr,none": "N/A", "acc,none": 0.25, "acc_stderr,none": 0.1234, "sample_len": 3}  # fmt: skip
+    results = {"results": {"t": row}, "versions": {"t": 1}, "n-shot": {"t": 0}, "higher_is_better": {"t": {"acc": True}}}
+    cells = {line.split("|")[5].strip(): [c.strip() for c in line.split("|")[7:10]] for line in _table(results).splitlines()[2:]}
+    assert cells == {"acc": ["0.2500", "±", "0.1234"], "bits_per_byte": ["8.4335", "±", "N/A"], "word_perplexity": ["7.0560e+101", "±", "N/A"]}
+    assert results["results"]["t"]["word_perplexity,none"] == 7.056e101  # a copy is formatted, not the results
+
+
 @needs_vllm
 def test_vllm_and_server_match_hf_and_vllm_updates_live(hf_results, small_base, other_model, monkeypatch):
     import lm_eval.models.vllm_causallms  # noqa: F401  (importing vLLM sets environment variables for good)

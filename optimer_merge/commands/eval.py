@@ -34,7 +34,7 @@ def run(args: argparse.Namespace) -> int:
     import json
     from pathlib import Path
 
-    from lm_eval.utils import handle_non_serializable, make_table
+    from lm_eval.utils import handle_non_serializable
 
     from optimer_merge.errors import ConfigError
     from optimer_merge.evaluation.evaluator import open_evaluator
@@ -91,7 +91,7 @@ def run(args: argparse.Namespace) -> int:
         if objective is not None:
             score, breakdown = objective.score(results)
         atomic_write_text(out / "results.json", json.dumps(results, indent=2, default=handle_non_serializable, ensure_ascii=False))
-        table = make_table(results) + ("\n" + make_table(results, "groups") if results.get("groups") else "")
+        table = _table(results)
         atomic_write_text(out / "results.md", table)
         if objective is not None:
             write_json(out / "objective.json", {"score": score, "breakdown": breakdown})
@@ -102,6 +102,21 @@ def run(args: argparse.Namespace) -> int:
         print(f"objective score: {score:.6g}")
     print(f"results: {out / 'results.json'}")
     return 0
+
+
+def _table(results: dict) -> str:
+    """lm-eval's Markdown table of ``results`` (and of its groups), numbers from a million on in
+    scientific notation: a word perplexity can have 100 digits."""
+    from lm_eval.utils import make_table
+
+    from optimer_merge.report.leaderboard import format_value
+
+    def readable(column: str) -> dict:
+        rows = {task: {key: format_value(v) if isinstance(v, float) and "_stderr," not in key else v for key, v in row.items()}
+                for task, row in results[column].items()}  # fmt: skip
+        return make_table({**results, column: rows}, column)
+
+    return readable("results") + ("\n" + readable("groups") if results.get("groups") else "")
 
 
 def _evaluated_model(results) -> str | None:

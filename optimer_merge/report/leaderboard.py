@@ -152,6 +152,11 @@ def _cell(text: str) -> str:
     return " ".join(text.split()).replace("|", "\\|")
 
 
+def format_value(value: float) -> str:
+    """Four decimals, or scientific notation from a million on: a perplexity can have 100 digits."""
+    return f"{value:.4f}" if abs(value) < 1e6 else f"{value:.4e}"
+
+
 def to_markdown(board: dict) -> str:
     head = "| model | " + " | ".join(f"{_cell(c)} {'↑' if h else '↓'}" for c, h in zip(board["columns"], board["higher_is_better"])) + " |"
     lines = [head, "|---|" + "---:|" * len(board["columns"])]
@@ -161,7 +166,7 @@ def to_markdown(board: dict) -> str:
             if value is None:
                 cells.append("—")
             else:
-                text = f"{value:.4f}" if abs(value) < 1e6 else f"{value:.4e}"  # a perplexity can have 100 digits
+                text = format_value(value)
                 cells.append(f"**{text}**" if best is not None and value == best else text)
         lines.append(f"| {_cell(row['model'])} | " + " | ".join(cells) + " |")
     if board.get("warnings"):
