@@ -57,6 +57,7 @@ def search_run(tmp_path_factory, small_base, cpt_runs) -> Path:
     env = {**os.environ, "PYTHONHASHSEED": "1"}
     done = subprocess.run(CLI + search_args(small_base, cpt_runs, out, "--export"), env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
+    (out.parent / "stdout.txt").write_text(done.stdout)
     return out
 
 
@@ -214,6 +215,8 @@ def test_search_writes_every_artefact(search_run, small_base):
     assert all(f["final_score"] is not None for f in summary["finalists"])
     assert best["final_score"] == max(f["final_score"] for f in summary["finalists"])
     assert sum(best["mixture_ratios"].values()) == pytest.approx(1.0)
+    said = f"score {best['score']:.5f} at limit 6, {best['final_score']:.5f} at limit 12 (trial {best['trial']})\n"
+    assert said in (search_run.parent / "stdout.txt").read_text()
     for name in ("trace.png", "weights.png", "best.yaml"):
         assert (search_run / name).stat().st_size > 0
     finalists = [json.loads(line) for line in (search_run / "finalists.jsonl").read_text().splitlines()]
@@ -526,10 +529,14 @@ def test_best_yaml_says_when_a_vectors_model_is_gone(small_base, cpt_runs, tmp_p
     assert cli.main(args + [f"--model={d}={folder}" for d, folder in models.items()]) == 0
     shutil.rmtree(models["zh"])
     out = tmp_path / "run"
-    search = ["search", "--base", str(small_base), "--objective", OBJECTIVE, "--output", str(out), "--limit", "2", "--trials", "1",
-              "--finalists", "0", "--threads", "1", "--vector", f"ja={tmp_path / 'v/ja.safetensors'}", "--vector", f"zh={tmp_path / 'v/zh.safetensors'}"]  # fmt: skip
+    search = ["search", "--base", str(small_base), "--objective", OBJECTIVE, "--output", str(out), "--limit", "2", "--trials", "1", "--finalists", "1",
+              "--finalist-limit", "2", "--threads", "1", "--vector", f"ja={tmp_path / 'v/ja.safetensors'}", "--vector", f"zh={tmp_path / 'v/zh.safetensors'}"]  # fmt: skip
     assert cli.main(search) == 0
-    assert f"the models behind zh ({models['zh']}) no longer exist" in capsys.readouterr().out
+    said = capsys.readouterr().out
+    assert f"the models behind zh ({models['zh']}) no longer exist" in said
+    # a finalist re-scored on the items its trial saw keeps its score: said once
+    score = json.loads((out / "trials.jsonl").read_text())["score"]
+    assert f"score {score:.5f} at limit 2 (trial 1)\n" in said
     best = (out / "best.yaml").read_text()
     assert best.startswith(f"# WARNING: the model behind vector zh ({models['zh']}) no longer exists")
     assert yaml.safe_load(best)["models"][1]["model"] == str(models["zh"])
