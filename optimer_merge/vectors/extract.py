@@ -79,7 +79,8 @@ def extract(
             write_json(Path(out_dir) / MANIFEST, earlier)  # files that vanished are no longer listed
         return earlier
     store = getattr(torch, dtype)
-    narrow = torch.finfo(store).max < torch.finfo(torch.float32).max  # float16: a delta can overflow to inf
+    largest_stored = torch.finfo(store).max  # float16's 65504: a delta can overflow to inf
+    narrow = largest_stored < torch.finfo(torch.float32).max
     names = [n for n in base_ckpt.names() if base_ckpt.is_float(n)]
     skipped_non_float = [n for n in base_ckpt.names() if n not in names]
     check_free_space(out_dir, len(ckpts) * base_ckpt.size_as(store, names), f"extracting {len(ckpts)} vector(s)")
@@ -107,9 +108,9 @@ def extract(
                             if not changed:
                                 writers[name].start(held)
                             check_finite(delta, f"model {name}", tensor_name)
-                            if narrow and (largest := float(delta.abs().max())) > torch.finfo(store).max:
+                            if narrow and (largest := _largest_magnitude(delta)) > largest_stored:
                                 raise VectorError(f"model {name}: tensor {tensor_name} differs from the base by up to {largest:g}, beyond {dtype}'s "
-                                                  f"largest value {torch.finfo(store).max:g}; extract with --dtype float32 or bfloat16")  # fmt: skip
+                                                  f"largest value {largest_stored:g}; extract with --dtype float32 or bfloat16")  # fmt: skip
                             norms[name] += float(delta.double().square().sum())
                             writers[name].append(delta.to(store))
                         changed = True
@@ -218,3 +219,9 @@ class _StreamingSafetensors:
         if not self.file.closed:
             self.file.close()
         self.partial.unlink(missing_ok=True)
+
+
+def _largest_magnitude(tensor: torch.Tensor) -> float:
+    """max |x| in one pass without a copy of the tensor (``abs()`` would allocate one as large)."""
+    low, high = torch.aminmax(tensor)
+    return max(-float(low), float(high))
