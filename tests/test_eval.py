@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -256,8 +257,19 @@ def test_vllm_and_server_match_hf_and_vllm_updates_live(hf_results, small_base, 
     # the engine ran in this process: what its start changed (vLLM's CPU worker makes
     # torch.set_num_threads a no-op; its platform sets environment variables) is given back
     assert torch.set_num_threads is set_num_threads and {key: os.environ.get(key) for key in started} == {key: environment.get(key) for key in started}
-    with open_evaluator("server", small_base) as server:
-        assert server._server is not None
+    # the first port picked is taken by another process before the server binds it: it starts on another
+    from optimer_merge.evaluation import server_backend
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        ports = iter([port])
+        monkeypatch.setattr(server_backend, "_free_port", lambda free=server_backend._free_port: next(ports, None) or free())
+        lines = []
+        server = open_evaluator("server", small_base, log=lines.append)
+    with server:
+        assert server._server is not None and any(f"port {port} was taken" in line for line in lines), lines
         assert_close(metrics(server.evaluate(LL_TASKS, LIMIT)), metrics(hf_results["base"]), 1e-4)
         process = server._server
         # the same server reached by URL, given as OpenAI clients take it (with /v1); its key first missing

@@ -106,29 +106,40 @@ class ServerEvaluator(LMEvalEvaluator):
 
     def _start(self, key, max_length, tensor_parallel_size, server_args, timeout) -> tuple[str, str]:
         key = secrets.token_hex(16)
-        port = _free_port()
         cpu = not torch.cuda.is_available()
-        cmd = [
-            _vllm_executable(), "serve", str(self.model_path), "--host", "127.0.0.1", "--port", str(port),
-            "--api-key", key, "--served-model-name", SERVED_NAME, "--dtype", self.dtype, "--seed", "0",
-            "--max-model-len", str(max_length or max_positions(self.model_path)),
-            "--tensor-parallel-size", str(tensor_parallel_size), *server_args,
-        ]  # fmt: skip
-        if cpu:
-            cmd += ["--enforce-eager", "--kv-cache-memory-bytes", str(1 << 30)]
-        self.log(f"starting vllm serve on 127.0.0.1:{port}")
-        # The server's log goes to a file: an unread pipe fills up and blocks the server.
-        self._server_log = tempfile.NamedTemporaryFile("w+", prefix="vllm-serve-", suffix=".log", delete=False)
         environment = {"TOKENIZERS_PARALLELISM": "false", **({"VLLM_CPU_OMP_THREADS_BIND": "nobind" if self.threads == 1 else "auto"} if cpu else {})}
-        with scoped_environment(environment):
-            self._server = subprocess.Popen(cmd, stdout=self._server_log, stderr=subprocess.STDOUT, start_new_session=True)
-        url = f"http://127.0.0.1:{port}"
-        try:
-            _wait_ready(url, key, self._server, timeout, Path(self._server_log.name))
-        except BaseException:
-            self.close()
-            raise
-        return key, url
+        attempt = 0
+        while True:
+            attempt += 1
+            # The free port is only reserved until the server binds it: another process can take
+            # it in between, and then the server starts again on another one.
+            port = _free_port()
+            cmd = [
+                _vllm_executable(), "serve", str(self.model_path), "--host", "127.0.0.1", "--port", str(port),
+                "--api-key", key, "--served-model-name", SERVED_NAME, "--dtype", self.dtype, "--seed", "0",
+                "--max-model-len", str(max_length or max_positions(self.model_path)),
+                "--tensor-parallel-size", str(tensor_parallel_size), *server_args,
+            ]  # fmt: skip
+            if cpu:
+                cmd += ["--enforce-eager", "--kv-cache-memory-bytes", str(1 << 30)]
+            self.log(f"starting vllm serve on 127.0.0.1:{port}")
+            # The server's log goes to a file: an unread pipe fills up and blocks the server.
+            self._server_log = tempfile.NamedTemporaryFile("w+", prefix="vllm-serve-", suffix=".log", delete=False)
+            with scoped_environment(environment):
+                self._server = subprocess.Popen(cmd, stdout=self._server_log, stderr=subprocess.STDOUT, start_new_session=True)
+            url = f"http://127.0.0.1:{port}"
+            try:
+                _wait_ready(url, key, self._server, timeout, Path(self._server_log.name))
+                return key, url
+            except _PortTaken:
+                self.close()
+                if attempt == 3:
+                    raise
+                Path(self._server_log.name).unlink(missing_ok=True)
+                self.log(f"port {port} was taken before vllm serve could bind it; trying another")
+            except BaseException:
+                self.close()
+                raise
 
     def close(self) -> None:
         """Stop a server this evaluator started (SIGTERM, then SIGKILL after 20 s).
@@ -149,6 +160,10 @@ class ServerEvaluator(LMEvalEvaluator):
             os.killpg(server.pid, signal.SIGKILL)
             server.wait()
         Path(self._server_log.name).unlink(missing_ok=True)
+
+
+class _PortTaken(RuntimeError):
+    """The port picked for ``vllm serve`` was taken by another process before the server bound it."""
 
 
 def _vllm_executable() -> str:
@@ -176,7 +191,8 @@ def _wait_ready(url: str, key: str, server: subprocess.Popen, timeout: float, lo
             refused = re.search(r"validation errors? for (\w+Config)\s+Value error, (.*?) \[type=", output)
             if refused:  # vLLM checked its settings against the model before starting: the user's error
                 raise ConfigError(f"vllm serve refuses these settings for {refused.group(1)}: {refused.group(2)} (log: {log})")
-            raise RuntimeError(f"vllm serve exited with code {server.returncode} (log: {log}):\n{output[-3000:]}")
+            error = _PortTaken if "Address already in use" in output else RuntimeError
+            raise error(f"vllm serve exited with code {server.returncode} (log: {log}):\n{output[-3000:]}")
         try:
             _served_name(url, key)
             return
