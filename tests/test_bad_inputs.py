@@ -88,6 +88,7 @@ CASES = [
     Case("merge-threads-over-cpus", ["merge", "{recipe_ok}", "{out}", "--threads", "100000"], ["argument --threads: this machine has"]),
     Case("merge-threads-zero", ["merge", "{recipe_ok}", "{out}", "--threads", "0"], ["--threads", "got 0"]),
     Case("merge-shard-size", ["merge", "{recipe_ok}", "{out}", "--out-shard-size", "lots"], ["'lots'"]),
+    Case("merge-zero-shard-size", ["merge", "{recipe_ok}", "{out}", "--out-shard-size", "0"], ["--out-shard-size '0'"]),
     # vectors
     Case("extract-repeated-name", extract("ja={zoo}/tiny-text/ja", "ja={zoo}/tiny-text/zh"), ["'ja' is given twice"]),
     Case("extract-same-model-twice", extract("a={zoo}/tiny-text/ja", "b={zoo}/tiny-text/ja/"), ["model b", "is the same as model a"]),

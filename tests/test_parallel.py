@@ -112,6 +112,7 @@ def test_vllm_workers_join_a_running_cluster_and_leave_it_running(parallel_run, 
     head = ["--head", "--port", str(port), "--num-cpus", "2", "--include-dashboard", "false", "--block"]
     with open(tmp_path / "head.log", "w") as log:
         started = subprocess.Popen([ray_cli, "start", *head], stdout=log, stderr=subprocess.STDOUT, env=env)
+    address = None
     try:
         # the head's address as `ray start` prints it for other nodes (this machine's IP, not 127.0.0.1)
         deadline = time.monotonic() + 120
@@ -144,3 +145,10 @@ def test_vllm_workers_join_a_running_cluster_and_leave_it_running(parallel_run, 
     finally:
         started.terminate()
         started.wait(timeout=120)
+        # `ray start` recorded the head as this machine's current cluster, where a later `ray.init()`
+        # (vLLM's Ray executor among them) would wait minutes for it: the head is gone, so goes the record
+        from ray._common.utils import get_ray_address_file
+
+        record = Path(get_ray_address_file(None))
+        if address and record.exists() and record.read_text().strip() == address:
+            record.unlink()

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from conftest import DOMAINS
+from conftest import DOMAINS, REPO
 from helpers import load_weights, mergekit_yaml
 
 from optimer_merge import cli
@@ -108,6 +108,20 @@ def test_vllm_engine_settings_refused_in_one_line(tiny_zoo, tmp_path, capfd, bac
     assert not (tmp_path / "out").exists()
 
 
+@needs_vllm
+@pytest.mark.skipif(torch.cuda.is_available(), reason="vLLM runs its Ray executor on GPU platforms")
+def test_vllm_ray_executor_is_refused_on_cpu_before_any_work(tiny_zoo, tmp_path, capfd):
+    """vLLM's own refusal comes from its engine process after startup, as a traceback."""
+    zoo, out = tiny_zoo / "tiny-text", tmp_path / "run"
+    code = cli.main(["search", "--base", str(zoo / "base"), "--vector", f"ja={zoo / 'ja'}", "--objective", str(REPO / "recipes/objectives/dev-bpb.yaml"),
+                     "--backend", "vllm", "--set", "executor=ray", "--trials", "2", "--output", str(out)])  # fmt: skip
+    captured = capfd.readouterr()
+    assert code == 2 and captured.out == "", captured.out
+    assert captured.err.strip().splitlines() == ["optimer-merge search: error: executor 'ray': vLLM runs its Ray executor on GPUs only, "
+                                                 "not on this cpu platform; use executor 'mp' (or 'auto')"]  # fmt: skip
+    assert not out.exists()
+
+
 def _children(pid: int) -> list[int]:
     found = []
     for entry in os.listdir("/proc"):
@@ -182,7 +196,7 @@ def test_quantized_engines_are_refused_before_any_trial(tiny_zoo, tmp_path, caps
     with pytest.raises(ConfigError, match="quantization='fp8'"):
         open_evaluator("vllm", tiny_zoo / "tiny-text/base", quantization="fp8", log=QUIET)
     out = tmp_path / "search"
-    args = ["search", "--base", str(quantized), "--objective", str(Path(__file__).parents[1] / "recipes/objectives/dev-bpb.yaml"),
+    args = ["search", "--base", str(quantized), "--objective", str(REPO / "recipes/objectives/dev-bpb.yaml"),
             "--backend", "vllm", "--output", str(out), "--vector", f"ja={tiny_zoo / 'tiny-text/ja'}"]  # fmt: skip
     assert cli.main(args) == 2
     assert "quantized checkpoint" in capsys.readouterr().err and not out.exists()

@@ -43,6 +43,8 @@ def run(args: argparse.Namespace) -> int:
 
     try:
         shard_size = parse_kmb(args.out_shard_size)
+        if shard_size <= 0:
+            raise ValueError
     except ValueError:
         raise ConfigError(f"--out-shard-size {args.out_shard_size!r} is not a size such as 2B, 500M or 1000000") from None
     check_device(args.device)

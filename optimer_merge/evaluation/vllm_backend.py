@@ -32,6 +32,23 @@ def require_vllm() -> None:
         ) from None
 
 
+def check_executor(executor: str | None) -> None:
+    """vLLM's Ray executor runs on GPU platforms only, and needs Ray: refused before the engine starts
+    (vLLM itself fails after it has started its engine process)."""
+    if executor != "ray":
+        return
+    import importlib.util
+
+    require_vllm()
+    from vllm.platforms import current_platform
+
+    if not current_platform.ray_device_key:
+        raise ConfigError(f"executor 'ray': vLLM runs its Ray executor on GPUs only, not on this {current_platform.device_name} "
+                          "platform; use executor 'mp' (or 'auto')")  # fmt: skip
+    if importlib.util.find_spec("ray") is None:
+        raise ConfigError("executor 'ray' needs Ray: pip install 'optimer-merge[ray]'")
+
+
 def check_affine(model: Path, quantization: str | None) -> None:
     """The pool merges unquantized weights: refuse quantized checkpoints and online quantization."""
     config = json.loads((model / "config.json").read_text())
@@ -105,6 +122,7 @@ class VLLMEvaluator(LMEvalEvaluator):
         from optimer_merge.io.checkpoints import check_model_folder
 
         require_vllm()
+        check_executor(distributed_executor_backend)
         check_model_folder(model, "model", tokenizer=True)
         super().__init__(model, dtype=dtype, threads=threads, log=log)
         check_affine(self.model_path, quantization)

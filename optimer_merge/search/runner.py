@@ -102,6 +102,10 @@ def search(config: SearchConfig, *, export: bool = False, log: Callable[[str], N
         from optimer_merge.search.workers import check_ray_address
 
         check_ray_address(config.ray_address)
+    if config.backend == "vllm":
+        from optimer_merge.evaluation.vllm_backend import check_executor
+
+        check_executor(config.executor)
     if config.large_bounds():
         log(f"warning: bounds of {', '.join(config.large_bounds())} reach beyond +-{LARGE_BOUND:g}: "
             "such merges move the base many times further than its CPT did")  # fmt: skip
