@@ -110,9 +110,9 @@ def test_plain_lm_eval_runs_optimer_dev_offline(small_base, tmp_path):
 
 
 def test_upstream_groups_name_real_lm_eval_tasks():
-    from lm_eval.tasks import TaskManager
+    from optimer_merge.evaluation.tasks import task_manager
 
-    manager = TaskManager(include_path=str(REPO / "eval_tasks"), include_defaults=True)
+    manager = task_manager(True)  # eval_tasks/ and lm-eval's own (built once per process)
     known = set(manager.all_tasks)
     for path in sorted((REPO / "eval_tasks" / "upstream").glob("*.yaml")):
         config = yaml.safe_load(path.read_text())
@@ -121,6 +121,22 @@ def test_upstream_groups_name_real_lm_eval_tasks():
             assert task in known, f"{path.name}: {task} is not an lm-eval task"
             entry = manager._entry(task)  # the config lm-eval would load, parsed offline
             assert entry.yaml_path.exists() and (entry.cfg.get("task") or entry.cfg.get("group") or entry.cfg.get("tag"))
+
+
+def test_every_lm_eval_task_is_a_word_of_its_configs():
+    """A name no lm-eval config contains is refused without lm-eval's index (15-20 s): that needs
+    every task, group and tag of the installed lm-eval among the words of its config files."""
+    from optimer_merge.evaluation.tasks import _lm_eval_config_words, resolve, task_manager
+
+    words = _lm_eval_config_words()
+    ours = set(task_manager(False).all_tasks)
+    assert [name for name in task_manager(True).all_tasks if name not in words and name not in ours] == []
+    before = task_manager.cache_info()
+    with pytest.raises(ConfigError, match=r"unknown lm-eval task\(s\): hellasw;"):  # a prefix of hellaswag
+        resolve(["arc_easy", "hellasw"])
+    after = task_manager.cache_info()
+    assert after.hits + after.misses == before.hits + before.misses + 1  # our index only, not lm-eval's
+    assert resolve(["arc_easy", "optimer_ja_dev_bpb"]) is task_manager(True)
 
 
 def test_trained_model_beats_untrained_on_every_domain(small_base):

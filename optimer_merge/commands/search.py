@@ -58,8 +58,7 @@ def run(args: argparse.Namespace) -> int:
     else:
         print("as mixture ratios: none (a data mixture needs weights >= 0 with a positive sum)")
     # the finalists keep their trial scores where re-scoring would see the same items (said above)
-    rescored = best["final_score"] is not None and best["final_score"] != best["score"]
-    final = f", {best['final_score']:.5f} at limit {config.finalist_limit}" if rescored else ""
+    final = f", {best['final_score']:.5f} at limit {config.finalist_limit}" if best["rescored"] else ""
     print(f"score {best['score']:.5f} at limit {config.limit}{final} (trial {best['trial']})")
     print(f"recipe: {Path(config.output) / 'best.yaml'}  summary: {Path(config.output) / 'summary.json'}")
     return 0

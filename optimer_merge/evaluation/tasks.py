@@ -27,24 +27,45 @@ def tasks_dir() -> Path:
 def task_manager(include_defaults: bool = False):
     """An lm-eval TaskManager over eval_tasks/ (and lm-eval's own tasks when ``include_defaults``).
 
-    Without the defaults it is instant; with them lm-eval indexes its ~10k built-in configs (seconds).
+    Without the defaults it is instant; with them lm-eval indexes its ~14k built-in configs (15-20 s).
     """
     from lm_eval.tasks import TaskManager
 
     return TaskManager(include_path=str(tasks_dir()), include_defaults=include_defaults)
 
 
-def needs_defaults(tasks: list[str]) -> bool:
-    """True if any task is not one of ours, so lm-eval's built-in index is needed (not for a
-    misspelt ``optimer_`` name: lm-eval has none of those)."""
-    ours = set(task_manager(False).all_tasks)
-    return any(t not in ours and not t.startswith("optimer_") for t in tasks)
+# Files in lm-eval's task tree that are not task configs (the configs are *.yaml, and the templates
+# they include have any name, often none)
+_NOT_CONFIGS = {".py", ".pyc", ".md", ".json", ".jsonl", ".txt", ".tsv", ".csv", ".sh", ".lark", ".jpg", ".png"}
+
+
+@lru_cache(maxsize=1)
+def _lm_eval_config_words() -> frozenset[str]:
+    """Every word of lm-eval's built-in task configs and the templates they include (about 8 MB,
+    read in about a second): each task, group and tag is named in one of them."""
+    import re
+
+    import lm_eval.tasks
+
+    words = set()
+    for path in Path(lm_eval.tasks.__file__).parent.rglob("*"):
+        if path.suffix not in _NOT_CONFIGS and path.is_file():
+            words.update(re.findall(r"[^\s,\[\]{}\"'#]+", path.read_text(errors="replace")))
+    return frozenset(words | {w.rstrip(":") for w in words})
 
 
 def resolve(tasks: list[str]):
-    """A task manager that knows every task in ``tasks``; ConfigError naming the unknown ones."""
-    manager = task_manager(needs_defaults(tasks))
-    unknown = [t for t in tasks if t not in set(manager.all_tasks)]
+    """A task manager that knows every task in ``tasks``; ConfigError naming the unknown ones.
+
+    lm-eval's own tasks need its index of some 14k configs (15-20 s to build). A name that is not
+    ours is looked up there only if some config names it, so a misspelt name is refused in about a
+    second."""
+    manager = task_manager(False)
+    others = [t for t in tasks if t not in set(manager.all_tasks)]
+    unknown = [t for t in others if t.startswith("optimer_") or t not in _lm_eval_config_words()]
+    if others and not unknown:
+        manager = task_manager(True)
+        unknown = [t for t in others if t not in set(manager.all_tasks)]
     if unknown:
         raise ConfigError(
             f"unknown lm-eval task(s): {', '.join(unknown)}; ours are optimer_dev, optimer_test, "

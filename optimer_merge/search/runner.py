@@ -360,7 +360,7 @@ class _Search:
             self.log(f"finalists: the trials scored every item ({scored}); finalist_limit {c.finalist_limit} "
                      "would score no new ones: the finalists keep their trial scores")  # fmt: skip
         if c.finalist_limit == c.limit or every_item:
-            return [{"trial": r["trial"], "weights": r["weights"], "score": r["score"], "final_score": r["score"], "metrics": r["metrics"]} for r in top]
+            return [{"trial": r["trial"], "weights": r["weights"], "score": r["score"], "final_score": r["score"], "rescored": False, "metrics": r["metrics"]} for r in top]
         path = self.out / "finalists.jsonl"
         done = {(r["trial"], r["limit"]): r for r in read_jsonl(path)}  # a later line (a retry) wins
         now = c.operational()
@@ -378,7 +378,7 @@ class _Search:
         finalists = []
         for r in top:
             f = done[(r["trial"], c.finalist_limit)]
-            finalists.append({"trial": r["trial"], "weights": r["weights"], "score": r["score"], "final_score": f["score"], "metrics": f["metrics"], "status": f["status"], "reason": f.get("reason")})
+            finalists.append({"trial": r["trial"], "weights": r["weights"], "score": r["score"], "final_score": f["score"], "rescored": True, "metrics": f["metrics"], "status": f["status"], "reason": f.get("reason")})
             if f["status"] != "ok":
                 self.log(f"warning: finalist trial {r['trial']} failed at limit {c.finalist_limit} ({f['reason']}); the best is picked "
                          "without it. If a setting caused it, fix it and rerun: it is then scored again")  # fmt: skip
@@ -426,7 +426,7 @@ def _summarize(config: SearchConfig, objective, sources: dict, missing: list[str
         best = max(scored, key=lambda f: (f["final_score"], f["score"]))
     else:
         top = max(ok, key=lambda r: r["score"])
-        best = {"trial": top["trial"], "weights": top["weights"], "score": top["score"], "final_score": None, "metrics": top["metrics"]}
+        best = {"trial": top["trial"], "weights": top["weights"], "score": top["score"], "final_score": None, "rescored": False, "metrics": top["metrics"]}
     weights = best["weights"]
     ratios = mixture_ratios(weights)
     header = "\n".join(
@@ -437,7 +437,8 @@ def _summarize(config: SearchConfig, objective, sources: dict, missing: list[str
     uniform = next((r for r in records if r["status"] == "ok" and _is_uniform(r["weights"], config)), None)
     seconds = {k: sum(r["seconds"].get(k, 0.0) for r in records) for k in ("merge", "eval", "optimizer")}
     summary = {
-        "best": {"trial": best["trial"], "weights": weights, "mixture_ratios": ratios, "score": best["score"], "final_score": best["final_score"], "metrics": best.get("metrics")},
+        "best": {"trial": best["trial"], "weights": weights, "mixture_ratios": ratios, "score": best["score"], "final_score": best["final_score"],
+                 "rescored": best["rescored"], "metrics": best.get("metrics")},
         "uniform_average": {"trial": uniform["trial"], "weights": uniform["weights"], "score": uniform["score"]} if uniform else None,
         "best_trial_at_proxy_limit": max(ok, key=lambda r: r["score"])["trial"],
         "finalists": finalists,
