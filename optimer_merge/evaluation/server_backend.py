@@ -81,7 +81,7 @@ class ServerEvaluator(LMEvalEvaluator):
             from optimer_merge.evaluation.vllm_backend import require_vllm
 
             require_vllm()
-            key, url = self._start(key, max_length, tensor_parallel_size, server_args, server_timeout)
+            key, url = self._start(max_length, tensor_parallel_size, server_args, server_timeout)
         else:
             url = server_root(url)
             try:
@@ -104,24 +104,22 @@ class ServerEvaluator(LMEvalEvaluator):
             max_length=1 + (max_length or (max_positions(self.model_path) if has_config else 2048)),
         )
 
-    def _start(self, key, max_length, tensor_parallel_size, server_args, timeout) -> tuple[str, str]:
+    def _start(self, max_length, tensor_parallel_size, server_args, timeout) -> tuple[str, str]:
+        """Start ``vllm serve`` with a fresh API key; returns the key and the server's url."""
         key = secrets.token_hex(16)
         cpu = not torch.cuda.is_available()
+        settings = [
+            "--api-key", key, "--served-model-name", SERVED_NAME, "--dtype", self.dtype, "--seed", "0",
+            "--max-model-len", str(max_length or max_positions(self.model_path)),
+            "--tensor-parallel-size", str(tensor_parallel_size), *server_args,
+            *(["--enforce-eager", "--kv-cache-memory-bytes", str(1 << 30)] if cpu else []),
+        ]  # fmt: skip
         environment = {"TOKENIZERS_PARALLELISM": "false", **({"VLLM_CPU_OMP_THREADS_BIND": "nobind" if self.threads == 1 else "auto"} if cpu else {})}
-        attempt = 0
-        while True:
-            attempt += 1
+        for attempt in range(1, 4):
             # The free port is only reserved until the server binds it: another process can take
             # it in between, and then the server starts again on another one.
             port = _free_port()
-            cmd = [
-                _vllm_executable(), "serve", str(self.model_path), "--host", "127.0.0.1", "--port", str(port),
-                "--api-key", key, "--served-model-name", SERVED_NAME, "--dtype", self.dtype, "--seed", "0",
-                "--max-model-len", str(max_length or max_positions(self.model_path)),
-                "--tensor-parallel-size", str(tensor_parallel_size), *server_args,
-            ]  # fmt: skip
-            if cpu:
-                cmd += ["--enforce-eager", "--kv-cache-memory-bytes", str(1 << 30)]
+            cmd = [_vllm_executable(), "serve", str(self.model_path), "--host", "127.0.0.1", "--port", str(port), *settings]
             self.log(f"starting vllm serve on 127.0.0.1:{port}")
             # The server's log goes to a file: an unread pipe fills up and blocks the server.
             self._server_log = tempfile.NamedTemporaryFile("w+", prefix="vllm-serve-", suffix=".log", delete=False)

@@ -61,11 +61,13 @@ def resolve(tasks: list[str]):
     ours is looked up there only if some config names it, so a misspelt name is refused in about a
     second."""
     manager = task_manager(False)
-    others = [t for t in tasks if t not in set(manager.all_tasks)]
+    ours = set(manager.all_tasks)
+    others = [t for t in tasks if t not in ours]
     unknown = [t for t in others if t.startswith("optimer_") or t not in _lm_eval_config_words()]
     if others and not unknown:
         manager = task_manager(True)
-        unknown = [t for t in others if t not in set(manager.all_tasks)]
+        known = set(manager.all_tasks)
+        unknown = [t for t in others if t not in known]
     if unknown:
         raise ConfigError(
             f"unknown lm-eval task(s): {', '.join(unknown)}; ours are optimer_dev, optimer_test, "
