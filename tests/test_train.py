@@ -345,6 +345,28 @@ def test_a_domain_name_is_the_corpus_even_where_a_folder_has_that_name(tmp_path,
     assert "warning" not in out and "no held-out set" in out
 
 
+def test_a_run_resumes_from_another_folder_with_its_paths_spelt_another_way(tmp_path, small_base, monkeypatch, capsys):
+    data = tmp_path / "data/mine.jsonl"
+    data.parent.mkdir()
+    data.write_text("\n".join(json.dumps({"text": f"document {i}: " + "a quick brown fox. " * 30}) for i in range(20)))
+    shutil.copytree(small_base, tmp_path / "base")
+    settings = ["--max-steps", "2", "--seq-len", "64", "--no-progress", "--set", "checkpoint_every=1"]
+    monkeypatch.chdir(tmp_path)
+    assert cli.main(["train", "--base", "base", "--output", "run", "--dataset", "data/mine.jsonl", "--dataset", "ja", *settings]) == 0
+    shutil.rmtree(tmp_path / "run/model")
+    (tmp_path / "run/train_meta.json").unlink()  # as if killed after its last checkpoint
+    capsys.readouterr()
+    monkeypatch.chdir(tmp_path / "data")
+    again = ["train", "--base", "../base", "--output", str(tmp_path / "run"), "--dataset", "./mine.jsonl", "--dataset", "ja", *settings]
+    assert cli.main(again) == 0, capsys.readouterr().err
+    assert f"resuming {tmp_path / 'run'} from step 2 of 2" in capsys.readouterr().out
+    assert meta(tmp_path / "run")["base"] == str(tmp_path / "base")
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other/mine.jsonl").write_text(data.read_text())  # the same text, another file: another run
+    assert cli.main([*again[:5], "--dataset", "../other/mine.jsonl", "--dataset", "ja", *settings]) == 2
+    assert "holds a different training run (settings differ: datasets)" in capsys.readouterr().err
+
+
 def _bad_run(tmp_path, small_base, *extra: str):
     out = tmp_path / "bad"
     code = cli.main(["train", "--base", str(small_base), "--output", str(out), "--max-steps", "2", "--seq-len", "64", "--no-progress", *extra])

@@ -31,7 +31,7 @@ def tokenizer_fingerprint(tokenizer) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
-def _is_corpus(source: str) -> bool:
+def is_corpus(source: str) -> bool:
     """A bare domain name is always the shipped corpus; files of that name are written as a path (``./ja``)."""
     return source in corpora.ALL_DOMAINS
 
@@ -39,7 +39,7 @@ def _is_corpus(source: str) -> bool:
 def check_source(source: str) -> str | None:
     """Raise unless ``source`` is a corpus domain or readable files; returns a warning where a
     domain name is also a path here (the corpus is used)."""
-    if not _is_corpus(source):
+    if not is_corpus(source):
         source_files(source)
     elif Path(source).exists():
         return f"dataset source {source!r} is the shipped {source} corpus, not the local {source}/ here; write ./{source} to train on that"
@@ -66,7 +66,7 @@ def source_files(source: str) -> list[Path]:
 
 def describe_source(source: str, split: str) -> str:
     """A fingerprint of a source's content (corpus checksum, or file paths, sizes and mtimes)."""
-    if _is_corpus(source):
+    if is_corpus(source):
         return f"corpus:{source}/{split}.jsonl.gz:{corpora.checksum(source, split)}"
     parts = [f"{p.resolve()}:{p.stat().st_size}:{p.stat().st_mtime_ns}" for p in source_files(source)]
     return "files:" + "|".join(parts)
@@ -74,7 +74,7 @@ def describe_source(source: str, split: str) -> str:
 
 def documents(source: str, split: str = "train", text_field: str = "text") -> Iterator[str]:
     """Texts of a source: a corpus domain's ``split``, or every document in the given files."""
-    if _is_corpus(source):
+    if is_corpus(source):
         yield from corpora.texts(source, split)
         return
     for path in source_files(source):
@@ -204,7 +204,7 @@ def eval_source(spec: DatasetSpec) -> str | None:
     """Where a dataset's held-out loss comes from: ``eval_source``, else a corpus domain's dev split."""
     if spec.eval_source:
         return spec.eval_source
-    return spec.source if _is_corpus(spec.source) else None
+    return spec.source if is_corpus(spec.source) else None
 
 
 class MixtureSampler:

@@ -270,8 +270,22 @@ def _total_steps(config: TrainConfig, world_size: int = 1) -> int:
 
 
 def identity(config: TrainConfig) -> dict:
-    """What must match for a run folder to be resumed."""
-    return {k: v for k, v in config.model_dump(mode="json").items() if k not in RESUMABLE_FIELDS}
+    """What must match for a run folder to be resumed, with local paths resolved (``resolved``)."""
+    return resolved({k: v for k, v in config.model_dump(mode="json").items() if k not in RESUMABLE_FIELDS})
+
+
+def resolved(identity: dict) -> dict:
+    """An identity with the base and the file sources of its datasets as absolute paths (corpus
+    domains stay names), so one run started from another folder, or with its paths spelt another
+    way, is the same run. Idempotent: records written with relative paths resolve against the
+    current folder, as they were resolved when the run started there."""
+    path = lambda value: str(Path(value).expanduser().resolve())  # noqa: E731
+    files = lambda spec: {k: path(spec[k]) for k in ("source", "eval_source") if spec.get(k) and not ds.is_corpus(spec[k])}  # noqa: E731
+    out = {**identity, "base": path(identity["base"])}
+    for key in ("datasets", "eval_datasets"):
+        if isinstance(identity.get(key), list):
+            out[key] = [{**spec, **files(spec)} for spec in identity[key]]
+    return out
 
 
 def train(
@@ -294,8 +308,9 @@ def train(
             if overwrite:
                 folder.clear(RUN_RECORD)
             # a static mixture does not use the velocitune settings: they may differ (or gain fields)
-            ignored = tuple(RESUMABLE_FIELDS) + (("velocitune",) if config.mixture != "velocitune" else ())
-            folder.check(RUN_RECORD, identity(config), ignore=ignored)
+            # the output is the folder itself, however it is spelt
+            ignored = (*RESUMABLE_FIELDS, "output") + (("velocitune",) if config.mixture != "velocitune" else ())
+            folder.check(RUN_RECORD, identity(config), ignore=ignored, normalize=resolved)
         meta_path = out / "train_meta.json"
         if meta_path.exists() and (not export or (out / MODEL_DIR).exists()):
             log(f"{out}: already trained, reused (pass --overwrite to retrain)")
@@ -847,7 +862,7 @@ def finalize(run: Run, state: dict, export: bool = True) -> dict:
     eval_tokens = config.eval_blocks * config.seq_len * len(run.eval_sets) * evals
     base = Path(config.base)
     meta = {
-        "base": str(base),
+        "base": str(base.resolve()),
         "base_fingerprint": fingerprint(base),
         "model": str(run.out / MODEL_DIR) if export else None,
         "datasets": {d.name: d.source for d in config.datasets},

@@ -9,6 +9,7 @@ import os
 import shutil
 import sys
 from pathlib import Path
+from typing import Callable
 
 from optimer_merge.errors import RunFolderError, UserError, disk_full
 from optimer_merge.io.files import check_output_dir, make_dirs, write_json
@@ -100,16 +101,19 @@ class RunFolder:
         """Real work starts: from here on the folder stays, whatever happens."""
         self.kept = True
 
-    def check(self, record: str, identity: dict, ignore: tuple[str, ...] = (), added: dict | None = None) -> bool:
+    def check(self, record: str, identity: dict, ignore: tuple[str, ...] = (), added: dict | None = None,
+              normalize: Callable[[dict], dict] | None = None) -> bool:  # fmt: skip
         """Refuse a folder that holds another run, or files but no run; True if it holds this one.
 
         Keys in ``ignore`` (settings that may change between runs) are left out of the comparison;
         ``added`` maps settings that joined the identity later to the value a run recorded without
-        them had, so such a run resumes when that value is asked for again."""
+        them had, so such a run resumes when that value is asked for again; ``normalize`` is
+        applied to the recorded identity first (one written by an earlier version, say)."""
         path = self.path / record
         if path.exists():
             stored = json.loads(path.read_text())
             stored = {**(added or {}), **stored.get("identity", stored)}
+            stored = normalize(stored) if normalize else stored
             stored = {k: v for k, v in stored.items() if k not in ignore}
             identity = {k: v for k, v in identity.items() if k not in ignore}
             if stored != identity:
