@@ -251,11 +251,20 @@ def test_results_table_writes_huge_numbers_in_scientific_notation():
     from optimer_merge.commands.eval import _table
 
     row = {"alias": "t", "bits_per_byte,none": 8.43351, "bits_per_byte_stderr,none": "N/A", "word_perplexity,none": 7.056e101,
-           "word_perplexity_stderr,none": "N/A", "acc,none": 0.25, "acc_stderr,none": 0.1234, "sample_len": 3}  # fmt: skip
-    results = {"results": {"t": row}, "versions": {"t": 1}, "n-shot": {"t": 0}, "higher_is_better": {"t": {"acc": True}}}
-    cells = {line.split("|")[5].strip(): [c.strip() for c in line.split("|")[7:10]] for line in _table(results).splitlines()[2:]}
-    assert cells == {"acc": ["0.2500", "±", "0.1234"], "bits_per_byte": ["8.4335", "±", "N/A"], "word_perplexity": ["7.0560e+101", "±", "N/A"]}
-    assert results["results"]["t"]["word_perplexity,none"] == 7.056e101  # a copy is formatted, not the results
+           "word_perplexity_stderr,none": "N/A", "byte_perplexity,none": 1.052632e55, "acc,none": 0.25, "acc_stderr,none": 0.1234,
+           "acc_norm,none": 0.0, "tokens,none": 1.05e6, "sample_len": 3}  # fmt: skip
+    group = {"alias": "g", "acc,none": 0.5, "acc_stderr,none": "N/A"}
+    results = {"results": {"t": row, "u": {"alias": "u", "acc,none": 1.0}, "g": group}, "groups": {"g": group}, "group_subtasks": {"g": ["u", "t"]},
+               "versions": {"t": 1.0, "u": 2, "g": "N/A"}, "n-shot": {"t": 0, "u": 5}, "higher_is_better": {"t": {"acc": True, "bits_per_byte": False}}}  # fmt: skip
+    tasks, groups = _table(results).split("\n\n")
+    lines = [[c.strip() for c in line.split("|")[1:-1]] for line in tasks.splitlines()]
+    assert lines[0] == ["Tasks", "Version", "Filter", "n-shot", "Metric", "", "Value", "", "Stderr"]
+    assert [line[:2] for line in lines[2:] if line[0]] == [["g", "N/A"], ["- t", "1"], ["- u", "2"]]  # a group, then its subtasks, sorted
+    cells = {line[4]: line[5:] for line in lines[3:9]}  # t's rows: every value with four decimals, or from a million on in e-notation
+    assert cells == {"acc": ["↑", "0.2500", "±", "0.1234"], "acc_norm": ["", "0.0000", "", ""], "bits_per_byte": ["↓", "8.4335", "±", "N/A"],
+                     "byte_perplexity": ["", "1.0526e+55", "", ""], "tokens": ["", "1.0500e+06", "", ""], "word_perplexity": ["", "7.0560e+101", "±", "N/A"]}  # fmt: skip
+    assert [c.strip() for c in groups.splitlines()[2].split("|")[1:-1]] == ["g", "N/A", "none", "", "acc", "", "0.5000", "±", "N/A"]
+    assert results["results"]["t"]["word_perplexity,none"] == 7.056e101  # the results are not changed
 
 
 @needs_vllm

@@ -105,18 +105,51 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _table(results: dict) -> str:
-    """lm-eval's Markdown table of ``results`` (and of its groups), numbers from a million on in
-    scientific notation: a word perplexity can have 100 digits."""
-    from lm_eval.utils import make_table
+    """lm-eval's Markdown table of ``results`` (and of its groups): its columns, order and
+    indentation, written here so that every value keeps four decimals, in scientific notation from
+    a million on (a word perplexity can have 100 digits; lm-eval's table writer parses numbers
+    back and prints them in full, and 0.0000 as 0)."""
+    return _markdown(results, "results") + ("\n" + _markdown(results, "groups") if results.get("groups") else "")
 
+
+def _markdown(results: dict, column: str) -> str:
     from optimer_merge.report.leaderboard import format_value
 
-    def readable(column: str) -> dict:
-        rows = {task: {key: format_value(v) if isinstance(v, float) and "_stderr," not in key else v for key, v in row.items()}
-                for task, row in results[column].items()}  # fmt: skip
-        return make_table({**results, column: rows}, column)
+    entries, children = results[column], results.get("group_subtasks", {})
+    nested = {child for subtasks in children.values() for child in subtasks}
+    ordered: list[tuple[str, int]] = []
 
-    return readable("results") + ("\n" + readable("groups") if results.get("groups") else "")
+    def visit(task: str, depth: int) -> None:  # a group, then its subtasks a level deeper (sorted, as lm-eval)
+        if task in entries:
+            ordered.append((task, depth))
+        for child in sorted(children.get(task, ())):
+            visit(child, depth + 1 if task in entries else depth)
+
+    for task in sorted(t for t in {*entries, *children} if t not in nested):
+        visit(task, 0)
+    cell = lambda v: format_value(v) if isinstance(v, float) else str(v)  # noqa: E731
+    rows = []
+    for task, depth in ordered:
+        metrics, arrows = entries[task], results.get("higher_is_better", {}).get(task, {})
+        name = metrics.get("alias", task)
+        version = results.get("versions", {}).get(task, "N/A")
+        version = f"{version:g}" if isinstance(version, float) else str(version)
+        shots = str(results.get("n-shot", {}).get(task, ""))
+        first = [" " * depth + "- " + name if depth else name, version]
+        for key, value in sorted(metrics.items()):
+            metric, _, filter_name = key.partition(",")
+            if not filter_name or metric.endswith("_stderr"):  # alias, name, sample_len; errors go beside their metric
+                continue
+            stderr = metrics.get(f"{metric}_stderr,{filter_name}")
+            arrow = {True: "↑", False: "↓"}.get(arrows.get(metric), "")
+            rows.append([*first, filter_name, shots, metric, arrow, cell(value), "±" if stderr is not None else "", "" if stderr is None else cell(stderr)])
+            first = ["", ""]
+    header = ["Groups" if column == "groups" else "Tasks", "Version", "Filter", "n-shot", "Metric", "", "Value", "", "Stderr"]
+    right = {1, 3, 6, 8}  # numbers
+    widths = [max(len(text) for text in (title, *(row[i] for row in rows))) for i, title in enumerate(header)]
+    line = lambda cells: "|" + "|".join(c.rjust(w) if i in right else c.ljust(w) for i, (c, w) in enumerate(zip(cells, widths))) + "|"  # noqa: E731
+    rule = "|" + "|".join("-" * (w - 1) + ":" if i in right else "-" * w for i, w in enumerate(widths)) + "|"
+    return "\n".join([line([h.center(w) for h, w in zip(header, widths)]), rule, *map(line, rows)]) + "\n"
 
 
 def _evaluated_model(results) -> str | None:
