@@ -247,7 +247,8 @@ CASES = [
     Case("data-base-with-domains", ["data", "base", "--domains", "ja", "--work", "{out}"], ["--domains does not apply to `base`", "`build` and `check`"]),
     Case("leaderboard-missing", ["leaderboard", "{tmp}/none.json", "--output", "{out}"], ["none.json: no such file"]),
     Case("leaderboard-not-json", ["leaderboard", "{file}", "--output", "{out}"], ["a-file.txt: not a JSON file"]),
-    Case("leaderboard-same-label", ["leaderboard", "a={results}", "a={results}", "--output", "{out}"], ["labelled 'a'", "NAME=RESULTS"]),
+    Case("leaderboard-same-label", ["leaderboard", "a={results}", "a={results2}", "--output", "{out}"], ["labelled 'a'", "NAME=RESULTS"]),
+    Case("leaderboard-same-file-twice", ["leaderboard", "{results}", "{results}", "--output", "{out}"], ["{results} is given twice"]),
     Case("leaderboard-unknown-metric", ["leaderboard", "{results}", "--output", "{out}", "--metrics", "accuracy"], ["--metrics: accuracy not in the results"]),
     Case("leaderboard-empty-results", ["leaderboard", "a=", "--output", "{out}"], ["'a=' gives no results file or folder"]),
     Case("leaderboard-empty-name", ["leaderboard", "={results}", "--output", "{out}"], ["the NAME before '=' is empty"]),
@@ -361,6 +362,8 @@ def paths(tmp_path_factory, tiny_zoo) -> dict[str, str]:
     # an lm-eval results file
     (root / "results.json").write_text(json.dumps({"results": {"t": {"acc,none": 0.5, "sample_len": 3}}, "higher_is_better": {"t": {"acc": True}}}))
     p["results"] = str(root / "results.json")
+    shutil.copy(root / "results.json", root / "results-2.json")
+    p["results2"] = str(root / "results-2.json")
     return p
 
 

@@ -66,8 +66,10 @@ def read_rows(entries: list[str]) -> list[tuple[str, dict]]:
     labels = [label for label, _, _ in rows]
     for label in labels:
         if labels.count(label) > 1:
-            files = [str(file) for other, _, file in rows if other == label]
-            raise ConfigError(f"two rows would both be labelled {label!r} ({' and '.join(files[:2])}); give each its own NAME=RESULTS")
+            files = [file for other, _, file in rows if other == label]
+            if files[0].resolve() == files[1].resolve():
+                raise ConfigError(f"{files[0]} is given twice; give each results file once")
+            raise ConfigError(f"two rows would both be labelled {label!r} ({files[0]} and {files[1]}); give each its own NAME=RESULTS")
     return [(label, results) for label, results, _ in rows]
 
 
