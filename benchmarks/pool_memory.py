@@ -12,7 +12,7 @@ and the pool's share. Goal: at most K + 2.5 copies; merge well under the evaluat
 
     python benchmarks/pool_memory.py                     # both backends, both versions
     python benchmarks/pool_memory.py --backends hf --baseline ""   # this checkout only
-    python benchmarks/pool_memory.py --baseline "" --limit 40      # the merge's share of a longer trial
+    python benchmarks/pool_memory.py --baseline "" --limit 100     # the merge's share of a trial of the paper's size
 """
 
 from __future__ import annotations
