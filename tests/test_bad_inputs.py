@@ -150,6 +150,7 @@ CASES = [
     Case("search-vector-model-missing", search("--vector", "x={tmp}/no-model"), ["model x", "no-model does not exist"]),
     Case("search-output-uncreatable", search("--output", "/proc/optimer-merge-test/run"), ["search folder /proc/optimer-merge-test/run cannot be created"], []),
     Case("search-same-model-twice", search("--vector", "ja2={zoo}/tiny-text/ja"), ["model ja2", "is the same as model ja"]),
+    Case("search-vector-of-a-given-model", search("--vector", "jv={ja_vector}"), ["vector jv and model ja both come from the model", "give it once"]),
     Case("search-export-missing-model", search("--export", "--vector", "gone={orphan_vector}"), ["--export", "no longer exist", "gone-model"]),
     Case("search-negative-seed", search("--seed=-1"), ["seed", "got -1"]),
     Case("search-parallel-over-trials", search("--parallel", "3"), ["parallel 3 is more than trials 2"]),
@@ -323,7 +324,8 @@ def paths(tmp_path_factory, tiny_zoo) -> dict[str, str]:
     p["no_tokenizer"] = str(root / "tokenizerless")
     # vectors: one with a NaN, one whose source model is gone
     assert cli.main([a.format(**p) for a in extract("ja={zoo}/tiny-text/ja", out=str(root / "vectors"))]) == 0
-    vector = load_file(str(root / "vectors/ja.safetensors"))
+    p["ja_vector"] = str(root / "vectors/ja.safetensors")
+    vector = load_file(p["ja_vector"])
     from safetensors import safe_open
 
     with safe_open(str(root / "vectors/ja.safetensors"), "pt") as reader:

@@ -411,7 +411,8 @@ def test_bad_configs_fail_before_any_trial(small_base, cpt_runs, vectors_dir, ti
     from safetensors import safe_open
 
     save_file(vector, str(bad), metadata=safe_open(str(vectors_dir / "ja.safetensors"), "pt").metadata())
-    assert "NaN/Inf" in _fails_before_work(base_args + ["--vector", f"bad={bad}"], capsys, out, loads_model=True)
+    with_bad = [f"bad={bad}" if a == f"ja={cpt_runs['ja'] / 'model'}" else a for a in base_args]  # in place of the model it comes from
+    assert "NaN/Inf" in _fails_before_work(with_bad, capsys, out, loads_model=True)
     # vectors extracted from another base (a copy of the model without the train_meta.json that records its base)
     other, unrecorded = tmp_path / "other-vectors", tmp_path / "unrecorded"
     shutil.copytree(cpt_runs["ja"] / "model", unrecorded, ignore=shutil.ignore_patterns("train_meta.json"))
