@@ -328,7 +328,7 @@ def paths(tmp_path_factory, tiny_zoo) -> dict[str, str]:
     vector = load_file(p["ja_vector"])
     from safetensors import safe_open
 
-    with safe_open(str(root / "vectors/ja.safetensors"), "pt") as reader:
+    with safe_open(p["ja_vector"], "pt") as reader:
         metadata = reader.metadata()
     bad = {k: v.clone() for k, v in vector.items()}
     next(iter(bad.values())).view(-1)[0] = float("nan")

@@ -78,6 +78,7 @@ def model_sources(config: SearchConfig) -> tuple[dict[str, str], list[str]]:
     """The model folder behind each vector (recipes merge models, not vector files), and the names
     whose model no longer exists there; two sources from one model are refused."""
     from optimer_merge.io.checkpoints import Checkpoint
+    from optimer_merge.vectors.checks import same_path
 
     sources, missing = {}, []
     for v in config.vectors:
@@ -87,13 +88,10 @@ def model_sources(config: SearchConfig) -> tuple[dict[str, str], list[str]]:
         sources[v.name] = str(Path(source).resolve())
         if not (Path(source) / "config.json").exists():
             missing.append(v.name)
-    kinds = {v.name: "model" if v.model else "vector" for v in config.vectors}
-    first: dict[str, str] = {}
-    for name, source in sources.items():
-        other = first.setdefault(source, name)
-        if other != name:
-            raise SearchError(f"{kinds[name]} {name} and {kinds[other]} {other} both come from the model {source}: only the sum of their "
-                              "weights would matter, and best.yaml would list that model twice; give it once")  # fmt: skip
+    if repeated := same_path(sources):
+        (name, other), kinds = repeated, {v.name: "model" if v.model else "vector" for v in config.vectors}
+        raise SearchError(f"{kinds[name]} {name} and {kinds[other]} {other} both come from the model {sources[name]}: only the sum of "
+                          "their weights would matter, and best.yaml would list that model twice; give it once")  # fmt: skip
     return sources, missing
 
 

@@ -28,13 +28,21 @@ def check_name(name: str, what: str = "vector") -> str:
     return name
 
 
-def check_distinct(paths: Mapping[str, str | Path], kind: str, why: str = "") -> None:
-    """Refuse one file or folder given under two names (``why`` says what that would mean)."""
+def same_path(paths: Mapping[str, str | Path]) -> tuple[str, str] | None:
+    """The first name whose file or folder an earlier name already gave, and that earlier name."""
     seen: dict[Path, str] = {}
     for name, path in paths.items():
         other = seen.setdefault(Path(path).resolve(), name)
         if other != name:
-            raise VectorError(f"{kind} {name} ({path}) is the same as {kind} {other}{': ' + why if why else ''}; give each once")
+            return name, other
+    return None
+
+
+def check_distinct(paths: Mapping[str, str | Path], kind: str, why: str = "") -> None:
+    """Refuse one file or folder given under two names (``why`` says what that would mean)."""
+    if repeated := same_path(paths):
+        name, other = repeated
+        raise VectorError(f"{kind} {name} ({paths[name]}) is the same as {kind} {other}{': ' + why if why else ''}; give each once")
 
 
 def check_compatible(base: Checkpoint, other: Checkpoint, what: str) -> None:
