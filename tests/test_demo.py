@@ -7,6 +7,7 @@ import csv
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -267,6 +268,33 @@ def test_shipped_recipes_run_on_the_demos_folders(demo_run, tmp_path, monkeypatc
     search = ["search", "--config", str(repo / "recipes/search/tiny-demo.yaml"), "--trials", "1", "--limit", "1", "--finalists", "0", "--threads", "1"]
     assert cli.main(search) == 0
     assert (tmp_path / "runs/search-tiny/best.yaml").exists()
+
+
+def test_a_moved_run_folder_resumes_and_its_best_yaml_names_its_own_models(demo_seeds, tmp_path):
+    """Seed 1's folder copied elsewhere and the original out of the way (as after `mv`): jobs left
+    to run find the finished ones' models there (a search resumes, a merge and evaluations run),
+    the results are those of the original, and best.yaml names the moved folder's CPT models."""
+    original = demo_seeds[0] / "seed-1"
+    moved, hidden = tmp_path / "moved", tmp_path / "original"
+    shutil.copytree(original, moved, symlinks=True)
+    for job in ("search-ja", "average", "test-optimer"):
+        os.remove(moved / "state" / f"{job}.json")
+    trials_log = moved / "search" / "ja" / "trials.jsonl"
+    trials_log.write_text("".join(trials_log.read_text().splitlines(keepends=True)[:-1]))
+    shutil.rmtree(moved / "search" / "ja" / "best-model")
+    shutil.rmtree(moved / "merges" / "average")
+    original.rename(hidden)
+    try:
+        again = demo(moved, "--seed", "1")
+    finally:
+        hidden.rename(original)
+    assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
+    assert "22 of 25 jobs already done" in again.stdout and "start  search-ja:" in again.stdout
+    assert f"resumed {moved / 'search' / 'ja'}: 2 trials already done" in (moved / "logs" / "search-ja.log").read_text()
+    scores = lambda run: json.loads((run / "summary.json").read_text())["test_bits_per_byte"]  # noqa: E731
+    assert scores(moved) == scores(original)
+    best = yaml.safe_load((moved / "best.yaml").read_text())
+    assert [m["model"] for m in best["models"]] == [str(moved / "cpt" / d / "model") for d in DOMAINS]
 
 
 def synthetic_states(bpb: dict[str, dict[str, float]]) -> tuple[dict, dict]:

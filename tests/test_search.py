@@ -552,3 +552,32 @@ def test_best_yaml_says_when_a_vectors_model_is_gone(small_base, cpt_runs, tmp_p
     assert best.startswith(f"# WARNING: the model behind vector zh ({models['zh']}) no longer exists")
     assert yaml.safe_load(best)["models"][1]["model"] == str(models["zh"])
     assert json.loads((out / "summary.json").read_text())["missing_models"] == {"zh": str(models["zh"])}
+
+
+def test_a_search_moved_with_its_vectors_and_models_resumes_and_names_them_where_they_are(small_base, cpt_runs, tmp_path, capsys):
+    """A project folder (models, vectors, search) moved elsewhere: each vector finds its model again
+    at the same place relative to it (its fingerprint checked), the search resumes there, and
+    best.yaml names the models where they are now. Another model in a moved one's place is not taken for it."""
+    project, moved = tmp_path / "project", tmp_path / "moved"
+    for d in ("ja", "zh"):
+        shutil.copytree(cpt_runs[d] / "model", project / "models" / d)
+    extract = ["vectors", "extract", "--base", str(small_base), "--out", str(project / "v")]
+    assert cli.main(extract + [f"--model={d}={project / 'models' / d}" for d in ("ja", "zh")]) == 0
+
+    def search(root: Path, trials: int) -> list[str]:
+        return ["search", "--base", str(small_base), "--objective", OBJECTIVE, "--output", str(root / "run"), "--limit", "2", "--trials", str(trials),
+                "--finalists", "0", "--threads", "1", *(f"--vector={d}={root / 'v' / f'{d}.safetensors'}" for d in ("ja", "zh"))]  # fmt: skip
+
+    assert cli.main(search(project, 1)) == 0
+    project.rename(moved)
+    capsys.readouterr()
+    assert cli.main(search(moved, 2)) == 0
+    said = capsys.readouterr().out
+    assert f"resumed {moved / 'run'}: 1 trial already done" in said and "no longer exist" not in said, said
+    assert [r["trial"] for r in trials(moved / "run")] == [1, 2]
+    best = (moved / "run" / "best.yaml").read_text()
+    assert [m["model"] for m in yaml.safe_load(best)["models"]] == [str(moved / "models" / d) for d in ("ja", "zh")] and "WARNING" not in best
+    shutil.rmtree(moved / "models" / "zh")
+    shutil.copytree(moved / "models" / "ja", moved / "models" / "zh")
+    assert cli.main(search(moved, 2)) == 0
+    assert f"the models behind zh ({project / 'models' / 'zh'}) no longer exist" in capsys.readouterr().out

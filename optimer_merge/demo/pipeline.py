@@ -176,12 +176,23 @@ def eta(jobs: list[Job], states: dict, running: dict[str, float], ran: dict[str,
 
 
 # -- the stages (run in worker processes) ------------------------------------------------------
+PATH_KEYS = ("model", "recipe")  # the job results that name files
+
+
+def _portable(result: dict, run: Path) -> dict:
+    """``result`` with the paths inside the run folder relative to it, so the folder can move."""
+    inside = lambda v: Path(v).resolve().is_relative_to(run.resolve())  # noqa: E731
+    return {k: os.path.relpath(Path(v).resolve(), run.resolve()) if k in PATH_KEYS and inside(v) else v for k, v in result.items()}
+
+
 class _Context:
     def __init__(self, run_dir: Path, settings: DemoSettings, log: Callable[[str], None]):
         self.run, self.s, self.log = run_dir, settings, log
 
     def result(self, job: str) -> dict:
-        return json.loads((self.run / "state" / f"{job}.json").read_text())["result"]
+        """A finished job's result, its paths inside the run folder made absolute again (see ``_portable``)."""
+        result = json.loads((self.run / "state" / f"{job}.json").read_text())["result"]
+        return {k: os.path.abspath(self.run / v) if k in PATH_KEYS and not os.path.isabs(v) else v for k, v in result.items()}
 
     @property
     def base(self) -> str:
@@ -288,6 +299,16 @@ def _search(ctx: _Context, objective: str) -> dict:
     return {"model": summary["export"], **{k: summary[k] for k in ("best", "uniform_average", "trials")}}
 
 
+def write_best(run: Path, settings: DemoSettings) -> None:
+    """best.yaml: the best weights of the OptiMer search on dev (all domains) over this run folder's
+    CPT models, found wherever the folder has moved since the search ran."""
+    from optimer_merge.search.runner import model_sources, write_best_recipe
+
+    ctx = _Context(run, settings, print)
+    config = search_config(ctx, "all")
+    write_best_recipe(run / "best.yaml", config, *model_sources(config), ctx.result("search-all")["best"]["weights"])
+
+
 def _average(ctx: _Context) -> dict:
     from optimer_merge.io.files import write_yaml
     from optimer_merge.merge.recipes import run_recipe
@@ -380,7 +401,7 @@ def run_job(run_dir: str, settings: dict, name: str) -> dict:
             except BaseException:
                 traceback.print_exc(file=handle)
                 raise
-        state = {"job": name, "seconds": time.perf_counter() - wall, "cpu_seconds": time.process_time() - cpu, "result": result}
+        state = {"job": name, "seconds": time.perf_counter() - wall, "cpu_seconds": time.process_time() - cpu, "result": _portable(result, run)}
     (run / "state").mkdir(exist_ok=True)
     partial = run / "state" / f"{name}.json.partial"
     partial.write_text(json.dumps(state, indent=2))

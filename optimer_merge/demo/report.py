@@ -8,11 +8,10 @@ reads the run folder and writes report.md, summary.json, the leaderboard and the
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
 from optimer_merge.demo.costs import cost_accounting
-from optimer_merge.demo.pipeline import CANDIDATES, DOMAINS, OBJECTIVES, DemoSettings
+from optimer_merge.demo.pipeline import CANDIDATES, DOMAINS, OBJECTIVES, DemoSettings, write_best
 from optimer_merge.report.plots import pyplot, save
 
 
@@ -353,7 +352,7 @@ def write_report(run: str | Path, settings: DemoSettings, states: dict) -> dict:
     lb.write(lb.leaderboard(rows, metrics=["bits_per_byte"]), run)
     costs = cost_accounting(run, states)
     write_json(run / "costs.json", costs)
-    shutil.copyfile(run / "search" / "all" / "best.yaml", run / "best.yaml")
+    write_best(run, settings)
     invocations = json.loads((run / "invocations.json").read_text()) if (run / "invocations.json").exists() else []
     result = numbers(settings, states, costs, invocations)
     plot_reoptimization(result["best_weights"], plots / "reoptimization.png")

@@ -153,6 +153,15 @@ class SearchConfig(ConfigModel):
         ]
         return data
 
+    @staticmethod
+    def without_paths(identity: dict) -> dict:
+        """``identity`` as a resumed search compares it: where the base and the vectors lie is left
+        out (their weights are compared instead, see ``runner.input_fingerprints``), so a search
+        folder moved with its inputs resumes."""
+        vectors = [{**{k: v for k, v in e.items() if k not in ("model", "vector")}, "kind": "model" if e.get("model") else "vector"}
+                   for e in identity["vectors"]]  # fmt: skip
+        return {**{k: v for k, v in identity.items() if k != "base"}, "vectors": vectors}
+
     def may_differ_on_resume(self) -> tuple[str, ...]:
         """The fields left out when a run folder's identity is compared: the operational ones, and
         the acquisition settings where the optimizer is not SMAC (only its proposals use them)."""

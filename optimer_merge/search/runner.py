@@ -44,8 +44,8 @@ RECORD = "search_config.json"
 
 def input_fingerprints(config: SearchConfig, objective) -> dict[str, str]:
     """What the trials' scores depend on besides the settings: the weights of the base and of each
-    vector's source, and the objective's reference results (paths are in the identity; these are
-    their contents, so a resumed search cannot mix trials of two pools)."""
+    vector's source, and the objective's reference results (their contents, wherever they lie, so a
+    resumed search cannot mix trials of two pools)."""
     import hashlib
 
     found = {"base": fingerprint(config.base)}
@@ -77,12 +77,11 @@ def trial_recipe(config: SearchConfig, sources: dict[str, str], weights: dict[st
 def model_sources(config: SearchConfig) -> tuple[dict[str, str], list[str]]:
     """The model folder behind each vector (recipes merge models, not vector files), and the names
     whose model no longer exists there; two sources from one model are refused."""
-    from optimer_merge.io.checkpoints import Checkpoint
-    from optimer_merge.vectors.checks import same_path
+    from optimer_merge.vectors.checks import same_path, source_model
 
     sources, missing = {}, []
     for v in config.vectors:
-        source = v.model or Checkpoint.open(v.vector).metadata.get("source")
+        source = v.model or source_model(v.vector)
         if not source:
             raise SearchError(f"vector {v.name}: {v.vector} does not record its model, so no recipe can name it")
         sources[v.name] = str(Path(source).resolve())
@@ -120,7 +119,8 @@ def search(config: SearchConfig, *, export: bool = False, log: Callable[[str], N
     out = Path(config.output)
     with RunFolder(out, "search") as folder:
         identity = config.identity(objective)  # the objective file is read once (it may be a pipe)
-        resumed = folder.check(RECORD, identity, ignore=config.may_differ_on_resume(), added=SearchConfig.ADDED)
+        resumed = folder.check(RECORD, SearchConfig.without_paths(identity), ignore=config.may_differ_on_resume(), added=SearchConfig.ADDED,
+                               normalize=SearchConfig.without_paths)  # fmt: skip
         from optimer_merge.search.pool import check_sources
 
         spec = check_sources(config.base, {v.name: ({"model": v.model} if v.model else {"vector": v.vector}) for v in config.vectors},
@@ -139,7 +139,7 @@ def search(config: SearchConfig, *, export: bool = False, log: Callable[[str], N
         changed = [key for key, value in inputs.items() if earlier.get(key, value) != value]
         if changed:
             raise SearchError(f"{out} holds trials scored with other weights or reference results: {', '.join(changed)} changed since "
-                              "(same path, new content); choose another output folder")  # fmt: skip
+                              "(new content, at the same path or another); choose another output folder")  # fmt: skip
         folder.record(RECORD, identity, config=config.model_dump(mode="json"), inputs=inputs)
         (out / "recipes").mkdir(exist_ok=True)
         # trials score against the reference as it is now, even if its file is rewritten during the search
@@ -280,7 +280,7 @@ class _Search:
         if repaired:
             atomic_write_text(self.trials_path, "".join(json.dumps(r) + "\n" for r in records))
         if records:
-            done = f"{len(records)} trials already done"
+            done = f"{len(records)} trial{'s' if len(records) > 1 else ''} already done"
             if len(records) > self.config.trials:
                 done += f" (more than trials {self.config.trials}: the results cover all {len(records)})"
             self.log(f"resumed {self.out}: {done}")
@@ -419,8 +419,16 @@ def _check_failures(records: list[dict], limit: int) -> None:
         )
 
 
-def _summarize(config: SearchConfig, objective, sources: dict, missing: list[str], records: list[dict], finalists: list[dict], out: Path) -> dict:
+def write_best_recipe(path: Path, config: SearchConfig, sources: dict[str, str], missing: list[str], weights: dict[str, float]) -> None:
+    """The merge of these weights as a stock mergekit recipe in the output dtype, headed by a warning
+    for each model that no longer exists (``model_sources``)."""
     from optimer_merge.io.checkpoints import saved_dtype
+
+    header = "\n".join(f"WARNING: the model behind vector {n} ({sources[n]}) no longer exists; restore it before merging this recipe." for n in missing)
+    write_yaml(path, trial_recipe(config, sources, weights, config.out_dtype or saved_dtype(config.base)), header or None)
+
+
+def _summarize(config: SearchConfig, objective, sources: dict, missing: list[str], records: list[dict], finalists: list[dict], out: Path) -> dict:
     from optimer_merge.search.plots import plot_trace, plot_weights
 
     ok = [r for r in records if r["status"] == "ok"]
@@ -434,11 +442,7 @@ def _summarize(config: SearchConfig, objective, sources: dict, missing: list[str
         best = {"trial": top["trial"], "weights": top["weights"], "score": top["score"], "final_score": None, "rescored": False, "metrics": top["metrics"]}
     weights = best["weights"]
     ratios = mixture_ratios(weights)
-    header = "\n".join(
-        f"WARNING: the model behind vector {n} ({sources[n]}) no longer exists; restore it before merging this recipe."
-        for n in missing
-    )
-    write_yaml(out / "best.yaml", trial_recipe(config, sources, weights, config.out_dtype or saved_dtype(config.base)), header or None)
+    write_best_recipe(out / "best.yaml", config, sources, missing, weights)
     uniform = next((r for r in records if r["status"] == "ok" and _is_uniform(r["weights"], config)), None)
     seconds = {k: sum(r["seconds"].get(k, 0.0) for r in records) for k in ("merge", "eval", "optimizer")}
     summary = {

@@ -11,7 +11,7 @@ import torch
 
 from optimer_merge.errors import UserError
 from optimer_merge.io import plain_name_problem
-from optimer_merge.io.checkpoints import Checkpoint
+from optimer_merge.io.checkpoints import Checkpoint, fingerprint
 
 MANIFEST = "vectors.json"
 
@@ -73,6 +73,20 @@ def check_trained_from(base_fp: str, model: str | Path, what: str) -> None:
     recorded = recorded_base(model)
     if recorded and recorded != base_fp:
         raise VectorError(f"{what} ({model}) was trained from a different base (its train_meta.json records {recorded}, this base is {base_fp})")
+
+
+def source_model(vector: str | Path) -> str | None:
+    """The model folder a vector file was extracted from (None where the file records none): where
+    it was then, or, where nothing is left there (the project moved to another disk, say), the same
+    model at the same place relative to the vector file, checked by its fingerprint."""
+    metadata = Checkpoint.open(vector).metadata
+    source = metadata.get("source")
+    if not source or (Path(source) / "config.json").exists() or not metadata.get("source_relative"):
+        return source
+    moved = (Path(vector).parent / metadata["source_relative"]).resolve()
+    if (moved / "config.json").exists() and fingerprint(moved) == metadata.get("source_fingerprint"):
+        return str(moved)
+    return source
 
 
 def sum_of_squares(tensor: torch.Tensor, minus: torch.Tensor | None = None, buffer: torch.Tensor | None = None) -> float:

@@ -87,8 +87,9 @@ def extract(
     log(f"extracting {len(ckpts)} vector{'s' if len(ckpts) > 1 else ''} from {base} -> {out_dir}")
     with RunFolder(out_dir, "vector extraction"):  # a fresh folder is removed again if refused midway
         out_dir = Path(out_dir)
+        candidates = [(n, base_ckpt.meta[n][1]) for n in names]
         writers = {
-            name: _StreamingSafetensors(out_dir / f"{name}.safetensors", store, [(n, base_ckpt.meta[n][1]) for n in names])
+            name: _StreamingSafetensors(out_dir / f"{name}.safetensors", store, candidates, _metadata(base_fp, models[name], model_fps[name], out_dir))
             for name in ckpts
         }
         equal, norms = [], {name: 0.0 for name in ckpts}
@@ -120,8 +121,8 @@ def extract(
                         writer.finish(tensor_name, shape)
                 else:
                     equal.append(tensor_name)  # left out of every vector
-            for name, writer in writers.items():
-                writer.close({"base_fingerprint": base_fp, "source": str(Path(models[name]).resolve())})
+            for writer in writers.values():
+                writer.close()
         except BaseException:
             for writer in writers.values():
                 writer.abort()
@@ -143,6 +144,13 @@ def extract(
         }
         write_json(out_dir / MANIFEST, manifest)
     return manifest
+
+
+def _metadata(base_fp: str, model: str | Path, model_fp: str, out_dir: Path) -> dict[str, str]:
+    """What a vector file records: its base, and its model where it was and relative to the vector
+    (where the two moved together, see ``checks.source_model``)."""
+    source = Path(model).resolve()
+    return {"base_fingerprint": base_fp, "source": str(source), "source_fingerprint": model_fp, "source_relative": os.path.relpath(source, out_dir.resolve())}
 
 
 def _up_to_date(entry: dict | None, model: str | Path, model_fp: str) -> bool:
@@ -173,14 +181,15 @@ class _StreamingSafetensors:
     Which tensors end up in the file is known only at the end (equal tensors are skipped), so the
     header slot is sized for all candidates, then filled in and padded with spaces, as the format
     allows. A tensor is written in pieces (``start``, ``append``..., ``finish``). The file appears
-    under its name only when complete.
+    under its name only when complete, with ``metadata``.
     """
 
-    def __init__(self, path: Path, dtype: torch.dtype, candidates: list[tuple[str, tuple[int, ...]]]):
+    def __init__(self, path: Path, dtype: torch.dtype, candidates: list[tuple[str, tuple[int, ...]]], metadata: dict[str, str]):
         self.path, self.partial, self.dtype = path, path.with_name(path.name + ".partial"), dtype
+        self.metadata = {**metadata, "format": "pt"}
         total = sum(math.prod(shape) for _, shape in candidates) * torch.empty((), dtype=dtype).element_size()
         worst = {n: {"dtype": DTYPE_NAMES[dtype], "shape": list(s), "data_offsets": [total, total]} for n, s in candidates}
-        worst["__metadata__"] = {"base_fingerprint": "0" * 64, "source": "x" * 4096, "format": "pt"}
+        worst["__metadata__"] = self.metadata
         self.slot = (len(json.dumps(worst).encode()) + 7) // 8 * 8
         self.file = open(self.partial, "wb")
         self.file.seek(8 + self.slot)
@@ -205,8 +214,8 @@ class _StreamingSafetensors:
     def finish(self, name: str, shape: tuple[int, ...]) -> None:
         self.entries[name] = {"dtype": DTYPE_NAMES[self.dtype], "shape": list(shape), "data_offsets": [self.begin, self.offset]}
 
-    def close(self, metadata: dict[str, str]) -> None:
-        header = {"__metadata__": {**metadata, "format": "pt"}, **self.entries}
+    def close(self) -> None:
+        header = {"__metadata__": self.metadata, **self.entries}
         raw = json.dumps(header).encode()
         if len(raw) > self.slot:
             raise RuntimeError("safetensors header larger than its reserved slot")
