@@ -92,6 +92,8 @@ CASES = [
     # vectors
     Case("extract-repeated-name", extract("ja={zoo}/tiny-text/ja", "ja={zoo}/tiny-text/zh"), ["'ja' is given twice"]),
     Case("extract-same-model-twice", extract("a={zoo}/tiny-text/ja", "b={zoo}/tiny-text/ja/"), ["model b", "is the same as model a"]),
+    Case("extract-model-already-in-out", extract("again={zoo}/tiny-text/ja", out="{tmp}/vectors"),
+         ["model again", "is already in", "as vector ja", "remove", "vectors/ja.safetensors first"], ["{tmp}/vectors/again.safetensors"]),
     Case("extract-path-in-name", extract("../evil={zoo}/tiny-text/ja"), ["'../evil'", "plain file name"]),
     Case("extract-name-too-long", extract("x" * 300 + "={zoo}/tiny-text/ja"), ["(300 characters)", "at most 128 characters"]),
     Case("extract-name-with-newline", extract("ja\n={zoo}/tiny-text/ja"), ["'ja\\n'", "plain file name"]),

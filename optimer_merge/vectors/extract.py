@@ -68,6 +68,11 @@ def extract(
     earlier = _earlier_vectors(out_dir, base_fp, dtype)
     model_fps = {name: fingerprint(path) for name, path in models.items()}
     held = earlier.get("vectors", {})
+    staying = {Path(entry["model"]).resolve(): name for name, entry in held.items() if name not in models}
+    for name, path in models.items():
+        if other := staying.get(Path(path).resolve()):
+            raise VectorError(f"model {name} ({path}) is already in {out_dir} as vector {other}: the pool would hold one model twice; "
+                              f"remove {Path(out_dir) / (other + '.safetensors')} first to store it under another name")  # fmt: skip
     kept = [name for name, path in models.items() if _up_to_date(held.get(name), path, model_fps[name])]
     if held:
         groups = {"kept": [n for n in held if n not in models], "up to date (same model, unchanged since)": kept,
