@@ -97,8 +97,8 @@ def test_a_killed_worker_fails_its_trial_and_is_started_again(tiny_zoo, tmp_path
 @needs_ray
 def test_vllm_workers_join_a_running_cluster_and_leave_it_running(parallel_run, tiny_zoo, tmp_path):
     """`ray_address` joins a cluster started with `ray start --head` (as on a multi-node setup,
-    here with token authentication): without the token the search is refused with the fix and
-    leaves no folder; with it, each worker starts its own vLLM engine (where vLLM is installed) and
+    here with token authentication): without the token the search is refused in one line with the
+    fix and leaves no folder; with it, each worker starts its own vLLM engine (where vLLM is installed) and
     builds its pool inside it, the trials are those of the hf search on its own local Ray (the same
     proposals, the same scores to 1e-4, only the weights sent), and the cluster outlives the search."""
     import secrets
@@ -132,6 +132,7 @@ def test_vllm_workers_join_a_running_cluster_and_leave_it_running(parallel_run, 
         _, refused_err = refused.communicate(timeout=600)
         assert refused.returncode == 2, refused_err[-3000:]
         assert f"error: ray_address {address}: cannot join the Ray cluster" in refused_err
+        assert len(refused_err.strip().splitlines()) == 1, refused_err[-3000:]  # Ray's line-a-second retries held back
         assert "set RAY_AUTH_MODE=token" in refused_err and not refused_out.exists()
         assert done.returncode == 0, done.stderr[-3000:]
         assert f"starting 2 trial workers on Ray (cluster {address})" in done.stdout

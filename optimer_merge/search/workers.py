@@ -13,13 +13,17 @@ trials side by side and yields the outcomes in the order given.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import signal
 import socket
+import sys
+import tempfile
 import time
 from typing import Callable, Iterator
 
 from optimer_merge.errors import ConfigError
+from optimer_merge.io.quiet import redirect_fds
 from optimer_merge.signals import on_sigterm
 
 
@@ -132,6 +136,14 @@ def check_ray_address(address: str, timeout: float = 5.0) -> None:
         ) from None
 
 
+def _replay(said) -> None:
+    """Write what a held-back stderr received (a temporary file, or None) to the real one."""
+    if said is not None:
+        said.seek(0)
+        sys.stderr.write(said.read().decode(errors="replace"))
+        said.close()
+
+
 class RayWorkers:
     """N scorers, each a Ray actor; trials are dealt to idle actors, outcomes kept in order."""
 
@@ -148,11 +160,15 @@ class RayWorkers:
             # without ray_address a new local Ray, even where a cluster runs or RAY_ADDRESS is set
             address = config.ray_address or "local"
             sigterm = signal.getsignal(signal.SIGTERM)
+            # what Ray prints while joining a cluster is held back: a refused join retries for some
+            # 20 s with a line each second, which the one-line error below says better
+            said = tempfile.TemporaryFile() if config.ray_address else None
             try:
                 # a local Ray's workers run at the driver's priority (Ray's default, nice 15, lets the
                 # driver's optimizer preempt a trial whenever it asks ahead on a machine with few cores)
                 local = {} if config.ray_address else {"_system_config": {"worker_niceness": 0}}
-                ray.init(address=address, include_dashboard=False, log_to_driver=False, logging_level="ERROR", configure_logging=True, **local)
+                with redirect_fds(said.fileno(), (2,)) if said else contextlib.nullcontext():
+                    ray.init(address=address, include_dashboard=False, log_to_driver=False, logging_level="ERROR", configure_logging=True, **local)
                 if callable(sigterm):
                     on_sigterm(sigterm)  # Ray's own would end the driver without stopping its workers
             except ConnectionError as error:
@@ -160,7 +176,11 @@ class RayWorkers:
                 if "InvalidAuthToken" in str(error.__cause__):  # the head was started with token authentication
                     hint = ("; the cluster asks for a token: set RAY_AUTH_MODE=token, with the cluster's token in "
                             "~/.ray/auth_token, RAY_AUTH_TOKEN_PATH or RAY_AUTH_TOKEN")  # fmt: skip
+                    said.close()  # its retries said only that
+                    said = None
                 raise ConfigError(f"ray_address {config.ray_address}: cannot join the Ray cluster ({error}){hint}") from None
+            finally:
+                _replay(said)
         # GPUs per worker wherever the cluster has GPUs (a multi-node head may have none itself)
         have = ray.cluster_resources()
         gpus = (config.tensor_parallel_size if config.backend == "vllm" else 1) if have.get("GPU", 0) > 0 else 0
