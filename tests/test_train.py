@@ -605,7 +605,7 @@ def test_linearity_of_a_cpt_run_reproduces_its_own_losses(small_base, tmp_path):
         ({"max_steps": 1, "precision": "bf16-true"}, "warning: precision bf16-true keeps the weights in 16 bits"),
         ({"max_steps": 1, "warmup_steps": 1000}, "warning: warmup_steps 1000 is not less than the run's 1 step: the learning rate peaks at 3e-06, not lr 0.003"),
         ({"max_steps": 1, "datasets": [{"name": "ja", "source": "ja"}, {"name": "code", "source": "code", "ratio": 0}]},
-         "warning: ratio 0 for code: a static mixture trains on no tokens of it"),
+         "warning: ratio 0 for code: the run trains on no tokens of it"),
     ],
 )
 def test_settings_that_defeat_a_run_are_warned_about(small_base, tmp_path, settings, warning):

@@ -455,10 +455,10 @@ def prepare(config: TrainConfig, log: Callable[[str], None] = print) -> Run:
     if config.max_tokens is not None and config.max_tokens < _tokens_per_step(config, world):
         say(f"warning: max_tokens {config.max_tokens} is less than one step's {_tokens_per_step(config, world)} tokens "
             f"(seq_len x micro_batch_size x grad_accum x {world} devices): training one step")  # fmt: skip
-    if config.mixture == "static" and (idle := [d.name for d in config.datasets if d.ratio == 0]):
+    if idle := [d.name for d in config.datasets if d.ratio == 0]:
         them = "them" if len(idle) > 1 else "it"
-        say(f"warning: ratio 0 for {', '.join(idle)}: a static mixture trains on no tokens of {them} (its held-out loss is still "
-            f"measured); give {them} a ratio above 0, or leave {them} out")  # fmt: skip
+        say(f"warning: ratio 0 for {', '.join(idle)}: the run trains on no tokens of {them} (Velocitune too keeps a weight of 0 at 0; "
+            f"held-out loss is still measured); give {them} a ratio above 0, or leave {them} out")  # fmt: skip
     if config.warmup_steps >= total:
         say(f"warning: warmup_steps {config.warmup_steps} is not less than the run's {total} step{'s' if total > 1 else ''}: the learning rate "
             f"peaks at {lr_at(total - 1, total, config):.3g}, not lr {config.lr:g}")  # fmt: skip
