@@ -176,8 +176,7 @@ class RayWorkers:
                 if "InvalidAuthToken" in str(error.__cause__):  # the head was started with token authentication
                     hint = ("; the cluster asks for a token: set RAY_AUTH_MODE=token, with the cluster's token in "
                             "~/.ray/auth_token, RAY_AUTH_TOKEN_PATH or RAY_AUTH_TOKEN")  # fmt: skip
-                    said.close()  # its retries said only that
-                    said = None
+                    said.truncate(0)  # its retries said only that
                 raise ConfigError(f"ray_address {config.ray_address}: cannot join the Ray cluster ({error}){hint}") from None
             finally:
                 _replay(said)
