@@ -556,15 +556,19 @@ def test_best_yaml_says_when_a_vectors_model_is_gone(small_base, cpt_runs, tmp_p
     assert json.loads((out / "summary.json").read_text())["missing_models"] == {"zh": str(models["zh"])}
 
 
-def test_a_search_moved_with_its_vectors_and_models_resumes_and_names_them_where_they_are(small_base, cpt_runs, tmp_path, capsys):
+def test_a_project_moved_with_its_vectors_and_models_keeps_its_vectors_and_resumes_its_search(small_base, cpt_runs, tmp_path, capsys):
     """A project folder (models, vectors, search) moved elsewhere: each vector finds its model again
-    at the same place relative to it (its fingerprint checked), the search resumes there, and
-    best.yaml names the models where they are now. Another model in a moved one's place is not taken for it."""
+    at the same place relative to it (its fingerprint checked), so the extraction rerun there reads
+    nothing, the search resumes there, and best.yaml names the models where they are now. Another
+    model in a moved one's place is not taken for it."""
     project, moved = tmp_path / "project", tmp_path / "moved"
     for d in ("ja", "zh"):
         shutil.copytree(cpt_runs[d] / "model", project / "models" / d)
-    extract = ["vectors", "extract", "--base", str(small_base), "--out", str(project / "v")]
-    assert cli.main(extract + [f"--model={d}={project / 'models' / d}" for d in ("ja", "zh")]) == 0
+
+    def extract(root: Path) -> list[str]:
+        return ["vectors", "extract", "--base", str(small_base), "--out", str(root / "v"), *(f"--model={d}={root / 'models' / d}" for d in ("ja", "zh"))]
+
+    assert cli.main(extract(project)) == 0
 
     def search(root: Path, trials: int) -> list[str]:
         return ["search", "--base", str(small_base), "--objective", OBJECTIVE, "--output", str(root / "run"), "--limit", "2", "--trials", str(trials),
@@ -572,7 +576,14 @@ def test_a_search_moved_with_its_vectors_and_models_resumes_and_names_them_where
 
     assert cli.main(search(project, 1)) == 0
     project.rename(moved)
+    stamps = {p.name: p.stat().st_mtime_ns for p in (moved / "v").glob("*.safetensors")}
     capsys.readouterr()
+    assert cli.main(extract(moved)) == 0
+    said = capsys.readouterr().out
+    assert "ja, zh up to date (same model, unchanged since)" in said and "extracting" not in said, said
+    assert {p.name: p.stat().st_mtime_ns for p in (moved / "v").glob("*.safetensors")} == stamps
+    manifest = json.loads((moved / "v" / "vectors.json").read_text())
+    assert (manifest["base"], [e["model"] for e in manifest["vectors"].values()]) == (str(small_base), [str(moved / "models" / d) for d in ("ja", "zh")])
     assert cli.main(search(moved, 2)) == 0
     said = capsys.readouterr().out
     assert f"resumed {moved / 'run'}: 1 trial already done" in said and "no longer exist" not in said, said

@@ -19,7 +19,7 @@ from optimer_merge.io.checkpoints import DTYPE_NAMES, Checkpoint, check_model_fo
 from optimer_merge.io.files import check_free_space, check_output_dir, write_json
 from optimer_merge.io.progress import BytesProgress
 from optimer_merge.io.run_folder import LOCK, RunFolder
-from optimer_merge.vectors.checks import MANIFEST, VectorError, check_compatible, check_distinct, check_finite, check_name, check_trained_from, read_manifest
+from optimer_merge.vectors.checks import MANIFEST, VectorError, check_compatible, check_distinct, check_finite, check_name, check_trained_from, read_manifest, source_model
 
 LEFTOVERS = (LOCK, ".partial")  # what a killed extraction leaves behind
 
@@ -34,8 +34,8 @@ def extract(
 ) -> dict:
     """Write ``out_dir/<name>.safetensors`` = model - base for each model, and ``vectors.json``
     (vectors of the same base already in ``out_dir`` stay listed; another base is refused). A NAME
-    whose vector in ``out_dir`` came from the same model folder, unchanged since (its fingerprint),
-    is kept without reading anything: rerunning a command, or adding a model to it, extracts only
+    whose vector in ``out_dir`` came from the same model folder (or the same model moved with the
+    vectors), unchanged since (its fingerprint), is kept without reading anything: rerunning a command, or adding a model to it, extracts only
     what is new.
 
     ``dtype`` is the vectors' stored dtype (default: the base's; a bf16 delta keeps 2^-9 of its
@@ -68,12 +68,14 @@ def extract(
     earlier = _earlier_vectors(out_dir, base_fp, dtype)
     model_fps = {name: fingerprint(path) for name, path in models.items()}
     held = earlier.get("vectors", {})
-    staying = {Path(entry["model"]).resolve(): name for name, entry in held.items() if name not in models}
+    staying = {Path(_model_of(out_dir, entry)).resolve(): name for name, entry in held.items() if name not in models}
     for name, path in models.items():
         if other := staying.get(Path(path).resolve()):
             raise VectorError(f"model {name} ({path}) is already in {out_dir} as vector {other}: the pool would hold one model twice; "
                               f"remove {Path(out_dir) / (other + '.safetensors')} first to store it under another name")  # fmt: skip
-    kept = [name for name, path in models.items() if _up_to_date(held.get(name), path, model_fps[name])]
+    kept = [name for name, path in models.items() if _up_to_date(out_dir, held.get(name), path, model_fps[name])]
+    held = {name: {**entry, "model": str(Path(models[name]).resolve())} if name in kept else entry for name, entry in held.items()}  # where they are now
+    earlier = {**earlier, "base": str(Path(base).resolve()), "vectors": held} if earlier else earlier
     if held:
         groups = {"kept": [n for n in held if n not in models], "up to date (same model, unchanged since)": kept,
                   "replaced (another model, or changed since)": [n for n in held if n in models and n not in kept]}  # fmt: skip
@@ -158,9 +160,16 @@ def _metadata(base_fp: str, model: str | Path, model_fp: str, out_dir: Path) -> 
     return {"base_fingerprint": base_fp, "source": str(source), "source_fingerprint": model_fp, "source_relative": os.path.relpath(source, out_dir.resolve())}
 
 
-def _up_to_date(entry: dict | None, model: str | Path, model_fp: str) -> bool:
-    """An earlier extraction's manifest entry came from this model folder, unchanged since."""
-    return bool(entry) and entry.get("model") == str(Path(model).resolve()) and entry.get("model_fingerprint") == model_fp
+def _up_to_date(out_dir: str | Path, entry: dict | None, model: str | Path, model_fp: str) -> bool:
+    """An earlier extraction's manifest entry came from this model folder (where it was then, or
+    moved together with the vectors), unchanged since."""
+    return bool(entry) and entry.get("model_fingerprint") == model_fp and _model_of(out_dir, entry) == str(Path(model).resolve())
+
+
+def _model_of(out_dir: str | Path, entry: dict) -> str:
+    """The model folder a manifest entry's vector came from, found again where the project moved
+    (``checks.source_model``); the manifest's record for files that name none."""
+    return source_model(Path(out_dir) / entry["file"]) or entry["model"]
 
 
 def _earlier_vectors(out_dir: str | Path, base_fp: str, dtype: str) -> dict:
