@@ -68,10 +68,12 @@ def test_static_mixture_consumes_tokens_at_its_ratios(small_base, tmp_path):
     config = TrainConfig(
         base=str(small_base),
         output=str(tmp_path / "mix"),
-        datasets=[{"name": "ja", "source": "ja", "ratio": 1}, {"name": "code", "source": "code", "ratio": 3}],
+        datasets=[{"name": "ja", "source": "ja"}, {"name": "code", "source": "code", "ratio": 3}],  # ja: the default ratio, 1
         **{**CPT_SETTINGS, "max_steps": 25},
     )
-    m = train(config, log=QUIET)
+    said = []
+    m = train(config, log=said.append)
+    assert "static mixture: ja 25.0%, code 75.0% of the training tokens" in said, said
     tokens = m["tokens_per_dataset"]
     share = tokens["ja"] / (tokens["ja"] + tokens["code"])
     assert abs(share - 0.25) < 0.02 * 0.25, tokens
@@ -176,6 +178,7 @@ def test_velocitune_shorter_than_one_update_warns_that_its_weights_stay(small_ba
                          velocitune={"update_every": 5, "targets": {"ja": 0.5, "math": 20.0}}, **{**CPT_SETTINGS, "max_steps": 5})  # fmt: skip
     train(config, log=said.append)
     assert any("velocitune reweights every 5 steps and this run has 5: its weights never change" in line for line in said), said
+    assert "velocitune mixture, starting from ja 50.0%, math 50.0% of the training tokens" in said, said
     trajectory = json.loads((tmp_path / "vt" / "velocitune.json").read_text())["trajectory"]
     assert [t["weights"] for t in trajectory] == [{"ja": 0.5, "math": 0.5}]
 
@@ -324,8 +327,10 @@ def test_yaml_config_and_flag_overrides(tmp_path):
     specs = ["my data/part.1.jsonl", "a/train.jsonl:0.5", "b/train.jsonl", ".hidden.jsonl", "zoo é", "ja"]
     args = cli.build_parser().parse_args(["train", "--base", "b", "--output", "o", "--max-steps", "1", *(f"--dataset={s}" for s in specs),
                                           "--eval-dataset", "c/train.jsonl", "--eval-dataset", "ja"])  # fmt: skip
-    with pytest.raises(ConfigError, match="repeated: ja"):
+    with pytest.raises(ConfigError, match="eval_datasets: ja is also a training dataset, whose held-out loss is logged already .on the ja corpus's dev"):
         load_config(None, overrides_from_args(args))
+    with pytest.raises(ConfigError, match="train is also a training dataset, and its loss on the data it trains on is not held out; give it an eval_source"):
+        load_config(None, overrides_from_args(args) | {"eval_datasets": ["a/train.jsonl"]})
     config = load_config(None, overrides_from_args(args) | {"eval_datasets": ["c/train.jsonl", "/data/é.txt"]})
     assert [d.name for d in config.datasets] == ["part", "train", "train-2", "hidden", "zoo", "ja"]
     assert [d.name for d in config.eval_datasets] == ["train-3", "data"]

@@ -150,6 +150,15 @@ class TrainConfig(ConfigModel):
             raise ValueError("datasets is empty: name at least one dataset to train on")
         if (self.max_tokens is None) == (self.max_steps is None):
             raise ValueError("set exactly one of max_tokens and max_steps (--max-tokens N or --max-steps N)")
+        from optimer_merge.cpt.datasets import is_corpus
+
+        watched = {d.name for d in self.eval_datasets}
+        for d in self.datasets:
+            if d.name in watched:
+                held_out = d.eval_source or (f"the {d.source} corpus's dev split" if is_corpus(d.source) else None)
+                raise ValueError(f"eval_datasets: {d.name} is also a training dataset, " + (
+                    f"whose held-out loss is logged already (on {held_out}); leave it out of eval_datasets" if held_out else
+                    "and its loss on the data it trains on is not held out; give it an eval_source (held-out text) instead"))  # fmt: skip
         names = [d.name for d in self.datasets + self.eval_datasets]
         duplicates = sorted({n for n in names if names.count(n) > 1})
         if duplicates:

@@ -459,6 +459,10 @@ def prepare(config: TrainConfig, log: Callable[[str], None] = print) -> Run:
         them = "them" if len(idle) > 1 else "it"
         say(f"warning: ratio 0 for {', '.join(idle)}: the run trains on no tokens of {them} (Velocitune too keeps a weight of 0 at 0; "
             f"held-out loss is still measured); give {them} a ratio above 0, or leave {them} out")  # fmt: skip
+    if len(ratios) > 1:  # ratios are normalised, and a dataset without one has 1: say what they came to
+        shares = ", ".join(f"{n} {r:.1%}" for n, r in ratios.items())
+        say(f"static mixture: {shares} of the training tokens" if config.mixture == "static" else
+            f"velocitune mixture, starting from {shares} of the training tokens")  # fmt: skip
     if config.warmup_steps >= total:
         say(f"warning: warmup_steps {config.warmup_steps} is not less than the run's {total} step{'s' if total > 1 else ''}: the learning rate "
             f"peaks at {lr_at(total - 1, total, config):.3g}, not lr {config.lr:g}")  # fmt: skip
