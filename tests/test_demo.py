@@ -206,6 +206,13 @@ def test_rerun_is_deterministic_and_settings_are_checked(demo_run):
     assert other.returncode == 2 and "cpt_tokens" in other.stderr and "Traceback" not in other.stderr
 
 
+def test_a_learning_rate_that_makes_cpt_diverge_is_one_line_naming_the_job_and_the_flag(tmp_path):
+    done = demo(tmp_path / "run", "--lr", "1e9")
+    assert done.returncode == 2, done.stderr[-3000:]
+    assert re.fullmatch(r"optimer-merge demo: error: cpt-(ja|zh): training diverged at step \d of 2: the loss is nan.* at --lr 1e\+09: lower --lr, "
+                        r"and run the demo into another --run-dir \(a run folder keeps its settings\) \(its log: .*/logs/cpt-(ja|zh)\.log\)\n", done.stderr), done.stderr
+
+
 def test_progress_of_running_jobs_is_read_from_their_files(demo_run):
     from optimer_merge.demo.pipeline import DemoSettings, _progress
 

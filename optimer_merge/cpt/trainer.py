@@ -780,7 +780,12 @@ def fit(run: Run) -> dict:
 
 
 class TrainingDiverged(UserError):
-    """The loss or the gradients became NaN or infinite: the settings make this run diverge."""
+    """The loss or the gradients became NaN or infinite: the settings make this run diverge.
+    ``what``: where and how, without the advice (for callers that give their own)."""
+
+    def __init__(self, message: str, what: str = ""):
+        super().__init__(message)
+        self.what = what or message
 
 
 def _finite(loss: float, norm, config: TrainConfig) -> tuple[bool, float | None]:
@@ -800,11 +805,11 @@ def _on_any_rank(fabric, *flags: bool) -> list[bool]:
 
 
 def _diverged(step: int, total: int, loss: float, norm: float | None, config: TrainConfig, saved: int) -> TrainingDiverged:
-    what = f"the loss is {loss:g}" + (f", the gradient norm {norm:g}" if norm is not None else "")
+    what = f"training diverged at step {step} of {total}: the loss is {loss:g}" + (f", the gradient norm {norm:g}" if norm is not None else "")
     return TrainingDiverged(
-        f"training diverged at step {step} of {total}: {what} (on this rank); nothing of this step was applied or saved "
-        f"({f'last checkpoint: step {saved}' if saved else 'no checkpoint yet'}). Lower lr ({config.lr:g}) or check the data, and train again into another "
-        "output folder (or with --overwrite)"
+        f"{what} (on this rank); nothing of this step was applied or saved ({f'last checkpoint: step {saved}' if saved else 'no checkpoint yet'}). "
+        f"Lower lr ({config.lr:g}) or check the data, and train again into another output folder (or with --overwrite)",
+        what,
     )
 
 

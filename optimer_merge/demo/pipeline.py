@@ -35,6 +35,7 @@ from typing import Callable, ClassVar, Iterator, Literal
 
 from pydantic import Field, field_validator
 
+from optimer_merge.errors import UserError
 from optimer_merge.io.progress import duration
 from optimer_merge.io.yaml_config import ConfigModel, Seed
 
@@ -48,6 +49,10 @@ TEST_TASKS = [f"optimer_{d}_test_bpb" for d in DOMAINS]
 
 class DemoJobFailed(RuntimeError):
     """A job of the demo raised; the message holds the end of its log (with the traceback)."""
+
+
+class DemoSettingError(UserError):
+    """A job stopped because of the demo's settings (a --lr that makes CPT diverge, say)."""
 
 
 class DemoSettings(ConfigModel):
@@ -218,18 +223,30 @@ def _base(ctx: _Context) -> dict:
 
 
 def _cpt(ctx: _Context, domain: str) -> dict:
-    from optimer_merge.cpt import TrainConfig, train
+    from optimer_merge.cpt import TrainConfig
 
     steps = -(-ctx.s.cpt_tokens // (TRAIN["seq_len"] * TRAIN["micro_batch_size"]))
     config = TrainConfig(  # checkpoints at mid-run and at the end (both kept) for the linearity measurement
         base=ctx.base, output=str(ctx.run / "cpt" / domain), token_cache=str(ctx.run / "tokens"), datasets=[{"name": domain, "source": domain}],
         max_tokens=ctx.s.cpt_tokens, lr=ctx.s.lr, seed=ctx.s.seed, progress=False, **{**TRAIN, "checkpoint_every": -(-steps // 2)},
     )  # fmt: skip
-    return _train_summary(train(config, log=ctx.log))
+    return _train_summary(_train(config, ctx))
+
+
+def _train(config, ctx: _Context) -> dict:
+    """A CPT or mixture run of the demo; one that diverges says which demo setting to change."""
+    from optimer_merge.cpt import train
+    from optimer_merge.cpt.trainer import TrainingDiverged
+
+    try:
+        return train(config, log=ctx.log)
+    except TrainingDiverged as error:
+        raise DemoSettingError(f"{error.what} at --lr {config.lr:g}: lower --lr, and run the demo into another --run-dir "
+                               "(a run folder keeps its settings)") from None  # fmt: skip
 
 
 def _mixture(ctx: _Context, kind: str) -> dict:
-    from optimer_merge.cpt import TrainConfig, train
+    from optimer_merge.cpt import TrainConfig
 
     s = ctx.s
     if kind == "optimer":
@@ -247,7 +264,7 @@ def _mixture(ctx: _Context, kind: str) -> dict:
         velocitune={"update_every": max(1, steps // 12)},
         max_tokens=tokens, lr=s.lr, seed=s.seed, progress=False, **TRAIN,
     )  # fmt: skip
-    meta = train(config, log=ctx.log)
+    meta = _train(config, ctx)
     result = _train_summary(meta)
     if kind == "velocitune":
         proxy = meta["velocitune"].get("proxy") or {}
@@ -523,6 +540,8 @@ def _schedule(run: Path, settings: DemoSettings, log: Callable[[str], None], ran
                 try:
                     states[name] = future.result()
                     ran.append(name)
+                except UserError as error:  # the settings, not a bug: one line
+                    raise DemoSettingError(f"{name}: {error} (its log: {run / 'logs' / f'{name}.log'})") from None
                 except Exception as error:
                     job_log = run / "logs" / f"{name}.log"
                     tail = job_log.read_text(errors="replace")[-3000:] if job_log.exists() else ""
