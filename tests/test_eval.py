@@ -276,6 +276,7 @@ def test_vllm_and_server_match_hf_and_vllm_updates_live(hf_results, small_base, 
     with open_evaluator("vllm", small_base, weight_update="push") as engine:
         started = {key for key in set(environment) | set(os.environ) if os.environ.get(key) != environment.get(key)}
         assert "VLLM_WORKER_MULTIPROC_METHOD" in started  # set by vLLM's CPU platform as the engine started
+        assert engine.lm.batch_size == "auto"  # the default: every request to the engine at once; it scores them as hf does at 16
         assert_close(metrics(engine.evaluate(LL_TASKS, LIMIT)), metrics(hf_results["base"]), 1e-4)
         engine.load_state_dict(load_file(str(other_model / "model.safetensors")))  # the push fallback
         assert_close(metrics(engine.evaluate(LL_TASKS, LIMIT)), metrics(hf_results["other"]), 1e-4)

@@ -21,8 +21,8 @@ def positive_int(text: str) -> int:
     return value
 
 
-def threads(text: str) -> int | str:
-    """An argparse type: 'auto' or an integer >= 1 (threads of workers that may run elsewhere)."""
+def auto_or_positive_int(text: str) -> int | str:
+    """An argparse type: 'auto' or an integer >= 1 (threads of workers that may run elsewhere, a batch size)."""
     if text == "auto":
         return text
     try:
@@ -33,7 +33,7 @@ def threads(text: str) -> int | str:
 
 def local_threads(text: str) -> int | str:
     """An argparse type: ``threads`` of this process, so at most the machine's CPUs."""
-    return _on_this_machine(threads(text))
+    return _on_this_machine(auto_or_positive_int(text))
 
 
 def cpu_threads(text: str) -> int:

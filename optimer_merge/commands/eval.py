@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import argparse
 
-from optimer_merge.commands import local_threads, path, positive_int
+from optimer_merge.commands import auto_or_positive_int, local_threads, path, positive_int
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -21,7 +21,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--limit", type=positive_int, default=None, help="first N items of each task")
     parser.add_argument("--output", type=path, required=True, help="folder for results.json and results.md")
     parser.add_argument("--objective", type=path, help="objective spec YAML: also compute its score")
-    parser.add_argument("--batch-size", type=positive_int, default=16)
+    parser.add_argument("--batch-size", type=auto_or_positive_int, default=None,
+                        help="requests per batch: a number (default 16 on hf and server), or 'auto' (vllm's default: every request "
+                        "goes to the engine at once, which batches them itself)")
     parser.add_argument("--dtype", choices=FLOAT_DTYPES, default=None, help="default: the model's own")
     parser.add_argument("--threads", type=local_threads, default="auto", help="CPU threads (default auto: 1 for tiny models)")
     parser.add_argument("--tensor-parallel-size", type=positive_int, default=1, help="vllm/server: GPUs per model")
@@ -37,6 +39,7 @@ def run(args: argparse.Namespace) -> int:
     from lm_eval.utils import handle_non_serializable
 
     from optimer_merge.errors import ConfigError
+    from optimer_merge.evaluation import check_settings
     from optimer_merge.evaluation.evaluator import open_evaluator
     from optimer_merge.evaluation.objective import Objective
     from optimer_merge.evaluation.tasks import check_distinct
@@ -50,6 +53,7 @@ def run(args: argparse.Namespace) -> int:
         raise ConfigError(f"--tensor-parallel-size {args.tensor_parallel_size} needs --backend vllm or server (hf runs one copy of the model in this process)")
     if args.tensor_parallel_size > 1 and args.url:
         raise ConfigError(f"--tensor-parallel-size {args.tensor_parallel_size} has no effect with --url: the server running there keeps its own")
+    check_settings(args.backend, args.dtype, args.batch_size, args.threads, args.tensor_parallel_size)
     url = None
     if args.url:
         from optimer_merge.evaluation.server_backend import server_root

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import argparse
 
-from optimer_merge.commands import path, positive_int, threads
+from optimer_merge.commands import auto_or_positive_int, path, positive_int
 
 FLAG_FIELDS = ("base", "objective", "trials", "limit", "finalists", "finalist_limit", "seed", "optimizer", "backend", "output", "threads", "parallel")
 
@@ -30,7 +30,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--optimizer", choices=["smac", "tpe", "random"])
     parser.add_argument("--backend", choices=["hf", "vllm"])
     parser.add_argument("--output", type=path, help="run folder")
-    parser.add_argument("--threads", type=threads, help="CPU threads (of each worker): a number or 'auto'")
+    parser.add_argument("--threads", type=auto_or_positive_int, help="CPU threads (of each worker): a number or 'auto'")
     parser.add_argument("--parallel", type=positive_int, help="trials side by side on Ray workers (default 1: in this process)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override any config field")
     parser.add_argument("--export", action="store_true", help="also merge the best weights to OUTPUT/best-model with mergekit")

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import argparse
 
-from optimer_merge.commands import path, positive_int, threads
+from optimer_merge.commands import auto_or_positive_int, path, positive_int
 
 # flag -> config field; flags left unset do not override the YAML.
 FLAG_FIELDS = {
@@ -63,7 +63,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--devices", help="devices per node (Lightning Fabric)")
     parser.add_argument("--num-nodes", type=positive_int)
     parser.add_argument("--precision", help="32-true, bf16-mixed, bf16-true, ... (Lightning Fabric)")
-    parser.add_argument("--threads", type=threads, help="CPU threads: a number, or 'auto' (1 for small models)")
+    parser.add_argument("--threads", type=auto_or_positive_int, help="CPU threads: a number, or 'auto' (1 for small models)")
     parser.add_argument("--seed", type=int)
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override any config field")
     parser.add_argument("--overwrite", action="store_true", help="delete the run folder and start over")

@@ -30,7 +30,7 @@ from typing import Literal, Mapping
 import torch
 
 from optimer_merge.errors import ConfigError
-from optimer_merge.evaluation import BACKENDS
+from optimer_merge.evaluation import check_settings
 from optimer_merge.io import FLOAT_DTYPES
 from optimer_merge.threads import default_threads
 
@@ -47,25 +47,11 @@ HARMLESS_WARNINGS = (
 _ENV_INFO: dict = {}
 
 
-def check_settings(backend: str, dtype: str | None, batch_size: int, threads, tensor_parallel_size: int, limit: int | None = None) -> None:
-    """Refuse evaluation settings that cannot work, before any model is loaded."""
-    if backend not in BACKENDS:
-        raise ConfigError(f"unknown backend {backend!r}; choose from {', '.join(BACKENDS)}")
-    if dtype is not None and dtype not in FLOAT_DTYPES:
-        raise ConfigError(f"unknown dtype {dtype!r}; choose from {', '.join(FLOAT_DTYPES)}")
-    if batch_size < 1:
-        raise ConfigError(f"batch size must be at least 1, got {batch_size}")
-    if threads != "auto" and (not str(threads).isdigit() or int(threads) < 1):
-        raise ConfigError(f"threads must be a positive number or 'auto', got {threads!r}")
-    if tensor_parallel_size < 1:
-        raise ConfigError(f"tensor parallel size must be at least 1, got {tensor_parallel_size}")
-    if limit is not None and limit < 1:
-        raise ConfigError(f"limit must be at least 1 item per task, got {limit}")
-
-
 def open_evaluator(backend: Backend, model: str | Path, **settings) -> "LMEvalEvaluator":
     """The evaluator of ``backend`` for ``model`` (see each class for its settings)."""
-    check_settings(backend, settings.get("dtype"), settings.get("batch_size", 16), settings.get("threads", "auto"), settings.get("tensor_parallel_size", 1))
+    check_settings(backend, settings.get("dtype"), settings.get("batch_size"), settings.get("threads", "auto"), settings.get("tensor_parallel_size", 1))
+    if settings.get("batch_size") is None:
+        settings.pop("batch_size", None)  # the backend's default
     if backend == "hf":
         from optimer_merge.evaluation.hf_backend import HFEvaluator
 

@@ -106,7 +106,7 @@ class VLLMEvaluator(LMEvalEvaluator):
         self,
         model: str | Path,
         *,
-        batch_size: int = 16,
+        batch_size: int | Literal["auto"] = "auto",
         dtype: str | None = None,
         threads="auto",
         max_length: int | None = None,
@@ -155,7 +155,7 @@ class VLLMEvaluator(LMEvalEvaluator):
                 self.lm = VLLM(
                     pretrained=str(self.model_path),
                     dtype=self.dtype,
-                    batch_size=batch_size if batch_size else "auto",
+                    batch_size=batch_size,  # auto: every request to the engine at once (it batches them itself)
                     tensor_parallel_size=tensor_parallel_size,
                     max_model_len=max_length or max_positions(self.model_path),
                     seed=0,

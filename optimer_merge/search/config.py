@@ -8,6 +8,7 @@ from typing import ClassVar, Literal
 
 from pydantic import Field, PositiveInt, model_validator
 
+from optimer_merge.evaluation import check_settings
 from optimer_merge.evaluation.objective import Objective
 from optimer_merge.io.yaml_config import ConfigModel, LocalPath, PlainName, Seed
 from optimer_merge.threads import too_many_threads
@@ -75,7 +76,7 @@ class SearchConfig(ConfigModel):
     backend: Literal["hf", "vllm"] = "hf"
     parallel: PositiveInt = 1  # trials side by side, each worker a Ray actor with its own evaluator and pool
     ray_address: str | None = None  # join this Ray cluster (multi-node); default: a local Ray, always stopped
-    batch_size: PositiveInt = 16
+    batch_size: PositiveInt | Literal["auto"] = 16  # unset: auto on vllm (the engine batches every request itself), 16 on hf
     dtype: Dtype | None = None  # of the evaluated model (default: the base's)
     threads: PositiveInt | Literal["auto"] = "auto"
     tensor_parallel_size: PositiveInt = 1
@@ -90,6 +91,13 @@ class SearchConfig(ConfigModel):
     max_consecutive_failures: PositiveInt = 5
     out_dtype: Dtype | None = None  # dtype of best.yaml's merge and the export (default: the base's)
     output: LocalPath = "runs/search"
+
+    @model_validator(mode="before")
+    @classmethod
+    def _backend_batch_size(cls, data):
+        if isinstance(data, dict) and data.get("batch_size") is None:
+            return {**data, "batch_size": "auto" if data.get("backend") == "vllm" else 16}
+        return data
 
     @model_validator(mode="after")
     def _check(self) -> "SearchConfig":
@@ -107,6 +115,7 @@ class SearchConfig(ConfigModel):
         for name in BACKEND_ONLY[other]:
             if getattr(self, name) != type(self).model_fields[name].default:
                 raise ValueError(f"{name}: {getattr(self, name)!r} is a setting of the {other} backend; backend {self.backend} would ignore it")
+        check_settings(self.backend, self.dtype, self.batch_size, self.threads, self.tensor_parallel_size)  # batch_size auto: vllm only
         if self.parallel > self.trials:
             raise ValueError(f"parallel {self.parallel} is more than trials {self.trials}: workers would have no trial; give parallel <= trials")
         if self.parallel == 1 and (problem := too_many_threads(self.threads)):  # parallel workers: Ray checks their CPUs
