@@ -177,6 +177,7 @@ CASES = [
     Case("train-not-utf8", train("--dataset", "{latin1}"), ["latin1.jsonl:2: not UTF-8"]),
     Case("train-non-string-text", train("--dataset", "{numbers}"), ["numbers.jsonl:1: 'text' is not a string but int 42"]),
     Case("train-unknown-source", train("--dataset", "jp"), ["unknown dataset source 'jp'"]),
+    Case("train-set-inside-a-list", train("--set", "datasets.0.text_field=body"), ["cannot set datasets.0.text_field: datasets is a list", "--set 'datasets=[...]'"]),
     Case("train-eval-dataset-trained-on", train("--eval-dataset", "ja"), ["eval_datasets: ja is also a training dataset", "leave it out"]),
     Case("train-base-missing", ["train", "--base", "{tmp}/nobase", "--output", "{out}", "--dataset", "ja", "--max-steps", "2"], ["nobase does not exist"]),
     Case("train-seq-len", train("--seq-len", "100000"), ["seq_len=100000", "maximum"]),

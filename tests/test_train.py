@@ -334,6 +334,9 @@ def test_yaml_config_and_flag_overrides(tmp_path):
     config = load_config(None, overrides_from_args(args) | {"eval_datasets": ["c/train.jsonl", "/data/é.txt"]})
     assert [d.name for d in config.datasets] == ["part", "train", "train-2", "hidden", "zoo", "ja"]
     assert [d.name for d in config.eval_datasets] == ["train-3", "data"]
+    # an entry written out (to give text_field, say) is named like the shorthand when it names itself not
+    config = load_config(None, {"base": "b", "output": "o", "max_steps": 1, "datasets": [{"source": "a/train.jsonl", "text_field": "body"}, "b/train.jsonl"]})
+    assert [(d.name, d.source, d.text_field) for d in config.datasets] == [("train", "a/train.jsonl", "body"), ("train-2", "b/train.jsonl", "text")]
 
 
 def test_a_domain_name_is_the_corpus_even_where_a_folder_has_that_name(tmp_path, small_base, monkeypatch, capsys):

@@ -125,13 +125,15 @@ class TrainConfig(ConfigModel):
     @field_validator("datasets", "eval_datasets", mode="before")
     @classmethod
     def _shorthand(cls, value: Any, info: ValidationInfo) -> Any:
-        """``datasets: [ja, zh:0.5, data/x.jsonl]``: the command line's SOURCE[:RATIO] entries."""
+        """``datasets: [ja, zh:0.5, data/x.jsonl]``: the command line's SOURCE[:RATIO] entries; an
+        entry written out without a ``name`` is named after its source the same way."""
         if not isinstance(value, list):
             return value
         taken = {d.name: d.source for d in info.data.get("datasets", [])} if info.field_name == "eval_datasets" else {}
-        taken.update({v.get("name"): v.get("source") for v in value if isinstance(v, dict)})
-        named = iter(datasets_from_specs([v for v in value if isinstance(v, str)], taken))
-        return [next(named) if isinstance(v, str) else v for v in value]
+        taken.update({v["name"]: v.get("source") for v in value if isinstance(v, dict) and "name" in v})
+        unnamed = [isinstance(v, str) or isinstance(v, dict) and "name" not in v and isinstance(v.get("source"), str) for v in value]
+        named = iter(datasets_from_specs([v if isinstance(v, str) else v["source"] for v, u in zip(value, unnamed) if u], taken))
+        return [next(named) if isinstance(v, str) else {"name": next(named)["name"], **v} if u else v for v, u in zip(value, unnamed)]
 
     @field_validator("devices")
     @classmethod

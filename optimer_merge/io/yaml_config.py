@@ -208,6 +208,8 @@ def load_yaml_config(cls: type[T], path: str | Path | None, overrides: dict[str,
         for parent in parents:
             target = target.setdefault(parent, {})
             if not isinstance(target, dict):
+                if isinstance(target, list):
+                    raise ConfigError(f"cannot set {key}: {parent} is a list, not a group of settings; set it whole, e.g. --set '{parent}=[...]'")
                 raise ConfigError(f"cannot set {key}: {parent} is not a group of settings")
         target[leaf] = value
     try:
