@@ -230,6 +230,17 @@ def test_search_writes_every_artefact(search_run, small_base):
     assert max((exported[k] - merged[k]).abs().max().item() for k in merged) < 1e-6
 
 
+def test_a_finished_search_rerun_loads_no_model_and_keeps_its_export(search_run, small_base, cpt_runs, tmp_path, capsys):
+    out = tmp_path / "run"
+    shutil.copytree(search_run, out)
+    weights = out / "best-model" / "model.safetensors"
+    stamp = weights.stat().st_mtime_ns
+    assert cli.main(search_args(small_base, cpt_runs, out, "--export")) == 0
+    said = capsys.readouterr().out
+    assert f"resumed {out}: {TRIALS} trials already done" in said and "loading" not in said, said
+    assert f"{out / 'best-model'} already holds the merge of best.yaml; not merged again" in said and weights.stat().st_mtime_ns == stamp
+
+
 def test_trial_recipe_through_stock_mergekit_equals_in_memory_merge(search_run, small_base, tmp_path):
     from transformers import AutoModelForCausalLM
 

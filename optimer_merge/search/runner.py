@@ -213,6 +213,8 @@ class _Search:
         trials are told, logged and printed in proposal order (a trial done early waits for those
         before it; its worker meanwhile runs the next proposal)."""
         c = self.config
+        if len(records) >= c.trials:
+            return  # a finished search loads no model
         workers = self.get_workers()
         finished: dict[int, dict] = {}
         upcoming = len(records) + 1  # the next trial to start
@@ -321,9 +323,13 @@ class _Search:
         if export:
             from optimer_merge.merge.recipes import run_recipe
 
-            target = out / "best-model"
-            self.log(f"exporting the best merge with mergekit -> {target}")
-            run_recipe(out / "best.yaml", target, quiet=not sys.stderr.isatty())  # mergekit's progress bar on a terminal
+            target, recipe = out / "best-model", (out / "best.yaml").read_text()
+            exported = target / "mergekit_config.yml"  # the recipe a finished export was made from
+            if exported.is_file() and exported.read_text() == recipe:
+                self.log(f"{target} already holds the merge of best.yaml; not merged again")
+            else:
+                self.log(f"exporting the best merge with mergekit -> {target}")
+                run_recipe(out / "best.yaml", target, quiet=not sys.stderr.isatty())  # mergekit's progress bar on a terminal
             summary["export"] = str(target)
             write_json(out / "summary.json", summary)
         return summary
