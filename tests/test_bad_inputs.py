@@ -74,6 +74,7 @@ CASES = [
     Case("merge-recipe-is-folder", ["merge", "{zoo}", "{out}"], ["is a folder"]),
     Case("merge-out-is-file", ["merge", "{recipe_ok}", "{file}"], ["a-file.txt is a file"], []),
     Case("merge-out-not-empty", ["merge", "{recipe_ok}", "{zoo}/tiny-text"], ["tiny-text is not empty"], []),
+    Case("merge-out-merge-holding-a-folder", ["merge", "{recipe_ok}", "{merge_and_notes}"], ["holds an earlier merge and also notes/", "move them out"], []),
     Case("merge-no-base", ["merge", "{recipe_nobase}", "{out}"], ["requires a base input", "set base_model"]),
     Case("merge-filtered-weight-without-default", ["merge", "{recipe_filtered}", "{out}"],
          ["models[0]", "tiny-text/ja", "weight has no value for tensor model.embed_tokens.weight", "without `filter`"]),
@@ -316,6 +317,9 @@ def paths(tmp_path_factory, tiny_zoo) -> dict[str, str]:
     (root / "not-a-run").mkdir()  # a folder of the user's own files
     (root / "not-a-run/notes.txt").write_text("mine\n")
     p["not_a_run"] = str(root / "not-a-run")
+    (root / "merge-and-notes/notes").mkdir(parents=True)  # an earlier merge's folder the user put a folder into
+    (root / "merge-and-notes/mergekit_config.yml").write_text("merge_method: optimer\n")
+    p["merge_and_notes"] = str(root / "merge-and-notes")
     # a model folder with a truncated checkpoint
     shutil.copytree(tiny_zoo / "tiny-text/ja", root / "truncated")
     data = (root / "truncated/model.safetensors").read_bytes()

@@ -246,6 +246,9 @@ def check_merge_target(out_dir: str | Path) -> Path:
     out = check_output_dir(out_dir, "merge output folder")
     if out.exists() and any(out.iterdir()) and not (out / MERGE_MARKER).exists():
         raise RunFolderError(f"merge output folder {out} is not empty and holds no earlier merge; choose a new or empty folder")
+    if out.is_dir() and (folders := sorted(p.name for p in out.iterdir() if p.is_dir())):  # a merge writes files only
+        raise RunFolderError(f"merge output folder {out} holds an earlier merge and also {', '.join(f + '/' for f in folders)}, which replacing "
+                             "the merge would delete; move them out or choose another folder")  # fmt: skip
     return out
 
 
