@@ -239,6 +239,9 @@ def test_a_finished_search_rerun_loads_no_model_and_keeps_its_export(search_run,
     said = capsys.readouterr().out
     assert f"resumed {out}: {TRIALS} trials already done" in said and "loading" not in said, said
     assert f"{out / 'best-model'} already holds the merge of best.yaml; not merged again" in said and weights.stat().st_mtime_ns == stamp
+    (out / "best-model" / "notes").mkdir()  # a folder of the user's: the export must not replace it with the merge
+    assert cli.main(search_args(small_base, cpt_runs, out, "--export")) == 2
+    assert "best-model holds an earlier merge and also notes/" in capsys.readouterr().err and (out / "best-model" / "notes").is_dir()
 
 
 def test_trial_recipe_through_stock_mergekit_equals_in_memory_merge(search_run, small_base, tmp_path):

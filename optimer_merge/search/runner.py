@@ -132,6 +132,9 @@ def search(config: SearchConfig, *, export: bool = False, log: Callable[[str], N
                 raise SearchError(f"--export needs the models behind the vectors, and these no longer exist: {gone}")
             log(f"warning: the models behind {gone} no longer exist; best.yaml names them and cannot be merged until they are back")
         if export:
+            from optimer_merge.merge.recipes import check_merge_target
+
+            check_merge_target(out / "best-model")  # what holds it now may be replaced at the end
             size = Checkpoint.open(config.base).size_as(config.out_dtype)
             check_free_space(out / "best-model", size, "--export")
         inputs = input_fingerprints(config, objective)

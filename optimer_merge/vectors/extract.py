@@ -35,8 +35,8 @@ def extract(
     """Write ``out_dir/<name>.safetensors`` = model - base for each model, and ``vectors.json``
     (vectors of the same base already in ``out_dir`` stay listed; another base is refused). A NAME
     whose vector in ``out_dir`` came from the same model folder (or the same model moved with the
-    vectors), unchanged since (its fingerprint), is kept without reading anything: rerunning a command, or adding a model to it, extracts only
-    what is new.
+    vectors), unchanged since (its fingerprint), is kept without reading anything: rerunning a
+    command, or adding a model to it, extracts only what is new.
 
     ``dtype`` is the vectors' stored dtype (default: the base's; a bf16 delta keeps 2^-9 of its
     own size, whatever the weights' size). Everything is checked first (names, folders, tensors,
