@@ -9,6 +9,9 @@ from optimer_merge.errors import ConfigError
 from optimer_merge.io import FLOAT_DTYPES
 
 BACKENDS = ("hf", "vllm", "server")
+# vllm: every request to the engine at once (it batches them itself); "auto" on hf would make lm-eval
+# probe batches at the model's full context length
+DEFAULT_BATCH_SIZE = {"hf": 16, "vllm": "auto", "server": 16}
 
 
 def check_settings(backend: str, dtype: str | None, batch_size: int | str | None, threads, tensor_parallel_size: int, limit: int | None = None) -> None:
@@ -19,7 +22,7 @@ def check_settings(backend: str, dtype: str | None, batch_size: int | str | None
     if dtype is not None and dtype not in FLOAT_DTYPES:
         raise ConfigError(f"unknown dtype {dtype!r}; choose from {', '.join(FLOAT_DTYPES)}")
     if batch_size == "auto" and backend != "vllm":
-        raise ConfigError(f"batch size 'auto' is for the vllm backend (its engine batches every request itself); give {backend} a number (default 16)")
+        raise ConfigError(f"batch size 'auto' is for the vllm backend (its engine batches every request itself); give {backend} a number (default {DEFAULT_BATCH_SIZE[backend]})")
     if batch_size not in (None, "auto") and (type(batch_size) is not int or batch_size < 1):
         raise ConfigError(f"batch size must be a whole number >= 1 or 'auto', got {batch_size!r}")
     if threads != "auto" and (not str(threads).isdigit() or int(threads) < 1):

@@ -30,7 +30,7 @@ from typing import Literal, Mapping
 import torch
 
 from optimer_merge.errors import ConfigError
-from optimer_merge.evaluation import check_settings
+from optimer_merge.evaluation import DEFAULT_BATCH_SIZE, check_settings
 from optimer_merge.io import FLOAT_DTYPES
 from optimer_merge.threads import default_threads
 
@@ -51,7 +51,7 @@ def open_evaluator(backend: Backend, model: str | Path, **settings) -> "LMEvalEv
     """The evaluator of ``backend`` for ``model`` (see each class for its settings)."""
     check_settings(backend, settings.get("dtype"), settings.get("batch_size"), settings.get("threads", "auto"), settings.get("tensor_parallel_size", 1))
     if settings.get("batch_size") is None:
-        settings.pop("batch_size", None)  # the backend's default
+        settings["batch_size"] = DEFAULT_BATCH_SIZE[backend]
     if backend == "hf":
         from optimer_merge.evaluation.hf_backend import HFEvaluator
 

@@ -8,7 +8,7 @@ from typing import ClassVar, Literal
 
 from pydantic import Field, PositiveInt, model_validator
 
-from optimer_merge.evaluation import check_settings
+from optimer_merge.evaluation import DEFAULT_BATCH_SIZE, check_settings
 from optimer_merge.evaluation.objective import Objective
 from optimer_merge.io.yaml_config import ConfigModel, LocalPath, PlainName, Seed
 from optimer_merge.threads import too_many_threads
@@ -76,7 +76,7 @@ class SearchConfig(ConfigModel):
     backend: Literal["hf", "vllm"] = "hf"
     parallel: PositiveInt = 1  # trials side by side, each worker a Ray actor with its own evaluator and pool
     ray_address: str | None = None  # join this Ray cluster (multi-node); default: a local Ray, always stopped
-    batch_size: PositiveInt | Literal["auto"] = 16  # unset: auto on vllm (the engine batches every request itself), 16 on hf
+    batch_size: PositiveInt | Literal["auto"] = 16  # unset: the backend's DEFAULT_BATCH_SIZE (auto on vllm)
     dtype: Dtype | None = None  # of the evaluated model (default: the base's)
     threads: PositiveInt | Literal["auto"] = "auto"
     tensor_parallel_size: PositiveInt = 1
@@ -96,7 +96,7 @@ class SearchConfig(ConfigModel):
     @classmethod
     def _backend_batch_size(cls, data):
         if isinstance(data, dict) and data.get("batch_size") is None:
-            return {**data, "batch_size": "auto" if data.get("backend") == "vllm" else 16}
+            return {**data, "batch_size": DEFAULT_BATCH_SIZE.get(data.get("backend", "hf"), 16)}  # an unknown backend is refused below
         return data
 
     @model_validator(mode="after")
