@@ -2,16 +2,21 @@
 
 A random Gemma 3 of about 1 B parameters in bf16 and four bf16 "CPT" models make the pool.
 - hf: the pool next to the live parameters on the GPU; merge milliseconds per trial (median of
-  10), GPU memory against one model copy, and every merged tensor against a float64 reference.
-- vllm (where vLLM is installed): the pool in the engine's worker; merge milliseconds, bytes per
-  trial, and prompt log-probabilities after a trial against a fresh engine loaded from stock
-  mergekit-yaml's output (or from the same merge written to disk when mergekit is missing).
+  10), GPU memory against one model copy, and every merged tensor against the rule computed on
+  the CPU (float32, cast to bf16 once).
+- vllm (where vLLM is installed): the search's own path (`open_evaluator("vllm", pool=...)`: the
+  pool's placement planned from the GPU's memory, the pool built in the engine's worker); merge
+  milliseconds, bytes per trial, GPU memory in model copies, and prompt log-probabilities after a
+  trial against a fresh engine loaded from the same merge written to disk (the test suite checks
+  that merge against stock mergekit-yaml's).
 - cpt: `optimer-merge train` with the recommended strategy (fsdp: meta-device creation, sharding
   by layer, activation checkpointing, bf16-mixed) on the same base for 30 steps of 4 x 1024 tokens;
   tokens/s of the last steps and peak GPU memory, against the float32 master weights + AdamW state
   (16 bytes per parameter) that the strategy shards.
-Without a GPU it says so and exits 0. `--device cpu --tiny` runs the hf and cpt checks on the CPU
-with a small model, so the test suite keeps this script working where no GPU is.
+A check that fails is recorded in the summary with its error (traceback on stderr), the others
+still run, and the script exits 1; the summary is written after each check. Without a GPU it
+says so and exits 0. `--device cpu --tiny` runs every check on the CPU with a small model (vllm
+on vLLM's CPU build), so the test suite keeps this script working where no GPU is.
 
 The GPU's Python needs torch, transformers, lightning, accelerate, safetensors, tokenizers, pyyaml
 and pydantic (vLLM and mergekit are optional). A CUDA image that lacks some and cannot reach a
@@ -29,6 +34,7 @@ import statistics
 import sys
 import tempfile
 import time
+import traceback
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -104,42 +110,60 @@ def check_hf(base: Path, models: dict[str, Path], device: str = "cuda") -> dict:
     }
 
 
-def check_vllm(base: Path, models: dict[str, Path], root: Path) -> dict:
-    try:
-        from vllm import LLM, SamplingParams
-    except ImportError:
-        return {"skipped": "vLLM is not installed here"}
-    import pickle
+def check_vllm(base: Path, models: dict[str, Path], root: Path, device: str = "cuda") -> dict:
+    """The search's own vllm path (open_evaluator: placement planned from the GPU's memory, the
+    pool built in the engine's worker, K numbers per trial) against a fresh engine on the merge."""
+    import importlib.util
 
+    if importlib.util.find_spec("vllm") is None:
+        return {"skipped": "vLLM is not installed here"}
+    import torch
+    from vllm import SamplingParams
+
+    from optimer_merge.evaluation.evaluator import open_evaluator
     from optimer_merge.search.pool import build_host_pool, check_sources
 
-    spec = check_sources(base, {n: {"model": str(p)} for n, p in models.items()}, placement="device")
+    cuda = device == "cuda"
+    spec = check_sources(base, {n: {"model": str(p)} for n, p in models.items()})  # placement auto
     prompts = [{"prompt_token_ids": list(range(10, 400))}]
     params = SamplingParams(max_tokens=1, prompt_logprobs=0, temperature=0)
 
-    def logprobs(llm) -> list[float]:
-        out = llm.generate(prompts, params, use_tqdm=False)[0]
+    def logprobs(evaluator) -> list[float]:
+        out = evaluator.engine.generate(prompts, params, use_tqdm=False)[0]
         return [next(iter(d.values())).logprob for d in out.prompt_logprobs[1:]]
 
-    engine = dict(dtype="bfloat16", max_model_len=1024, gpu_memory_utilization=0.6, enforce_eager=True, seed=0)
-    llm = LLM(model=str(base), worker_extension_cls="optimer_merge.evaluation.vllm_worker.OptimerWorkerExtension", **engine)
-    build_info = llm.collective_rpc("optimer_build_pool", args=(spec.to_rpc(),))[0]
-    coeffs = [WEIGHTS[n] for n in spec.names]
-    times = [llm.collective_rpc("optimer_set_weights", args=(coeffs,))[0]["seconds"] for _ in range(10)]
-    llm.reset_prefix_cache()
-    in_engine = logprobs(llm)
-    llm.llm_engine.engine_core.shutdown()
-    del llm
+    def gpu_used() -> int | None:
+        if not cuda:
+            return None
+        free, total = torch.cuda.mem_get_info()
+        return total - free
+
+    lines: list[str] = []
+    settings = {"dtype": "bfloat16", "threads": "auto" if cuda else 1, "log": lines.append}
+    idle = gpu_used()
+    with open_evaluator("vllm", base, pool=spec, **settings) as engine:
+        started = gpu_used()
+        base_logprobs = logprobs(engine)
+        info = engine.build_pool(spec)
+        pooled = gpu_used()
+        trials = [engine.set_weights(WEIGHTS) for _ in range(10)]
+        in_engine = logprobs(engine)
     merged_dir = root / "merged"
     _write_merged(base, build_host_pool(spec, log=lambda _m: None), merged_dir)
-    fresh = LLM(model=str(merged_dir), **engine)
-    reference = logprobs(fresh)
+    with open_evaluator("vllm", merged_dir, **settings) as fresh:
+        reference = logprobs(fresh)
+    copy = 2 * spec.params  # one bf16 model
     return {
-        "pool_build_seconds": build_info["seconds"],
-        "pool_bytes": build_info["bytes"],
-        "merge_ms_median": 1000 * statistics.median(times),
-        "bytes_sent_per_trial": len(pickle.dumps(("optimer_set_weights", (coeffs,)))),
+        "placement": info["placement"],
+        "engine_log": [line for line in lines if "pool" in line],
+        "pool_build_seconds": info["seconds"],
+        "pool_bytes": info["bytes"],
+        "merge_ms_median": 1000 * statistics.median(t["worker_seconds"] for t in trials),
+        "trial_update_ms_median": 1000 * statistics.median(t["seconds"] for t in trials),
+        "bytes_sent_per_trial": trials[-1]["bytes_sent"],
+        "gpu_used_model_copies": None if idle is None else {"engine": (started - idle) / copy, "with_pool": (pooled - idle) / copy},
         "max_abs_logprob_diff_vs_fresh_load": max(abs(a - b) for a, b in zip(in_engine, reference)),
+        "max_abs_logprob_change_by_the_merge": max(abs(a - b) for a, b in zip(in_engine, base_logprobs)),
     }
 
 
@@ -193,7 +217,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default="runs/gpu-check.json")
     parser.add_argument("--workdir", default=None)
-    parser.add_argument("--device", choices=["cuda", "cpu"], default="cuda", help="cpu: the hf and cpt checks on the CPU")
+    parser.add_argument("--device", choices=["cuda", "cpu"], default="cuda", help="cpu: every check on the CPU (vllm on its CPU build)")
     parser.add_argument("--tiny", action="store_true", help="a model of about 0.1 M parameters instead of 1 B, and 6 CPT steps instead of 30")
     args = parser.parse_args()
     if lacking := missing():
@@ -208,16 +232,31 @@ def main() -> None:
     root = Path(args.workdir or tempfile.mkdtemp(prefix="optimer-gpu-check-"))
     start = time.perf_counter()
     base, models = build(root, TINY if args.tiny else MODEL)
-    device = torch.cuda.get_device_name(0) if cuda else "cpu"
-    summary = {"device": device, "torch": torch.__version__, "hf": check_hf(base, models, args.device)}
-    if cuda:
-        torch.cuda.empty_cache()
-        summary["vllm"] = check_vllm(base, models, root)
-    summary["cpt"] = check_cpt(base, root, args.device, steps=6 if args.tiny else 30)
-    summary["seconds"] = time.perf_counter() - start
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(summary, indent=2))
+    summary = {"device": torch.cuda.get_device_name(0) if cuda else "cpu", "torch": torch.__version__}
+    checks = {
+        "hf": lambda: check_hf(base, models, args.device),
+        "vllm": lambda: check_vllm(base, models, root, args.device),
+        "cpt": lambda: check_cpt(base, root, args.device, steps=6 if args.tiny else 30),
+    }
+    failed = []
+    for name, check in checks.items():
+        # one check's failure is recorded (its traceback on stderr) and the others still run; the
+        # summary is written after each, so a run cut short keeps what it measured
+        try:
+            summary[name] = check()
+        except Exception as error:  # noqa: BLE001
+            traceback.print_exc()
+            summary[name] = {"error": f"{type(error).__name__}: {error}"[:2000]}
+            failed.append(name)
+        if cuda:
+            torch.cuda.empty_cache()
+        summary.pop("seconds", None)  # last, after the checks so far
+        summary["seconds"] = time.perf_counter() - start
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps(summary, indent=2))
     print(json.dumps(summary, indent=2))
+    if failed:
+        sys.exit(f"gpu-check: {', '.join(failed)} failed (tracebacks above); the summary is in {args.out}")
 
 
 if __name__ == "__main__":

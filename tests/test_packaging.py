@@ -8,6 +8,8 @@ import re
 import sys
 
 import tomllib
+
+import pytest
 from conftest import REPO
 
 
@@ -71,8 +73,9 @@ def test_benchmarks_import_names_the_package_has():
 
 
 def test_gpu_check_runs_on_the_cpu(tmp_path):
-    """`make gpu-check` runs only where a GPU is: its hf and cpt checks run here on a small model, so
-    the script is known to work before GPU time is spent on it."""
+    """`make gpu-check` runs only where a GPU is: its checks run here on a small model (vllm on
+    vLLM's CPU build), so the script is known to work before GPU time is spent on it."""
+    import importlib.util
     import json
     import math
     import os
@@ -82,10 +85,16 @@ def test_gpu_check_runs_on_the_cpu(tmp_path):
     cmd = [sys.executable, str(REPO / "benchmarks/gpu_check.py"), "--device", "cpu", "--tiny", "--out", str(out), "--workdir", str(tmp_path / "work")]
     subprocess.run(cmd, check=True, capture_output=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
     summary = json.loads(out.read_text())
-    hf, cpt = summary["hf"], summary["cpt"]
-    assert summary["device"] == "cpu" and "vllm" not in summary
+    hf, vllm, cpt = summary["hf"], summary["vllm"], summary["cpt"]
+    assert summary["device"] == "cpu" and list(summary) == ["device", "torch", "hf", "vllm", "cpt", "seconds"]
     assert hf["max_abs_diff_vs_cpu_rule_bf16"] < 1e-6  # the in-place merge is the rule, cast once to bf16
     assert hf["pool_bytes"] == 5 * 2 * hf["params"]  # base + 4 rows, bf16
+    if importlib.util.find_spec("vllm") is None:
+        assert vllm == {"skipped": "vLLM is not installed here"}
+    else:  # the search's vllm path: the pool in the engine's worker, K numbers per trial, the merge as a fresh engine loads it
+        assert vllm["placement"] == "cpu" and vllm["bytes_sent_per_trial"] < 256
+        assert vllm["pool_bytes"] == pytest.approx(hf["pool_bytes"], rel=0.05)  # the same rows in the engine's layout (vocabulary padded)
+        assert vllm["max_abs_logprob_diff_vs_fresh_load"] < 1e-3 < vllm["max_abs_logprob_change_by_the_merge"]
     assert cpt["strategy"]["name"] == "fsdp" and cpt["precision"] == "bf16-mixed" and cpt["parameters"] == hf["params"]
     assert cpt["tokens_per_step"] == 4 * 1024
     first, last = cpt["loss_first_last"]
