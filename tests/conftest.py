@@ -27,7 +27,9 @@ DOMAINS = ("ja", "zh", "math", "code")
 
 # The files that take longest, longest first: `make test` hands whole files to its two pytest-xdist
 # workers in this order (--no-loadscope-reorder), so no long file starts last while the other worker idles.
-SLOWEST_FIRST = ("test_demo.py", "test_train.py", "test_parallel.py", "test_pool.py", "test_search.py", "test_eval.py", "test_merge_method.py")
+SLOWEST_FIRST = (
+    "test_demo.py", "test_train.py", "test_parallel.py", "test_pool.py", "test_search.py", "test_eval.py", "test_packaging.py", "test_merge_method.py",
+)  # fmt: skip
 
 
 def pytest_collection_modifyitems(items) -> None:
