@@ -131,16 +131,9 @@ class TrainConfig(ConfigModel):
             return value
         taken = {d.name: d.source for d in info.data.get("datasets", [])} if info.field_name == "eval_datasets" else {}
         taken.update({v["name"]: v.get("source") for v in value if isinstance(v, dict) and "name" in v})
-        unnamed = [v for v in value if isinstance(v, str) or isinstance(v, dict) and "name" not in v and isinstance(v.get("source"), str)]
-        named = iter(datasets_from_specs([v if isinstance(v, str) else v["source"] for v in unnamed], taken))
-        entries = []
-        for v in value:
-            if isinstance(v, str):
-                v = next(named)
-            elif any(v is u for u in unnamed):
-                v = {"name": next(named)["name"], **v}
-            entries.append(v)
-        return entries
+        unnamed = [isinstance(v, str) or isinstance(v, dict) and "name" not in v and isinstance(v.get("source"), str) for v in value]
+        named = iter(datasets_from_specs([v if isinstance(v, str) else v["source"] for v, u in zip(value, unnamed) if u], taken))
+        return [v if not u else next(named) if isinstance(v, str) else {"name": next(named)["name"], **v} for v, u in zip(value, unnamed)]
 
     @field_validator("devices")
     @classmethod
